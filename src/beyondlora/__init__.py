@@ -1,0 +1,39 @@
+"""beyondlora: parameter-efficient fine-tuning beyond plain LoRA.
+
+LoRA/LoCon, LoHa, LoKr, (IA)³, DyLoRA, Full and Norm tuning, with DoRA, on any PyTorch model, behind
+PEFT's API.
+"""
+
+from .config import (
+    AdapterConfig,
+    DyLoraConfig,
+    FullConfig,
+    IA3Config,
+    LoHaConfig,
+    LoKrConfig,
+    LoraConfig,
+    NormConfig,
+)
+from .layers import AdapterLayer
+from .model import IA3Model, LoHaModel, LoKrModel, LoraModel, PeftModel, get_peft_model
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdapterConfig",
+    "AdapterLayer",
+    "DyLoraConfig",
+    "FullConfig",
+    "IA3Config",
+    "IA3Model",
+    "LoHaConfig",
+    "LoHaModel",
+    "LoKrConfig",
+    "LoKrModel",
+    "LoraConfig",
+    "LoraModel",
+    "NormConfig",
+    "PeftModel",
+    "get_peft_model",
+    "__version__",
+]

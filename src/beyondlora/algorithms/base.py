@@ -1,0 +1,156 @@
+"""The adapter contract shared by every algorithm.
+
+An :class:`Adapter` owns its parameters and computes, for one base layer of a known geometry:
+
+- :meth:`Adapter.delta_weight` — the one source of truth for ΔW, canonical shape ``(out, in, *kernel)``,
+  already multiplied by the adapter's scale (``alpha / r``) but not by its ``multiplier``;
+- optionally :meth:`Adapter.bypass` — ``ΔW · x`` computed without building ΔW (tested equal to
+  applying :meth:`delta_weight` with the base layer's operation);
+- optionally :meth:`Adapter.delta_bias` — a bias delta (Full, Norm).
+
+Training randomness (rank dropout masks, DyLoRA's rank block) is drawn once per forward by
+:meth:`Adapter.draw` and handed to both paths, so either path gives the same result for the same draw.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from ..ops.geometry import Kind, LayerGeometry
+from .dora import initial_magnitude
+
+DENSE_KINDS: frozenset[Kind] = frozenset({"linear", "conv", "embedding", "hf_conv1d"})
+
+
+@dataclass(frozen=True)
+class AdapterOptions:
+    """Hyper-parameters of one adapter on one layer (configs resolve patterns into these)."""
+
+    r: int = 8
+    alpha: float = 8.0
+    use_rslora: bool = False
+    rank_dropout: float = 0.0
+    rank_dropout_scale: bool = False
+    module_dropout: float = 0.0
+    init_weights: bool | str = True
+    use_dora: bool = False
+    dora_on_output: bool = True
+    use_effective_conv2d: bool = False
+    decompose_both: bool = False
+    decompose_factor: int = -1
+    unbalanced_factorization: bool = False
+    block_size: int = 4
+    on_input: bool = False
+    dropout: float = 0.0
+
+
+class Adapter(nn.Module):
+    """Base class; see the module docstring for the contract."""
+
+    algorithm: ClassVar[str]
+    supported_kinds: ClassVar[frozenset[Kind]] = DENSE_KINDS
+    #: ΔW is a function of the base weight ((IA)³); merging must then remember what it added.
+    depends_on_base: ClassVar[bool] = False
+    #: whether ``r``/``alpha`` mean anything for this algorithm
+    has_rank: ClassVar[bool] = True
+
+    def __init__(self, geometry: LayerGeometry, options: AdapterOptions, base_weight: Tensor) -> None:
+        super().__init__()
+        if geometry.kind not in self.supported_kinds:
+            raise TypeError(f"{self.algorithm} cannot adapt a {geometry.kind} layer")
+        if self.has_rank and options.r <= 0:
+            raise ValueError(f"r must be positive, got {options.r}")
+        for name in ("rank_dropout", "module_dropout", "dropout"):
+            value = getattr(options, name)
+            if not 0.0 <= value < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {value}")
+        self.geometry = geometry
+        self.options = options
+        self.multiplier = 1.0
+        self.dora_scale: nn.Parameter | None = None
+        if options.use_dora:
+            if geometry.is_norm or geometry.kind == "embedding":
+                raise TypeError(f"DoRA needs a weight matrix; a {geometry.kind} layer has none to decompose")
+            self.dora_scale = nn.Parameter(initial_magnitude(base_weight.detach().float(), options.dora_on_output))
+
+    # --- hyper-parameters --------------------------------------------------------------------------
+    @property
+    def rank(self) -> int:
+        return self.options.r
+
+    @property
+    def alpha(self) -> float:
+        return self.options.alpha
+
+    @property
+    def scale(self) -> float:
+        """``alpha / r`` (rs-LoRA: ``alpha / √r``)."""
+        if not self.has_rank:
+            return 1.0
+        return self.alpha / (math.sqrt(self.rank) if self.options.use_rslora else self.rank)
+
+    @property
+    def param_dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    # --- randomness --------------------------------------------------------------------------------
+    def draw(self) -> Any:
+        """Training-time randomness for one forward; ``None`` when there is none (or in eval)."""
+        return None
+
+    def rank_mask(self, size: int) -> Tensor | None:
+        """Keep-mask over ``size`` rank components for rank dropout, or ``None`` when inactive.
+
+        With ``rank_dropout_scale`` the kept components are scaled by 1 / (1 − p).
+        """
+        p = self.options.rank_dropout
+        if not self.training or p == 0.0:
+            return None
+        device = next(self.parameters()).device
+        mask = (torch.rand(size, device=device) >= p).to(self.param_dtype)
+        return mask / (1.0 - p) if self.options.rank_dropout_scale else mask
+
+    # --- the math ------------------------------------------------------------------------------------
+    def delta_weight(self, base_weight: Tensor, draw: Any = None) -> Tensor:
+        """ΔW in canonical shape, times the scale; ``base_weight`` is the canonical base weight."""
+        raise NotImplementedError
+
+    def delta_bias(self) -> Tensor | None:
+        """Bias delta of shape (out,), or ``None``."""
+        return None
+
+    def bypass(self, x: Tensor, draw: Any = None) -> Tensor | None:
+        """``ΔW · x`` without building ΔW, or ``None`` when this layer has no such path."""
+        return None
+
+    def bypass_flops(self, tokens: int) -> float:
+        """Multiply-adds of :meth:`bypass` for ``tokens`` positions (forward only)."""
+        return math.inf
+
+    def rebuild_flops(self) -> float:
+        """Multiply-adds of :meth:`delta_weight`."""
+        return float(math.prod(self.geometry.weight_shape))
+
+    def channel_scale(self) -> Tensor | None:
+        """(IA)³ only: the learned per-channel vector ``v`` (``W ⊙ (1 + v)``)."""
+        return None
+
+    def extra_repr(self) -> str:
+        if self.has_rank:
+            return f"r={self.rank}, alpha={self.alpha}, multiplier={self.multiplier}"
+        return f"multiplier={self.multiplier}"
+
+
+def kaiming_(tensor: Tensor) -> Tensor:
+    """The default init of ``nn.Linear`` weights (fan-in over every dimension but the first)."""
+    return nn.init.kaiming_uniform_(tensor, a=math.sqrt(5))
+
+
+def check_init(options: AdapterOptions, algorithm: str) -> None:
+    if options.init_weights not in (True, False, "lycoris"):
+        raise ValueError(f"init_weights for {algorithm} must be True, False or 'lycoris', got {options.init_weights!r}")

@@ -1,0 +1,116 @@
+"""LoHa: ``ΔW = s · (w1_a w1_b) ⊙ (w2_a w2_b)``.
+
+Parameters (LyCORIS names and shapes): ``hada_w1_a``/``hada_w2_a`` (out, r), ``hada_w1_b``/``hada_w2_b``
+(r, in·∏k).  Tucker form (``use_effective_conv2d`` on a k×k conv): cores ``hada_t1``/``hada_t2``
+(r, r, *k), ``hada_w*_a`` (r, out), ``hada_w*_b`` (r, in), each product rebuilt as
+``Σ_ij t[i, j] w_a[i] ⊗ w_b[j]``.
+
+The bypass uses ``(A1 B1) ⊙ (A2 B2) = (A1 •r A2)(B1 •c B2)`` (row- and column-wise Khatri-Rao
+products), i.e. a LoRA of rank r², so ΔW is never built in the forward pass.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..ops.geometry import LayerGeometry
+from ..ops.products import column_khatri_rao, hadamard_product, row_khatri_rao, tucker_rebuild
+from .base import Adapter, AdapterOptions, check_init, kaiming_
+
+
+class LoHa(Adapter):
+    """Hadamard-product adapter; Linear, Conv (any N-d), Embedding and transformers Conv1D."""
+
+    algorithm = "loha"
+
+    def __init__(self, geometry: LayerGeometry, options: AdapterOptions, base_weight: Tensor) -> None:
+        super().__init__(geometry, options, base_weight)
+        check_init(options, self.algorithm)
+        r, g = options.r, geometry
+        self.tucker = bool(options.use_effective_conv2d and g.is_conv and any(k != 1 for k in g.kernel))
+        if self.tucker:
+            a_shape, b_shape = (r, g.out_dim), (r, g.in_dim)
+            self.hada_t1 = nn.Parameter(torch.empty(r, r, *g.kernel))
+            self.hada_t2 = nn.Parameter(torch.empty(r, r, *g.kernel))
+        else:
+            a_shape, b_shape = (g.out_dim, r), (r, g.in_dim * g.kernel_numel)
+            self.hada_t1 = self.hada_t2 = None
+        self.hada_w1_a = nn.Parameter(torch.empty(a_shape))
+        self.hada_w1_b = nn.Parameter(torch.empty(b_shape))
+        self.hada_w2_a = nn.Parameter(torch.empty(a_shape))
+        self.hada_w2_b = nn.Parameter(torch.empty(b_shape))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """True: ``w2_b = 0``, the rest Kaiming; "lycoris": ``w2_a = 0``, b ~ N(0, 1), a and cores ~ N(0, 0.1²)."""
+        with torch.no_grad():
+            if self.options.init_weights == "lycoris":
+                for p in (self.hada_w1_b, self.hada_w2_b):
+                    nn.init.normal_(p, std=1.0)
+                for p in (self.hada_w1_a, self.hada_t1, self.hada_t2):
+                    if p is not None:
+                        nn.init.normal_(p, std=0.1)
+                self.hada_w2_a.zero_()
+                return
+            for p in self.parameters():
+                if p is not self.dora_scale:
+                    kaiming_(p)
+            if self.options.init_weights is True:
+                self.hada_w2_b.zero_()
+
+    def draw(self) -> tuple[Tensor, Tensor] | None:
+        first = self.rank_mask(self.rank)
+        return None if first is None else (first, self.rank_mask(self.rank))
+
+    def _out_factors(self, draw: Any) -> tuple[Tensor, Tensor]:
+        """``w1_a``, ``w2_a`` with rank dropout applied on their rank axis."""
+        a1, a2 = self.hada_w1_a, self.hada_w2_a
+        if draw is not None:
+            axis_shape = (-1, 1) if self.tucker else (1, -1)
+            a1, a2 = a1 * draw[0].reshape(axis_shape), a2 * draw[1].reshape(axis_shape)
+        return a1, a2
+
+    def delta_weight(self, base_weight: Tensor, draw: Any = None) -> Tensor:
+        """``s · (w1_a w1_b) ⊙ (w2_a w2_b)`` reshaped to (out, in, *k)."""
+        a1, a2 = self._out_factors(draw)
+        if self.tucker:
+            first = tucker_rebuild(self.hada_t1, a1, self.hada_w1_b)
+            return first * tucker_rebuild(self.hada_t2, a2, self.hada_w2_b) * self.scale
+        delta = hadamard_product(a1, self.hada_w1_b, a2, self.hada_w2_b, self.scale)
+        return delta.reshape(self.geometry.weight_shape)
+
+    def bypass(self, x: Tensor, draw: Any = None) -> Tensor | None:
+        g = self.geometry
+        if g.kind == "conv" and g.groups != 1:
+            return None
+        a1, a2 = self._out_factors(draw)
+        if self.tucker:
+            up = row_khatri_rao(a1.t(), a2.t())
+            down = column_khatri_rao(self.hada_w1_b, self.hada_w2_b)
+            core = torch.einsum("ij...,kl...->ikjl...", self.hada_t1, self.hada_t2).flatten(2, 3).flatten(0, 1)
+            hidden = g.conv(g.pointwise(g.pad_input(x), down), core, padded=True)
+            return g.pointwise(hidden, up) * self.scale
+        up = row_khatri_rao(a1, a2)
+        down = column_khatri_rao(self.hada_w1_b, self.hada_w2_b)
+        if g.kind in ("linear", "hf_conv1d"):
+            return F.linear(F.linear(x, down), up) * self.scale
+        if g.kind == "embedding":
+            return F.linear(F.embedding(x, down.t()), up) * self.scale
+        hidden = g.conv(x, down.reshape(-1, g.in_dim, *g.kernel))
+        return g.pointwise(hidden, up) * self.scale
+
+    def bypass_flops(self, tokens: int) -> float:
+        g = self.geometry
+        if g.kind == "conv" and g.groups != 1:
+            return super().bypass_flops(tokens)
+        r2 = self.rank * self.rank
+        if self.tucker:
+            return float(tokens * r2 * (g.in_dim + r2 * g.kernel_numel + g.out_dim))
+        return float(tokens * r2 * (g.in_dim * g.kernel_numel + g.out_dim))
+
+    def rebuild_flops(self) -> float:
+        return (2 * self.rank + 1) * super().rebuild_flops()

@@ -1,0 +1,181 @@
+"""LoKr: ``ΔW = s · W1 ⊗ W2`` with out = a·b and in = c·d.
+
+``W1`` (a, c) is the full ``lokr_w1`` or ``lokr_w1_a`` (a, r) @ ``lokr_w1_b`` (r, c) (``decompose_both``
+and r < max(a, c)/2).  ``W2`` (b, d, *k) is the full ``lokr_w2`` when r ≥ max(b, d)/2; otherwise
+``lokr_w2_a`` (b, r) @ ``lokr_w2_b`` (r, d·∏k), or in Tucker form (``use_effective_conv2d`` on a k×k
+conv) ``lokr_t2`` (r, r, *k) with ``lokr_w2_a`` (r, b), ``lokr_w2_b`` (r, d).  The factor pairs come
+from :func:`~beyondlora.ops.factorization.factorization` of out and in (LyCORIS semantics).
+
+The bypass never builds ΔW: with x reshaped row-major to X (c × d), ``(W1 ⊗ W2) x = W1 X W2ᵀ``.
+When W2 is decomposed it runs ``w2_b`` first, then ``W1``, then ``w2_a``, which costs about what a LoRA
+of rank r costs.  Convolutions run ``W2`` as a conv on the c input groups folded into the batch.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..ops.factorization import factorization
+from ..ops.geometry import LayerGeometry
+from ..ops.products import kron, tucker_rebuild
+from .base import Adapter, AdapterOptions, check_init, kaiming_
+
+
+class LoKr(Adapter):
+    """Kronecker-product adapter; Linear, Conv (any N-d), Embedding and transformers Conv1D."""
+
+    algorithm = "lokr"
+
+    def __init__(self, geometry: LayerGeometry, options: AdapterOptions, base_weight: Tensor) -> None:
+        super().__init__(geometry, options, base_weight)
+        check_init(options, self.algorithm)
+        if options.decompose_factor == 0 or options.decompose_factor < -1:
+            raise ValueError(f"decompose_factor must be -1 or positive, got {options.decompose_factor}")
+        r, g = options.r, geometry
+        a, b = factorization(g.out_dim, options.decompose_factor)
+        c, d = factorization(g.in_dim, options.decompose_factor)
+        if options.unbalanced_factorization:
+            a, b = b, a
+        self.out_factors, self.in_factors = (a, b), (c, d)
+        self.tucker = bool(options.use_effective_conv2d and g.is_conv and any(k != 1 for k in g.kernel))
+        if options.decompose_both and r < max(a, c) / 2:
+            self.lokr_w1 = None
+            self.lokr_w1_a = nn.Parameter(torch.empty(a, r))
+            self.lokr_w1_b = nn.Parameter(torch.empty(r, c))
+        else:
+            self.lokr_w1 = nn.Parameter(torch.empty(a, c))
+            self.lokr_w1_a = self.lokr_w1_b = None
+        self.lokr_t2 = None
+        if r >= max(b, d) / 2:
+            self.lokr_w2 = nn.Parameter(torch.empty(b, d, *g.kernel))
+            self.lokr_w2_a = self.lokr_w2_b = None
+        else:
+            self.lokr_w2 = None
+            if self.tucker:
+                self.lokr_t2 = nn.Parameter(torch.empty(r, r, *g.kernel))
+                self.lokr_w2_a = nn.Parameter(torch.empty(r, b))
+                self.lokr_w2_b = nn.Parameter(torch.empty(r, d))
+            else:
+                self.lokr_w2_a = nn.Parameter(torch.empty(b, r))
+                self.lokr_w2_b = nn.Parameter(torch.empty(r, d * g.kernel_numel))
+        self.reset_parameters()
+
+    @property
+    def w1_is_full(self) -> bool:
+        return self.lokr_w1 is not None
+
+    @property
+    def w2_is_full(self) -> bool:
+        return self.lokr_w2 is not None
+
+    def reset_parameters(self) -> None:
+        """True: W1's first factor is zero (PEFT); "lycoris": W2's last factor is zero; False: all random."""
+        with torch.no_grad():
+            for p in self.parameters():
+                if p is not self.dora_scale:
+                    kaiming_(p)
+            if self.options.init_weights is True:
+                (self.lokr_w1 if self.w1_is_full else self.lokr_w1_a).zero_()
+            elif self.options.init_weights == "lycoris":
+                (self.lokr_w2 if self.w2_is_full else self.lokr_w2_b).zero_()
+
+    def draw(self) -> tuple[Tensor | None, Tensor] | None:
+        """Masks on W1's inner rank (if decomposed) and W2's inner rank (rows of a full W2)."""
+        size2 = self.out_factors[1] if self.w2_is_full else self.rank
+        second = self.rank_mask(size2)
+        if second is None:
+            return None
+        return (None if self.w1_is_full else self.rank_mask(self.rank)), second
+
+    def w1(self, draw: Any = None) -> Tensor:
+        """W1 (a, c)."""
+        if self.w1_is_full:
+            return self.lokr_w1
+        a = self.lokr_w1_a if draw is None or draw[0] is None else self.lokr_w1_a * draw[0]
+        return a @ self.lokr_w1_b
+
+    def _w2_out(self, draw: Any) -> Tensor:
+        """W2's output-side factor with rank dropout applied: (b, r) or Tucker (r, b)."""
+        if draw is None:
+            return self.lokr_w2_a
+        return self.lokr_w2_a * (draw[1].reshape(-1, 1) if self.tucker else draw[1])
+
+    def w2(self, draw: Any = None) -> Tensor:
+        """W2 (b, d, *k)."""
+        g = self.geometry
+        if self.w2_is_full:
+            w2 = self.lokr_w2
+            return w2 if draw is None else w2 * draw[1].reshape(-1, *([1] * (w2.dim() - 1)))
+        if self.tucker:
+            return tucker_rebuild(self.lokr_t2, self._w2_out(draw), self.lokr_w2_b)
+        return (self._w2_out(draw) @ self.lokr_w2_b).reshape(self.out_factors[1], self.in_factors[1], *g.kernel)
+
+    def delta_weight(self, base_weight: Tensor, draw: Any = None) -> Tensor:
+        """``s · W1 ⊗ W2`` of shape (out, in, *k)."""
+        return kron(self.w1(draw), self.w2(draw)) * self.scale
+
+    def bypass(self, x: Tensor, draw: Any = None) -> Tensor | None:
+        g = self.geometry
+        (a, b), (c, d) = self.out_factors, self.in_factors
+        if g.kind == "embedding":
+            return self._embedding_bypass(x, draw)
+        if g.kind == "conv":
+            return None if g.groups != 1 else self._conv_bypass(x, draw)
+        w1 = self.w1(draw)
+        grid = x.reshape(*x.shape[:-1], c, d)
+        if self.w2_is_full:
+            w2 = self.w2(draw)
+            if a * d * (c + b) <= c * b * (d + a):
+                out = torch.matmul(torch.matmul(w1, grid), w2.t())
+            else:
+                out = torch.matmul(w1, torch.matmul(grid, w2.t()))
+        else:
+            hidden = torch.matmul(w1, torch.matmul(grid, self.lokr_w2_b.t()))
+            out = torch.matmul(hidden, self._w2_out(draw).t())
+        return out.reshape(*x.shape[:-1], a * b) * self.scale
+
+    def _embedding_bypass(self, x: Tensor, draw: Any) -> Tensor:
+        """Column ``p·d + q`` of W1 ⊗ W2 is ``W1[:, p] ⊗ W2[:, q]``: gather both and take the outer product."""
+        d = self.in_factors[1]
+        w1, w2 = self.w1(draw), self.w2(draw)
+        first, second = F.embedding(x // d, w1.t()), F.embedding(x % d, w2.t())
+        return (first.unsqueeze(-1) * second.unsqueeze(-2)).flatten(-2) * self.scale
+
+    def _conv_bypass(self, x: Tensor, draw: Any) -> Tensor:
+        """Fold the c input groups into the batch, convolve with W2, then mix the groups with W1."""
+        g = self.geometry
+        (a, b), (c, d) = self.out_factors, self.in_factors
+        batch = x.shape[0]
+        grouped = x.reshape(batch * c, d, *x.shape[2:])
+        if self.w2_is_full:
+            hidden = g.conv(grouped, self.w2(draw))
+        elif self.tucker:
+            hidden = g.conv(g.pointwise(g.pad_input(grouped), self.lokr_w2_b), self.lokr_t2, padded=True)
+        else:
+            hidden = g.conv(grouped, self.lokr_w2_b.reshape(-1, d, *g.kernel))
+        hidden = hidden.reshape(batch, c, *hidden.shape[1:])
+        mixed = torch.einsum("ac,nc...->na...", self.w1(draw), hidden)
+        if not self.w2_is_full:
+            up = self._w2_out(draw)
+            mixed = torch.einsum("br,nar...->nab...", up.t() if self.tucker else up, mixed)
+        return mixed.reshape(batch, a * b, *mixed.shape[3:]) * self.scale
+
+    def bypass_flops(self, tokens: int) -> float:
+        g = self.geometry
+        if g.kind == "conv" and g.groups != 1:
+            return super().bypass_flops(tokens)
+        (a, b), (c, d) = self.out_factors, self.in_factors
+        k = g.kernel_numel
+        if self.w2_is_full:
+            return float(tokens * min(c * d * b * k + a * c * b, a * c * d + a * d * b * k))
+        core = self.rank * self.rank * k if self.tucker else 0
+        return float(
+            tokens * (c * d * self.rank * (1 if self.tucker else k) + c * core + a * c * self.rank + a * b * self.rank)
+        )
+
+    def rebuild_flops(self) -> float:
+        return 2.0 * super().rebuild_flops()

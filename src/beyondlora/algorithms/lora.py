@@ -1,0 +1,132 @@
+"""LoRA / LoCon: ``ΔW = s · up · [mid] · down``.
+
+Parameters (LyCORIS names and shapes): ``lora_down`` (r, in, *k) — or (r, in, 1, …) with the Tucker
+core ``lora_mid`` (r, r, *k) when ``use_effective_conv2d`` on a k×k conv — and ``lora_up`` (out, r).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..ops.geometry import LayerGeometry
+from ..ops.products import tucker_rebuild
+from .base import Adapter, AdapterOptions, check_init, kaiming_
+
+
+class LoRA(Adapter):
+    """Low-rank adapter; Linear, Conv (any N-d), Embedding and transformers Conv1D."""
+
+    algorithm = "lora"
+
+    def __init__(self, geometry: LayerGeometry, options: AdapterOptions, base_weight: Tensor) -> None:
+        super().__init__(geometry, options, base_weight)
+        check_init(options, self.algorithm)
+        r, g = options.r, geometry
+        self.tucker = bool(options.use_effective_conv2d and g.is_conv and any(k != 1 for k in g.kernel))
+        ones = (1,) * len(g.kernel)
+        down_shape = (r, g.in_dim, *ones) if self.tucker else (r, g.in_dim, *g.kernel)
+        self.lora_down = nn.Parameter(torch.empty(down_shape))
+        self.lora_mid = nn.Parameter(torch.empty(r, r, *g.kernel)) if self.tucker else None
+        self.lora_up = nn.Parameter(torch.empty(g.out_dim, r))
+        self.input_dropout = nn.Dropout(options.dropout) if options.dropout > 0 else nn.Identity()
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Identity init zeroes ``up`` (True and "lycoris" agree); ``init_weights=False`` randomizes all."""
+        with torch.no_grad():
+            kaiming_(self.lora_down)
+            if self.lora_mid is not None:
+                kaiming_(self.lora_mid)
+            if self.options.init_weights is False:
+                kaiming_(self.lora_up)
+            else:
+                self.lora_up.zero_()
+
+    def factors(self, draw: Any = None) -> tuple[Tensor, Tensor | None, Tensor, float]:
+        """``(up, mid, down, scale)`` for this forward; rank dropout masks the columns of ``up``."""
+        mask = draw
+        up = self.lora_up if mask is None else self.lora_up * mask
+        return up, self.lora_mid, self.lora_down, self.scale
+
+    def draw(self) -> Tensor | None:
+        return self.rank_mask(self.rank)
+
+    def delta_weight(self, base_weight: Tensor, draw: Any = None) -> Tensor:
+        """``s · up @ down`` reshaped to (out, in, *k); Tucker: ``s · Σ mid[i,j] up[:, i] down[j]``."""
+        up, mid, down, scale = self.factors(draw)
+        if mid is not None:
+            return tucker_rebuild(mid, up.t(), down.flatten(1)) * scale
+        return (up @ down.flatten(1)).reshape(self.geometry.weight_shape) * scale
+
+    def bypass(self, x: Tensor, draw: Any = None) -> Tensor | None:
+        up, mid, down, scale = self.factors(draw)
+        g = self.geometry
+        x = self.input_dropout(x)
+        if g.kind in ("linear", "hf_conv1d"):
+            return F.linear(F.linear(x, down), up) * scale
+        if g.kind == "embedding":
+            return F.linear(F.embedding(x, down.t()), up) * scale
+        if g.groups != 1:
+            return None
+        if mid is None:
+            hidden = g.conv(x, down)
+        else:
+            hidden = g.conv(g.pointwise(g.pad_input(x), down.flatten(1)), mid, padded=True)
+        return g.pointwise(hidden, up) * scale
+
+    def bypass_flops(self, tokens: int) -> float:
+        g = self.geometry
+        if g.kind == "conv" and g.groups != 1:
+            return super().bypass_flops(tokens)
+        core = self.rank * self.rank * g.kernel_numel if self.tucker else 0
+        down = self.rank * g.in_dim * (1 if self.tucker else g.kernel_numel)
+        return float(tokens * (down + core + self.rank * g.out_dim))
+
+    def rebuild_flops(self) -> float:
+        return float(self.rank * self.lora_down[0].numel() * self.geometry.out_dim)
+
+    def needs_bypass(self) -> bool:
+        """Input dropout only exists on the bypass path."""
+        return self.training and self.options.dropout > 0
+
+
+class DyLoRA(LoRA):
+    """DyLoRA: a LoRA of rank ``r`` trained one block of ``block_size`` ranks at a time.
+
+    In training each forward draws a block ``b``; ranks ``[0, (b+1)·block)`` are used with scale
+    ``alpha / ((b+1)·block)`` and only block ``b`` receives gradients.  In eval the full rank is used
+    (scale ``alpha / r``); :meth:`truncated_factors` gives the adapter at any smaller rank.
+    """
+
+    algorithm = "dylora"
+
+    def __init__(self, geometry: LayerGeometry, options: AdapterOptions, base_weight: Tensor) -> None:
+        if options.block_size <= 0 or options.r % options.block_size:
+            raise ValueError(f"DyLoRA needs r ({options.r}) to be a multiple of block_size ({options.block_size})")
+        if options.use_effective_conv2d:
+            raise ValueError("DyLoRA has no Tucker form (use_effective_conv2d)")
+        super().__init__(geometry, options, base_weight)
+
+    def draw(self) -> int | None:
+        if not self.training:
+            return None
+        return int(torch.randint(self.rank // self.options.block_size, ()).item())
+
+    def factors(self, draw: Any = None) -> tuple[Tensor, Tensor | None, Tensor, float]:
+        if draw is None:
+            return self.lora_up, None, self.lora_down, self.scale
+        block = self.options.block_size
+        start, stop = draw * block, (draw + 1) * block
+        down = torch.cat([self.lora_down[:start].detach(), self.lora_down[start:stop]])
+        up = torch.cat([self.lora_up[:, :start].detach(), self.lora_up[:, start:stop]], dim=1)
+        return up, None, down, self.alpha / stop
+
+    def truncated_factors(self, rank: int) -> tuple[Tensor, Tensor, float]:
+        """``(up[:, :rank], down[:rank], alpha / rank)`` — the adapter cut to ``rank``."""
+        if not 0 < rank <= self.rank:
+            raise ValueError(f"rank must be in [1, {self.rank}], got {rank}")
+        return self.lora_up[:, :rank], self.lora_down[:rank], self.alpha / rank

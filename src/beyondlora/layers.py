@@ -1,0 +1,245 @@
+"""AdapterLayer: one base module hosting any number of named adapters.
+
+``forward(x) = base(x) + Σ_active multiplier · ΔW x`` (DoRA and (IA)³ as their own formulas), computed by
+one of two exact paths, chosen per call by a cost model (``forward_mode`` overrides it):
+
+- **bypass**: the base layer runs unchanged and each adapter adds its low-rank output; ΔW is never built
+  (DoRA builds it only for its norm).  (IA)³ is folded into the base call's input or output.
+- **combined**: the base operation runs once with ``W + Σ ΔW`` (and ``b + Σ Δb``); this is exactly what
+  merging computes, and it wins when the layer is small next to the number of tokens.
+
+Merging adds the same deltas to the base weights in place; unmerging subtracts them again.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from .algorithms.base import Adapter
+from .algorithms.dora import dora_delta, weight_norm
+from .ops.geometry import LayerGeometry
+
+ForwardMode = Literal["auto", "bypass", "combined"]
+
+
+@dataclass
+class _Merged:
+    """What merging one adapter added: its multiplier, and the delta itself when it cannot be recomputed."""
+
+    multiplier: float
+    delta_weight: Tensor | None = None
+    delta_bias: Tensor | None = None
+
+
+class AdapterLayer(nn.Module):
+    """Wraps ``base_layer`` (kept as a submodule of that name) and hosts adapters in ``adapters``."""
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        self.geometry = LayerGeometry.of(base_layer)
+        self.base_layer = base_layer
+        self.adapters = nn.ModuleDict()
+        self.active_adapters: list[str] = []
+        self.disabled = False
+        self.forward_mode: ForwardMode = "auto"
+        self.merged: dict[str, _Merged] = {}
+
+    # --- pass-throughs so code that reads ``module.weight`` keeps working -----------------------
+    @property
+    def weight(self) -> Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> Tensor | None:
+        return getattr(self.base_layer, "bias", None)
+
+    # --- adapter management -------------------------------------------------------------------
+    def add_adapter(self, name: str, adapter: Adapter) -> None:
+        """Host ``adapter`` under ``name`` (inactive until :meth:`set_active` names it)."""
+        if name in self.adapters:
+            raise ValueError(f"adapter {name!r} already exists on this layer")
+        self.adapters[name] = adapter
+
+    def delete_adapter(self, name: str) -> None:
+        if name in self.merged:
+            raise ValueError(f"adapter {name!r} is merged; unmerge it before deleting")
+        del self.adapters[name]
+        if name in self.active_adapters:
+            self.active_adapters.remove(name)
+
+    def set_active(self, names: list[str]) -> None:
+        self.active_adapters = [n for n in names if n in self.adapters]
+
+    # --- deltas -----------------------------------------------------------------------------------
+    def base_weight(self) -> Tensor:
+        """The canonical base weight with every merged adapter taken out again."""
+        weight = self.geometry.canonical_weight(self.base_layer)
+        if not self.merged:
+            return weight
+        weight = weight.detach().clone()
+        for name in reversed(list(self.merged)):
+            weight -= self._merged_delta(name)[0].to(weight.dtype)
+        return weight
+
+    def _merged_delta(self, name: str) -> tuple[Tensor, Tensor | None]:
+        """The delta merging ``name`` added: stored when it depended on W, else recomputed (W unused)."""
+        record = self.merged[name]
+        if record.delta_weight is not None:
+            return record.delta_weight, record.delta_bias
+        unused = self.geometry.canonical_weight(self.base_layer)
+        return self.effective_delta(name, unused, multiplier=record.multiplier)
+
+    def effective_delta(
+        self, name: str, base_weight: Tensor, draw: Any = None, multiplier: float | None = None
+    ) -> tuple[Tensor, Tensor | None]:
+        """What adapter ``name`` adds to the weight and bias: ``t · ΔW`` (DoRA: ``t · (W' − W)``), ``t · Δb``."""
+        adapter: Adapter = self.adapters[name]
+        t = adapter.multiplier if multiplier is None else multiplier
+        base = base_weight.to(adapter.param_dtype)
+        delta = adapter.delta_weight(base, draw)
+        if adapter.dora_scale is not None:
+            delta = dora_delta(base, delta, adapter.dora_scale, adapter.options.dora_on_output, t)
+        else:
+            delta = delta * t
+        bias = adapter.delta_bias()
+        return delta, None if bias is None else bias * t
+
+    # --- forward ----------------------------------------------------------------------------------
+    def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        if self.disabled:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        names = [n for n in self.active_adapters if n not in self.merged]
+        if self.training:
+            names = [n for n in names if not _module_dropped(self.adapters[n])]
+        if not names:
+            return self.base_layer(x, *args, **kwargs)
+        draws = {n: self.adapters[n].draw() if self.training else None for n in names}
+        if self._use_bypass(x, names):
+            return self._bypass_forward(x, names, draws, args, kwargs)
+        return self._combined_forward(x, names, draws)
+
+    def _use_bypass(self, x: Tensor, names: list[str]) -> bool:
+        adapters = [self.adapters[n] for n in names]
+        if any(getattr(a, "needs_bypass", lambda: False)() for a in adapters):
+            return True
+        if self.forward_mode == "combined" or not self._bypass_possible(adapters):
+            return False
+        if self.forward_mode == "bypass":
+            return True
+        tokens = self.geometry.tokens(x)
+        bypass = sum(a.bypass_flops(tokens) for a in adapters)
+        combined = sum(a.rebuild_flops() for a in adapters)
+        if torch.is_grad_enabled():
+            # the combined weight needs its own gradient: one more full-size matmul in backward
+            combined += tokens * self.geometry.out_dim * self.geometry.in_dim * self.geometry.kernel_numel
+        return bypass <= combined
+
+    def _bypass_possible(self, adapters: list[Adapter]) -> bool:
+        """Whether the bypass path is exact for this set of adapters.
+
+        (IA)³ and DoRA read the base layer's own output ``W x``: that is only available when nothing is
+        merged into W and no input-side (IA)³ changed the base call's input.
+        """
+        reads_base = [a for a in adapters if a.channel_scale() is not None or a.dora_scale is not None]
+        if reads_base and self.merged:
+            return False
+        if any(getattr(a, "on_input", False) for a in reads_base) and any(
+            not getattr(a, "on_input", False) for a in reads_base
+        ):
+            return False
+        if any(a.dora_scale is not None and not a.options.dora_on_output for a in adapters):
+            return False
+        return all(a.channel_scale() is not None or a.bypass_flops(1) != float("inf") for a in adapters)
+
+    def _bypass_forward(self, x: Tensor, names: list[str], draws: dict[str, Any], args: tuple, kwargs: dict) -> Tensor:
+        g = self.geometry
+        adapters = {n: self.adapters[n] for n in names}
+        input_scale = [a.multiplier * a.channel_scale() for a in adapters.values() if getattr(a, "on_input", False)]
+        base_in = x
+        if input_scale:
+            base_in = x * (1 + g.per_channel(torch.stack(input_scale).sum(0), x.dim())).to(x.dtype)
+        base_out = self.base_layer(base_in, *args, **kwargs)
+        plain_out = None  # W·x without the bias, computed once if needed
+        result = base_out
+        for name, adapter in adapters.items():
+            t = adapter.multiplier
+            if adapter.channel_scale() is not None:
+                if adapter.on_input:
+                    continue
+                plain_out = self._without_bias(base_out) if plain_out is None else plain_out
+                result = result + t * g.per_channel(adapter.channel_scale(), x.dim()) * plain_out
+                continue
+            x_in = x if g.kind == "embedding" else x.to(adapter.param_dtype)
+            delta_out = adapter.bypass(x_in, draws[name])
+            if adapter.dora_scale is not None:
+                plain_out = self._without_bias(base_out) if plain_out is None else plain_out
+                weight = self.base_weight().to(adapter.param_dtype)
+                merged = weight + adapter.delta_weight(weight, draws[name])
+                ratio = g.per_channel((adapter.dora_scale / weight_norm(merged, True)).flatten(), x.dim())
+                delta_out = (ratio - 1) * plain_out + ratio * delta_out
+            result = result + (t * delta_out).to(result.dtype)
+            bias = adapter.delta_bias()
+            if bias is not None:
+                result = result + (t * g.per_channel(bias, x.dim())).to(result.dtype)
+        return result
+
+    def _without_bias(self, out: Tensor) -> Tensor:
+        bias = getattr(self.base_layer, "bias", None)
+        return out if bias is None else out - self.geometry.per_channel(bias, out.dim())
+
+    def _combined_forward(self, x: Tensor, names: list[str], draws: dict[str, Any]) -> Tensor:
+        g = self.geometry
+        base_weight = self.base_weight()
+        dtype = self.adapters[names[0]].param_dtype
+        weight = g.canonical_weight(self.base_layer).to(dtype)
+        bias = getattr(self.base_layer, "bias", None)
+        bias = None if bias is None else bias.to(dtype)
+        for name in names:
+            delta, delta_bias = self.effective_delta(name, base_weight, draws[name])
+            weight = weight + delta
+            if delta_bias is not None:
+                bias = delta_bias if bias is None else bias + delta_bias
+        x_in = x if g.kind == "embedding" else x.to(dtype)
+        out = g.apply(x_in, weight, bias)
+        return out.to(x.dtype) if x.is_floating_point() else out
+
+    # --- merging ----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def merge(self, names: list[str] | None = None, keep_record: bool = True) -> None:
+        """Add the named (default: active) adapters to the base weights in place.
+
+        ``keep_record=False`` skips remembering what was added, so :meth:`unmerge` is impossible
+        (used by ``merge_and_unload``, which drops the adapters anyway).
+        """
+        for name in names if names is not None else list(self.active_adapters):
+            if name in self.merged:
+                continue
+            adapter: Adapter = self.adapters[name]
+            delta, delta_bias = self.effective_delta(name, self.base_weight())
+            self.geometry.add_to_module(self.base_layer, delta, delta_bias)
+            if keep_record:
+                keep = adapter.depends_on_base or adapter.dora_scale is not None
+                self.merged[name] = _Merged(adapter.multiplier, delta if keep else None, delta_bias if keep else None)
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Subtract every merged adapter, last merged first, restoring the base weights."""
+        while self.merged:
+            name = list(self.merged)[-1]
+            delta, delta_bias = self._merged_delta(name)
+            self.geometry.add_to_module(self.base_layer, delta, delta_bias, sign=-1.0)
+            del self.merged[name]
+
+    def extra_repr(self) -> str:
+        return f"active={self.active_adapters}, merged={list(self.merged)}"
+
+
+def _module_dropped(adapter: Adapter) -> bool:
+    p = adapter.options.module_dropout
+    return p > 0 and bool(torch.rand(()) < p)

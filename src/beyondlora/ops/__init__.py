@@ -1,0 +1,1 @@
+"""Pure tensor math shared by the adapters: no state, no modules."""

@@ -1,0 +1,66 @@
+"""Structured products the adapters are built from.
+
+All functions are pure: tensors in, tensors out, no state.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def tucker_rebuild(core: Tensor, out_factor: Tensor, in_factor: Tensor) -> Tensor:
+    """Tucker-2 reconstruction ``W[p, q, *k] = Σ_ij core[i, j, *k] · out_factor[i, p] · in_factor[j, q]``.
+
+    Shapes: core (r_o, r_i, *k), out_factor (r_o, out), in_factor (r_i, in) → (out, in, *k).
+    """
+    return torch.einsum("ij...,ip,jq->pq...", core, out_factor, in_factor)
+
+
+def kron(small: Tensor, large: Tensor) -> Tensor:
+    """Kronecker product ``ΔW[i·b + j, p·d + q, *k] = small[i, p] · large[j, q, *k]``.
+
+    Shapes: small (a, c), large (b, d, *k) → (a·b, c·d, *k).  The kernel dimensions belong to
+    ``large`` only, which is the layout LyCORIS and the Stable Diffusion UIs use.
+    """
+    extra = large.dim() - small.dim()
+    return torch.kron(small.reshape(*small.shape, *([1] * extra)), large)
+
+
+def row_khatri_rao(first: Tensor, second: Tensor) -> Tensor:
+    """Face-splitting product: row ``o`` is ``first[o] ⊗ second[o]``; (n, r1), (n, r2) → (n, r1·r2)."""
+    return (first.unsqueeze(2) * second.unsqueeze(1)).reshape(first.shape[0], -1)
+
+
+def column_khatri_rao(first: Tensor, second: Tensor) -> Tensor:
+    """Column-wise Khatri-Rao product; (r1, n), (r2, n) → (r1·r2, n) with row ``i·r2 + j = first[i] ⊙ second[j]``."""
+    return (first.unsqueeze(1) * second.unsqueeze(0)).reshape(-1, first.shape[1])
+
+
+class HadamardProduct(torch.autograd.Function):
+    """``ΔW = (a1 @ b1) ⊙ (a2 @ b2) · scale`` saving only the four factors for backward.
+
+    Shapes: a1, a2 (out, r); b1, b2 (r, n) → (out, n).  Backward rebuilds each product instead of
+    keeping two (out, n) intermediates alive between forward and backward.
+    """
+
+    @staticmethod
+    def forward(ctx, a1: Tensor, b1: Tensor, a2: Tensor, b2: Tensor, scale: float) -> Tensor:
+        ctx.save_for_backward(a1, b1, a2, b2)
+        ctx.scale = scale
+        return (a1 @ b1) * (a2 @ b2) * scale
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        a1, b1, a2, b2 = ctx.saved_tensors
+        grad = grad * ctx.scale
+        grad_first = grad * (a2 @ b2)
+        grad_a1, grad_b1 = grad_first @ b1.t(), a1.t() @ grad_first
+        del grad_first
+        grad_second = grad * (a1 @ b1)
+        return grad_a1, grad_b1, grad_second @ b2.t(), a2.t() @ grad_second, None
+
+
+def hadamard_product(a1: Tensor, b1: Tensor, a2: Tensor, b2: Tensor, scale: float = 1.0) -> Tensor:
+    """``(a1 @ b1) ⊙ (a2 @ b2) · scale`` with the memory-lean backward of :class:`HadamardProduct`."""
+    return HadamardProduct.apply(a1, b1, a2, b2, scale)
