@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from .algorithms import ALGORITHMS, Adapter
+from .algorithms.base import adapter_dtype
 from .config import AdapterConfig
 from .layers import AdapterLayer
 from .modules_to_save import ModulesToSaveWrapper
@@ -23,11 +24,6 @@ class PlannedAdapter:
     name: str
     module: nn.Module
     adapter: Adapter
-
-
-def adapter_dtype(weight: torch.Tensor) -> torch.dtype:
-    """Adapters keep float32 (or float64) even on a half-precision base, as PEFT does."""
-    return torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
 
 
 def plan_adapters(model: nn.Module, config: AdapterConfig, low_cpu_mem_usage: bool = False) -> list[PlannedAdapter]:

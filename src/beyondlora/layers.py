@@ -62,7 +62,7 @@ class AdapterLayer(nn.Module):
         """Host ``adapter`` under ``name`` (inactive until :meth:`set_active` names it)."""
         if name in self.adapters:
             raise ValueError(f"adapter {name!r} already exists on this layer")
-        self.adapters[name] = adapter
+        self.adapters[name] = adapter.train(self.training)
 
     def delete_adapter(self, name: str) -> None:
         if name in self.merged:
@@ -173,7 +173,7 @@ class AdapterLayer(nn.Module):
                 if adapter.on_input:
                     continue
                 plain_out = self._without_bias(base_out) if plain_out is None else plain_out
-                result = result + t * g.per_channel(adapter.channel_scale(), x.dim()) * plain_out
+                result = result + (t * g.per_channel(adapter.channel_scale(), x.dim()) * plain_out).to(result.dtype)
                 continue
             x_in = x if g.kind == "embedding" else x.to(adapter.param_dtype)
             delta_out = adapter.bypass(x_in, draws[name])

@@ -223,13 +223,15 @@ class PeftModel(nn.Module):
         for param in model.parameters():
             param.requires_grad_(False)
         wrapper.set_adapter(adapter_name)
-        return wrapper
+        return wrapper if is_trainable else wrapper.eval()
 
     def load_adapter(self, model_id: str | Path, adapter_name: str, is_trainable: bool = False) -> None:
         """Add the adapter saved at ``model_id`` under ``adapter_name`` (inactive until :meth:`set_adapter`)."""
         config, tensors, source = read_folder(model_id)
         config.inference_mode = not is_trainable
         self.add_adapter(adapter_name, config, _tensors=tensors, _source=source)
+        if not is_trainable:
+            self.eval()
 
 
 def get_peft_model(

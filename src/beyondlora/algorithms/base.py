@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from ..ops.geometry import Kind, LayerGeometry
-from .dora import initial_magnitude
+from .dora import weight_norm
 
 DENSE_KINDS: frozenset[Kind] = frozenset({"linear", "conv", "embedding", "hf_conv1d"})
 
@@ -47,6 +47,11 @@ class AdapterOptions:
     block_size: int = 4
     on_input: bool = False
     dropout: float = 0.0
+
+
+def adapter_dtype(base_weight: Tensor) -> torch.dtype:
+    """Adapters keep float32 (or float64) even on a half-precision base, as PEFT does."""
+    return torch.float32 if base_weight.dtype in (torch.float16, torch.bfloat16) else base_weight.dtype
 
 
 class Adapter(nn.Module):
@@ -76,7 +81,8 @@ class Adapter(nn.Module):
         if options.use_dora:
             if geometry.is_norm or geometry.kind == "embedding":
                 raise TypeError(f"DoRA needs a weight matrix; a {geometry.kind} layer has none to decompose")
-            self.dora_scale = nn.Parameter(initial_magnitude(base_weight.detach().float(), options.dora_on_output))
+            weight = base_weight.detach().to(adapter_dtype(base_weight))
+            self.dora_scale = nn.Parameter(weight_norm(weight, options.dora_on_output))
 
     # --- hyper-parameters --------------------------------------------------------------------------
     @property

@@ -3,7 +3,7 @@
 ``W' = m ⊙ (W + ΔW) / ‖W + ΔW‖`` with the norm taken per output channel (``on_output``; the
 magnitude ``m`` then has shape (out, 1, …)) or per input channel (shape (1, in, 1, …)).  A multiplier
 ``t`` interpolates between the base and the decomposed weight: ``W + t · (W' − W)``, which is what the
-Stable Diffusion UIs compute.
+Stable Diffusion UIs compute.  The magnitude starts at ``‖W‖`` (ε included), so DoRA starts as the identity.
 """
 
 from __future__ import annotations
@@ -20,11 +20,6 @@ def weight_norm(weight: Tensor, on_output: bool) -> Tensor:
         norm = weight.transpose(0, 1).reshape(weight.shape[1], -1).norm(dim=1)
         norm = norm.reshape(1, -1, *([1] * (weight.dim() - 2)))
     return norm + torch.finfo(weight.dtype).eps
-
-
-def initial_magnitude(base_weight: Tensor, on_output: bool) -> Tensor:
-    """The magnitude that makes DoRA the identity at start: the base weight's norm (without ε)."""
-    return weight_norm(base_weight, on_output) - torch.finfo(base_weight.dtype).eps
 
 
 def dora_delta(base_weight: Tensor, delta: Tensor, magnitude: Tensor, on_output: bool, multiplier: float) -> Tensor:

@@ -1,0 +1,121 @@
+"""Independent float64 reference formulas for every algorithm's ΔW, written without the library's ops.
+
+Each function reads an adapter's parameters by their LyCORIS names and rebuilds ΔW with its own
+arithmetic (explicit blocks, loops or einsum strings of its own), so a bug in the library's math
+cannot hide in the reference.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+from torch import Tensor, nn
+
+
+def _p(adapter: nn.Module, name: str) -> Tensor | None:
+    value = getattr(adapter, name, None)
+    return None if value is None else value.detach().double()
+
+
+def reference_scale(adapter) -> float:
+    if not adapter.has_rank:
+        return 1.0
+    r = adapter.options.r
+    return adapter.options.alpha / (math.sqrt(r) if adapter.options.use_rslora else r)
+
+
+def block_kron(small: Tensor, large: Tensor) -> Tensor:
+    """Kronecker product assembled block by block: block (i, p) is ``small[i, p] * large``."""
+    a, c = small.shape
+    b, d = large.shape[:2]
+    out = torch.zeros(a * b, c * d, *large.shape[2:], dtype=large.dtype)
+    for i in range(a):
+        for p in range(c):
+            out[i * b : (i + 1) * b, p * d : (p + 1) * d] = small[i, p] * large
+    return out
+
+
+def reference_delta(adapter, base_weight: Tensor) -> Tensor:
+    """ΔW (times the scale, without the multiplier) in canonical (out, in, *k) shape, float64."""
+    shape = adapter.geometry.weight_shape
+    s = reference_scale(adapter)
+    algo = adapter.algorithm
+    if algo in ("lora", "dylora"):
+        up, down, mid = _p(adapter, "lora_up"), _p(adapter, "lora_down"), _p(adapter, "lora_mid")
+        if mid is not None:
+            return s * torch.einsum("or,rt...,ti->oi...", up, mid, down.reshape(down.shape[0], -1))
+        return s * (up @ down.reshape(down.shape[0], -1)).reshape(shape)
+    if algo == "loha":
+        if adapter.tucker:
+            halves = []
+            for n in ("1", "2"):
+                t, a, b = _p(adapter, f"hada_t{n}"), _p(adapter, f"hada_w{n}_a"), _p(adapter, f"hada_w{n}_b")
+                halves.append(torch.einsum("xy...,xo,yi->oi...", t, a, b))
+            return s * halves[0] * halves[1]
+        first = _p(adapter, "hada_w1_a") @ _p(adapter, "hada_w1_b")
+        second = _p(adapter, "hada_w2_a") @ _p(adapter, "hada_w2_b")
+        return s * (first * second).reshape(shape)
+    if algo == "lokr":
+        w1 = _p(adapter, "lokr_w1")
+        if w1 is None:
+            w1 = _p(adapter, "lokr_w1_a") @ _p(adapter, "lokr_w1_b")
+        w2 = _p(adapter, "lokr_w2")
+        b, d = shape[0] // w1.shape[0], shape[1] // w1.shape[1]
+        if w2 is None:
+            if _p(adapter, "lokr_t2") is not None:
+                w2 = torch.einsum(
+                    "xy...,xo,yi->oi...", _p(adapter, "lokr_t2"), _p(adapter, "lokr_w2_a"), _p(adapter, "lokr_w2_b")
+                )
+            else:
+                w2 = (_p(adapter, "lokr_w2_a") @ _p(adapter, "lokr_w2_b")).reshape(b, d, *shape[2:])
+        return s * block_kron(w1, w2)
+    if algo == "ia3":
+        v = _p(adapter, "weight")
+        w = base_weight.double()
+        if adapter.on_input:
+            return w * v.reshape(1, -1, *([1] * (w.dim() - 2)))
+        return w * v.reshape(-1, *([1] * (w.dim() - 1)))
+    if algo == "full":
+        return _p(adapter, "diff")
+    if algo == "norm":
+        return _p(adapter, "w_norm")
+    raise AssertionError(algo)
+
+
+def reference_bias_delta(adapter) -> Tensor | None:
+    name = {"full": "diff_b", "norm": "b_norm"}.get(adapter.algorithm)
+    return None if name is None else _p(adapter, name)
+
+
+def reference_effective_delta(adapter, base_weight: Tensor) -> Tensor:
+    """What the adapter adds to W at its multiplier t: t·ΔW, or DoRA's t·(m (W+ΔW)/‖W+ΔW‖ − W)."""
+    t = adapter.multiplier
+    delta = reference_delta(adapter, base_weight)
+    if adapter.dora_scale is None:
+        return t * delta
+    w = base_weight.double()
+    merged = w + delta
+    m = adapter.dora_scale.detach().double()
+    if adapter.options.dora_on_output:
+        norm = merged.reshape(merged.shape[0], -1).norm(dim=1).reshape(m.shape)
+    else:
+        norm = merged.transpose(0, 1).reshape(merged.shape[1], -1).norm(dim=1).reshape(m.shape)
+    norm = norm + torch.finfo(torch.float64).eps
+    return t * (m * merged / norm - w)
+
+
+def reference_module(base: nn.Module, adapters: list) -> nn.Module:
+    """A float64 copy of ``base`` whose weights hold W + Σ effective ΔW: its own forward is the reference."""
+    module = copy.deepcopy(base).double()
+    transposed = type(base).__name__ in ("Conv1D", "Embedding")
+    with torch.no_grad():
+        weight = module.weight.t() if transposed else module.weight
+        original = weight.clone()
+        for adapter in adapters:
+            weight += reference_effective_delta(adapter, original).reshape(weight.shape)
+            bias_delta = reference_bias_delta(adapter)
+            if bias_delta is not None:
+                module.bias += adapter.multiplier * bias_delta
+    return module

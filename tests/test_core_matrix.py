@@ -1,0 +1,147 @@
+"""Algorithm × layer type × option: every path agrees with an independent float64 computation."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from layer_cases import Case, all_cases, build, layers_of, randomize, set_mode
+from reference import reference_module
+
+import beyondlora as bl
+
+CASES = all_cases()
+IDS = [c.id for c in CASES]
+
+
+def _wrap(case: Case, dtype=torch.float64, **overrides):
+    model, x = build(case, dtype)
+    base = copy.deepcopy(model)
+    peft = bl.get_peft_model(model, case.config(**overrides))
+    peft.set_multiplier(case.multiplier)
+    return peft.eval(), base.eval(), x
+
+
+def _adapters(peft):
+    return [a for layer in layers_of(peft) for a in layer.adapters.values()]
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_identity_at_default_init(case: Case) -> None:
+    peft, base, x = _wrap(case)
+    expected = base(x)
+    for mode in ("bypass", "combined"):
+        set_mode(peft, mode)
+        torch.testing.assert_close(peft(x), expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_random_init_changes_output(case: Case) -> None:
+    peft, base, x = _wrap(case, init_weights=False)
+    assert not torch.allclose(peft(x), base(x), atol=1e-6)
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_bypass_and_combined_match_reference(case: Case) -> None:
+    peft, base, x = _wrap(case)
+    randomize(peft)
+    reference = reference_module(base.layer, _adapters(peft))
+    expected = reference(x)
+    assert not torch.allclose(expected, base(x), atol=1e-6), "the case must change the output"
+    for mode in ("bypass", "combined", "auto"):
+        set_mode(peft, mode)
+        torch.testing.assert_close(peft(x), expected, rtol=1e-10, atol=1e-10, msg=f"mode={mode}")
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_bypass_gradients_match_combined(case: Case) -> None:
+    peft, _, x = _wrap(case)
+    randomize(peft)
+    params = [p for p in peft.parameters() if p.requires_grad]
+    grads = {}
+    for mode in ("bypass", "combined"):
+        set_mode(peft, mode)
+        peft.zero_grad()
+        (peft(x) * torch.linspace(-1, 1, peft(x).numel(), dtype=torch.float64).reshape(peft(x).shape)).sum().backward()
+        grads[mode] = [p.grad.clone() for p in params]
+    for bypass, combined in zip(grads["bypass"], grads["combined"]):
+        torch.testing.assert_close(bypass, combined, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_merge_unmerge_disable(case: Case) -> None:
+    peft, base, x = _wrap(case)
+    randomize(peft)
+    live = peft(x)
+    original_state = {k: v.clone() for k, v in base.state_dict().items()}
+    peft.merge_adapter()
+    torch.testing.assert_close(peft(x), live, rtol=1e-10, atol=1e-10)
+    peft.unmerge_adapter()
+    for key, value in peft.base_model.layer.base_layer.state_dict().items():
+        torch.testing.assert_close(value, original_state[f"layer.{key}"], rtol=1e-12, atol=1e-12)
+    with peft.disable_adapter():
+        torch.testing.assert_close(peft(x), base(x), rtol=1e-12, atol=1e-12)
+    peft.merge_adapter()
+    with peft.disable_adapter():  # disabling a merged adapter unmerges it first
+        torch.testing.assert_close(peft(x), base(x), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(peft(x), live, rtol=1e-10, atol=1e-10)
+    merged = peft.merge_and_unload()
+    assert not any(type(m).__module__.startswith("beyondlora") for m in merged.modules())
+    torch.testing.assert_close(merged(x), live, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_only_adapter_parameters_train(case: Case) -> None:
+    peft, base, x = _wrap(case)
+    peft.train()
+    trainable = {n: p for n, p in peft.named_parameters() if p.requires_grad}
+    assert trainable and all(".adapters.default." in n for n in trainable)
+    before = {n: p.detach().clone() for n, p in trainable.items()}
+    frozen = {n: p.detach().clone() for n, p in peft.named_parameters() if not p.requires_grad}
+    optimizer = torch.optim.AdamW(trainable.values(), lr=1e-2, weight_decay=0.0)
+    target = torch.randn_like(base(x)) if base(x).is_floating_point() else None
+    steps = 12 if case.algorithm == "dylora" else 3  # DyLoRA trains one random rank block per step
+    for _ in range(steps):
+        loss = ((peft(x) - target) ** 2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    for name, param in trainable.items():
+        assert not torch.equal(param, before[name]), f"{name} did not change"
+    for name, param in peft.named_parameters():
+        if name in frozen:
+            assert torch.equal(param, frozen[name]), f"frozen {name} changed"
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_save_load_round_trip(case: Case, tmp_path) -> None:
+    peft, base, x = _wrap(case)
+    randomize(peft)
+    expected = peft(x)
+    peft.save_pretrained(tmp_path)
+    loaded = bl.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
+    loaded.set_multiplier(case.multiplier)
+    torch.testing.assert_close(loaded(x), expected, rtol=0, atol=0)
+    assert not any(p.requires_grad for p in loaded.parameters())
+
+
+BF16_CASES = [c for c in CASES if c.layer in ("linear", "conv2d") and c.multiplier == 1.0 and c.algorithm != "norm"]
+
+
+@pytest.mark.parametrize("case", BF16_CASES, ids=[c.id for c in BF16_CASES])
+def test_bfloat16_base(case: Case) -> None:
+    peft, base, x = _wrap(case, dtype=torch.bfloat16)
+    assert all(p.dtype == torch.float32 for a in _adapters(peft) for p in a.parameters())
+    torch.testing.assert_close(peft(x), base(x))
+    randomize(peft, std=0.1)
+    reference = reference_module(base.layer, _adapters(peft))
+    expected = reference(x.double())
+    outputs = {}
+    for mode in ("bypass", "combined"):
+        set_mode(peft, mode)
+        outputs[mode] = peft(x)
+        assert outputs[mode].dtype == torch.bfloat16
+        torch.testing.assert_close(outputs[mode].double(), expected, rtol=3e-2, atol=3e-2 * expected.abs().max().item())
+    peft.merge_adapter()
+    torch.testing.assert_close(peft(x).double(), expected, rtol=3e-2, atol=3e-2 * expected.abs().max().item())
