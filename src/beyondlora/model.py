@@ -34,9 +34,9 @@ class PeftModel(nn.Module):
         self.base_model = model
         self.peft_config: dict[str, AdapterConfig] = {}
         self.active_adapters: list[str] = []
-        for param in model.parameters():
-            param.requires_grad_(False)
         self.add_adapter(adapter_name, peft_config, low_cpu_mem_usage=low_cpu_mem_usage)
+        for param in model.parameters():  # only once injection succeeded: a failure changes nothing
+            param.requires_grad_(False)
         self.set_adapter(adapter_name)
 
     def __getattr__(self, name: str) -> Any:

@@ -1,0 +1,36 @@
+"""The command line: --help, --version and the demo."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+import beyondlora
+from beyondlora.cli import main
+from beyondlora.demo import DemoConfig, run_demo
+
+
+def test_version_and_help(capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0 and beyondlora.__version__ in capsys.readouterr().out
+    assert main([]) == 0 and "demo" in capsys.readouterr().out
+
+
+def test_python_dash_m() -> None:
+    result = subprocess.run([sys.executable, "-m", "beyondlora", "--help"], capture_output=True, text=True, check=True)
+    assert "usage: beyondlora" in result.stdout
+
+
+def test_demo_adapts_and_round_trips(tmp_path) -> None:
+    lines: list[str] = []
+    figures = run_demo(
+        DemoConfig(pretrain_steps=80, adapt_steps=60), output_dir=tmp_path / "adapter", echo=lines.append
+    )
+    assert figures["base_accuracy_original_domain"] > 0.9
+    assert figures["adapted_accuracy_new_domain"] > figures["base_accuracy_new_domain"] + 0.15
+    assert figures["reload_max_abs_diff"] < 1e-5 and figures["merged_max_abs_diff"] < 1e-5
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+    assert any("LoKr adapter" in line for line in lines)
