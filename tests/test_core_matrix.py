@@ -6,10 +6,10 @@ import copy
 
 import pytest
 import torch
-from layer_cases import Case, all_cases, build, layers_of, randomize, set_mode
-from reference import reference_module
 
 import beyondlora as bl
+from layer_cases import Case, all_cases, build, layers_of, randomize, set_mode
+from reference import reference_module
 
 CASES = all_cases()
 IDS = [c.id for c in CASES]
@@ -65,7 +65,7 @@ def test_bypass_gradients_match_combined(case: Case) -> None:
         peft.zero_grad()
         (peft(x) * torch.linspace(-1, 1, peft(x).numel(), dtype=torch.float64).reshape(peft(x).shape)).sum().backward()
         grads[mode] = [p.grad.clone() for p in params]
-    for bypass, combined in zip(grads["bypass"], grads["combined"]):
+    for bypass, combined in zip(grads["bypass"], grads["combined"], strict=True):
         torch.testing.assert_close(bypass, combined, rtol=1e-9, atol=1e-10)
 
 

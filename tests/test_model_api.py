@@ -7,13 +7,13 @@ import json
 
 import pytest
 import torch
-from layer_cases import Case, build, layers_of, randomize, set_mode
-from reference import reference_module
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 import beyondlora as bl
 from beyondlora.ops.products import hadamard_product
+from layer_cases import Case, build, layers_of, randomize, set_mode
+from reference import reference_module
 
 
 def _two_adapters():
@@ -113,7 +113,7 @@ def test_training_randomness_is_shared_by_both_paths(config) -> None:
         set_mode(peft, mode)
         torch.manual_seed(123)
         outputs[mode] = [peft(x) for _ in range(4)]
-    for bypass, combined in zip(outputs["bypass"], outputs["combined"]):
+    for bypass, combined in zip(outputs["bypass"], outputs["combined"], strict=True):
         torch.testing.assert_close(bypass, combined)
     assert not all(torch.allclose(outputs["bypass"][0], o) for o in outputs["bypass"][1:]), "training must be random"
     peft.eval()

@@ -130,7 +130,8 @@ def run_demo(config: DemoConfig = DemoConfig(), output_dir: str | Path | None = 
     trainable, total = model.get_nb_trainable_parameters()
     figures.update(trainable_parameters=trainable, all_parameters=total)
     echo(
-        f"LoKr adapter (r={config.rank}): trainable {trainable:,} of {total:,} parameters ({100 * trainable / total:.1f}%)"
+        f"LoKr adapter (r={config.rank}): trainable {trainable:,} of {total:,} parameters "
+        f"({100 * trainable / total:.1f}%)"
     )
 
     loss = train(model, config, config.adapt_steps, shifted=True, generator=generator)
