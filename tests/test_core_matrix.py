@@ -126,22 +126,39 @@ def test_save_load_round_trip(case: Case, tmp_path) -> None:
     assert not any(p.requires_grad for p in loaded.parameters())
 
 
-BF16_CASES = [c for c in CASES if c.layer in ("linear", "conv2d") and c.multiplier == 1.0 and c.algorithm != "norm"]
+LOW_PRECISION_CASES = [
+    c for c in CASES if c.layer in ("linear", "conv2d") and c.multiplier == 1.0 and c.algorithm != "norm"
+]
+#: relative tolerance of each base dtype against the float64 reference
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 3e-2}
 
 
-@pytest.mark.parametrize("case", BF16_CASES, ids=[c.id for c in BF16_CASES])
-def test_bfloat16_base(case: Case) -> None:
-    peft, base, x = _wrap(case, dtype=torch.bfloat16)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("case", LOW_PRECISION_CASES, ids=[c.id for c in LOW_PRECISION_CASES])
+def test_low_precision_base(case: Case, dtype: torch.dtype) -> None:
+    peft, base, x = _wrap(case, dtype=dtype)
     assert all(p.dtype == torch.float32 for a in _adapters(peft) for p in a.parameters())
     torch.testing.assert_close(peft(x), base(x))
     randomize(peft, std=0.1)
     reference = reference_module(base.layer, _adapters(peft))
     expected = reference(x.double())
-    outputs = {}
+    tolerance = dict(rtol=TOLERANCE[dtype], atol=TOLERANCE[dtype] * expected.abs().max().item())
     for mode in ("bypass", "combined"):
         set_mode(peft, mode)
-        outputs[mode] = peft(x)
-        assert outputs[mode].dtype == torch.bfloat16
-        torch.testing.assert_close(outputs[mode].double(), expected, rtol=3e-2, atol=3e-2 * expected.abs().max().item())
+        output = peft(x)
+        assert output.dtype == dtype
+        torch.testing.assert_close(output.double(), expected, **tolerance)
     peft.merge_adapter()
-    torch.testing.assert_close(peft(x).double(), expected, rtol=3e-2, atol=3e-2 * expected.abs().max().item())
+    torch.testing.assert_close(peft(x).double(), expected, **tolerance)
+    peft.unmerge_adapter()
+    torch.testing.assert_close(peft.base_model.layer.base_layer.weight, base.layer.weight, **tolerance)
+
+
+def test_unload_returns_the_untouched_base() -> None:
+    peft, base, x = _wrap(CASES[0])
+    randomize(peft)
+    peft.merge_adapter()
+    assert peft.get_base_model() is peft.base_model
+    plain = peft.unload()
+    assert type(plain.layer) is type(base.layer)
+    torch.testing.assert_close(plain(x), base(x), rtol=1e-12, atol=1e-12)
