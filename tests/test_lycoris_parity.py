@@ -3,10 +3,8 @@
 For LoRA/LoCon, LoHa, LoKr, (IA)³ and Full on four layers (Linear 64→128, Conv2d 32→64 3×3, Conv1d
 16→24 k=3, Linear 127→320) and a spread of options, this checks that
 
-1. our parameter names and shapes equal LyCORIS's saved tensors (``state_dict()``, i.e. its
-   ``custom_state_dict()``), apart from the documented layout difference of LoRA's ``lora_up``
-   (ours (out, r), LyCORIS's ``lora_up.weight`` (out, r, 1, …) for convs) and the ``.weight`` suffix of
-   LyCORIS's ``lora_*`` sub-modules; LyCORIS's non-trainable metadata (``alpha``, ``on_input``) is left out;
+1. the tensors we write to a single file (``export_tensors``) have exactly the names and shapes of
+   LyCORIS's saved tensors (``state_dict()``), ``alpha`` and ``on_input`` included;
 2. after copying our randomized parameters into the LyCORIS module, LyCORIS's ΔW equals our
    ``delta_weight`` in float64:
 
@@ -33,6 +31,7 @@ from torch import Tensor, nn
 
 from beyondlora.algorithms import IA3, Full, LoHa, LoKr, LoRA
 from beyondlora.algorithms.base import AdapterOptions
+from beyondlora.formats.lycoris_codecs import export_tensors
 from beyondlora.ops.factorization import factorization
 from beyondlora.ops.geometry import LayerGeometry
 
@@ -60,7 +59,6 @@ CONVS = ("conv2d", "conv1d")
 OURS = {"lora": LoRA, "loha": LoHa, "lokr": LoKr, "ia3": IA3, "full": Full}
 THEIRS = {"lora": LoConModule, "loha": LohaModule, "lokr": LokrModule, "ia3": IA3Module, "full": FullModule}
 #: LyCORIS state-dict entries that are metadata, not trainable tensors of the adapter
-LYCORIS_METADATA = {"alpha", "on_input"}
 
 
 @dataclass(frozen=True)
@@ -124,7 +122,8 @@ def _cases() -> list[Case]:
         cases += [Case("lokr", layer, 2, 2.0, factor=f) for f in (-1, 8)]
         cases += [Case("lokr", layer, 64, 64.0), Case("lokr", layer, 64, 64.0, factor=4)]
         cases += [Case("lokr", layer, 2, 2.0, decompose_both=True), Case("lokr", layer, 2, 3.0, decompose_both=True)]
-        cases += [Case("lokr", layer, 4, 4.0, unbalanced=True), Case("lokr", layer, 2, 1.0, factor=4, unbalanced=True)]
+        cases += [Case("lokr", layer, 4, 4.0, unbalanced=True), Case("lokr", layer, 2, 2.0, factor=4, unbalanced=True)]
+        cases += [Case("lokr", layer, 1, 0.5, unbalanced=True)]
         cases += [Case("lokr", layer, 2, 1.0)]
         cases += [Case("ia3", layer), Case("ia3", layer, on_input=True), Case("full", layer)]
     # W1 decomposed while W2 is full (128 → (16, 8) unbalanced: W1 (16, 8), W2 (8, 8))
@@ -137,6 +136,11 @@ def _cases() -> list[Case]:
         cases += [Case("lokr", layer, 2, 2.0, tucker=True), Case("lokr", layer, 2, 5.0, tucker=True)]
         cases += [Case("lokr", layer, 2, 2.0, tucker=True, factor=4, decompose_both=True)]
         cases += [Case("lokr", layer, 64, 64.0, tucker=True)]  # Tucker asked for, but W2 is full
+    # W1 decomposed and W2 in Tucker form: conv2d W1 (8, 4), W2 (8, 8); conv1d W1 (6, 4), W2 (4, 4)
+    cases += [Case("lokr", "conv2d", 2, 2.0, tucker=True, decompose_both=True, unbalanced=True)]
+    cases += [Case("lokr", "conv2d", 2, 0.5, tucker=True, decompose_both=True, unbalanced=True)]
+    cases += [Case("lokr", "conv1d", 1, 1.0, tucker=True, decompose_both=True, unbalanced=True)]
+    cases += [Case("lokr", "conv1d", 1, 3.0, tucker=True, decompose_both=True, unbalanced=True)]
     return cases
 
 
@@ -184,16 +188,6 @@ def _lycoris_tensor(theirs: nn.Module, name: str) -> Tensor:
     return getattr(theirs, name)
 
 
-def _lycoris_shapes(theirs: nn.Module) -> dict[str, tuple[int, ...]]:
-    """LyCORIS's saved tensors (names without LoCon's ``.weight`` suffix) → shape, metadata left out."""
-    shapes = {}
-    for key, tensor in theirs.state_dict().items():
-        if key in LYCORIS_METADATA:
-            continue
-        shapes[key.removesuffix(".weight") if key.startswith("lora_") else key] = tuple(tensor.shape)
-    return shapes
-
-
 def _ours_delta(base: nn.Module, ours: nn.Module) -> Tensor:
     with torch.no_grad():
         return ours.delta_weight(ours.geometry.canonical_weight(base).detach())
@@ -206,18 +200,12 @@ def _assert_close(actual: Tensor, expected: Tensor) -> None:
 
 # --- 1. names and shapes --------------------------------------------------------------------------------
 @pytest.mark.parametrize("case", _params(CASES))
-def test_parameter_names_and_shapes(case: Case) -> None:
+def test_file_tensor_names_and_shapes(case: Case) -> None:
+    """What we write to a single file has exactly LyCORIS's names and shapes (alpha, on_input included)."""
     _, ours, theirs = _build(case)
-    our_shapes = {name: tuple(p.shape) for name, p in ours.named_parameters()}
-    their_shapes = _lycoris_shapes(theirs)
-    assert set(our_shapes) == set(their_shapes)
-    for name, shape in our_shapes.items():
-        expected = their_shapes[name]
-        if name == "lora_up":
-            # documented: ours is (out, r); LyCORIS's conv lora_up.weight is (out, r, 1, …)
-            assert expected == shape + (1,) * (len(expected) - 2), f"{name}: ours {shape}, LyCORIS {expected}"
-        else:
-            assert shape == expected, f"{name}: ours {shape}, LyCORIS {expected}"
+    our_shapes = {name: tuple(t.shape) for name, t in export_tensors(ours).items()}
+    their_shapes = {name: tuple(t.shape) for name, t in theirs.state_dict().items()}
+    assert our_shapes == their_shapes
 
 
 # --- 2. ΔW ---------------------------------------------------------------------------------------------

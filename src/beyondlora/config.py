@@ -303,6 +303,15 @@ class NormConfig(AdapterConfig):
     algorithm: ClassVar[str] = "norm"
 
 
+@dataclass(kw_only=True)
+class SingleFileConfig(AdapterConfig):
+    """An adapter read from a single file: its modules (possibly of several algorithms) come from the file."""
+
+    peft_type: ClassVar[str] = "SINGLE_FILE"
+    algorithm: ClassVar[str] = "mixed"
+    source: str = ""
+
+
 CONFIG_CLASSES: dict[str, type[AdapterConfig]] = {
     c.peft_type: c for c in (LoraConfig, LoHaConfig, LoKrConfig, DyLoraConfig, IA3Config, FullConfig, NormConfig)
 }

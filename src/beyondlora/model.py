@@ -10,9 +10,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import AdapterConfig, IA3Config, LoHaConfig, LoKrConfig, LoraConfig
+from .config import AdapterConfig, IA3Config, LoHaConfig, LoKrConfig, LoraConfig, SingleFileConfig
 from .formats.folder import load_planned, read_folder, save_folder
-from .inject import adapter_layers, attach, attach_modules_to_save, plan_adapters, save_wrappers
+from .formats.single_file import DEFAULT_PREFIX, is_single_file, plan_from_single_file, save_single_file
+from .inject import PlannedAdapter, adapter_layers, attach, attach_modules_to_save, plan_adapters, save_wrappers
 from .targeting import find_modules_to_save
 
 
@@ -62,13 +63,16 @@ class PeftModel(nn.Module):
         low_cpu_mem_usage: bool = False,
         _tensors: dict[str, torch.Tensor] | None = None,
         _source: Path | None = None,
+        _planned: list[PlannedAdapter] | None = None,
     ) -> None:
         """Inject a new (inactive) adapter; on any error the model is left exactly as it was."""
         if not isinstance(peft_config, AdapterConfig):
             raise TypeError(f"peft_config must be an AdapterConfig, got {type(peft_config).__name__}")
         if adapter_name in self.peft_config:
             raise ValueError(f"adapter {adapter_name!r} already exists")
-        planned = plan_adapters(self.base_model, peft_config, low_cpu_mem_usage=low_cpu_mem_usage)
+        planned = _planned
+        if planned is None:
+            planned = plan_adapters(self.base_model, peft_config, low_cpu_mem_usage=low_cpu_mem_usage)
         save_names = find_modules_to_save(self.base_model, peft_config.modules_to_save)
         if _tensors is not None:
             save_modules = {n: self.base_model.get_submodule(n) for n in save_names}
@@ -197,9 +201,25 @@ class PeftModel(nn.Module):
         )
 
     # --- files -----------------------------------------------------------------------------------------
-    def save_pretrained(self, save_directory: str | Path, selected_adapters: list[str] | None = None) -> None:
-        """Write each adapter as a folder (``adapter_config.json`` + ``adapter_model.safetensors``)."""
-        for name in selected_adapters or list(self.peft_config):
+    def save_pretrained(
+        self,
+        save_directory: str | Path,
+        selected_adapters: list[str] | None = None,
+        prefix: str = DEFAULT_PREFIX,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        """Save adapters: a path ending in ``.safetensors`` writes one single file (LyCORIS / kohya layout,
+        what Stable Diffusion UIs load; one adapter, ``prefix`` before every module key, tensors cast to
+        ``dtype``); any other path is a folder with one PEFT-layout subfolder per adapter."""
+        names = selected_adapters or (
+            self.active_adapters if is_single_file(save_directory) else list(self.peft_config)
+        )
+        if is_single_file(save_directory):
+            if len(names) != 1:
+                raise ValueError(f"a single file holds one adapter; choose one of {names} with selected_adapters")
+            save_single_file(self.base_model, save_directory, names[0], prefix=prefix, dtype=dtype)
+            return
+        for name in names:
             save_folder(self.base_model, save_directory, self.peft_config[name], name)
 
     @classmethod
@@ -211,25 +231,33 @@ class PeftModel(nn.Module):
         is_trainable: bool = False,
         low_cpu_mem_usage: bool = False,
     ) -> PeftModel:
-        """Wrap ``model`` with the adapter saved at ``model_id``; a bad file leaves ``model`` untouched."""
-        config, tensors, source = read_folder(model_id)
-        config.inference_mode = not is_trainable
+        """Wrap ``model`` with the adapter saved at ``model_id`` (a PEFT-layout folder or a single
+        ``.safetensors`` file from us, LyCORIS or kohya); a bad file leaves ``model`` untouched."""
         wrapper = cls.__new__(cls)
         nn.Module.__init__(wrapper)
         wrapper.base_model = model
         wrapper.peft_config = {}
         wrapper.active_adapters = []
-        wrapper.add_adapter(adapter_name, config, low_cpu_mem_usage, _tensors=tensors, _source=source)
+        wrapper.load_adapter(model_id, adapter_name, is_trainable, low_cpu_mem_usage)
         for param in model.parameters():
             param.requires_grad_(False)
         wrapper.set_adapter(adapter_name)
         return wrapper if is_trainable else wrapper.eval()
 
-    def load_adapter(self, model_id: str | Path, adapter_name: str, is_trainable: bool = False) -> None:
-        """Add the adapter saved at ``model_id`` under ``adapter_name`` (inactive until :meth:`set_adapter`)."""
-        config, tensors, source = read_folder(model_id)
-        config.inference_mode = not is_trainable
-        self.add_adapter(adapter_name, config, _tensors=tensors, _source=source)
+    def load_adapter(
+        self, model_id: str | Path, adapter_name: str, is_trainable: bool = False, low_cpu_mem_usage: bool = False
+    ) -> None:
+        """Add the adapter saved at ``model_id`` (folder or single file) under ``adapter_name``."""
+        if is_single_file(model_id):
+            config = SingleFileConfig(source=str(model_id), inference_mode=not is_trainable)
+            planned = plan_from_single_file(self.base_model, model_id)
+            self.add_adapter(adapter_name, config, _planned=planned)
+        else:
+            config, tensors, source = read_folder(model_id)
+            config.inference_mode = not is_trainable
+            self.add_adapter(adapter_name, config, low_cpu_mem_usage, _tensors=tensors, _source=source)
+        if not is_trainable:
+            self.eval()
         if not is_trainable:
             self.eval()
 

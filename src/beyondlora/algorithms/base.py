@@ -47,6 +47,8 @@ class AdapterOptions:
     block_size: int = 4
     on_input: bool = False
     dropout: float = 0.0
+    #: explicit LoKr shapes (a ``LoKrLayout``) for adapters read from files; ``None`` = LyCORIS' rules
+    lokr_layout: Any = None
 
 
 def adapter_dtype(base_weight: Tensor) -> torch.dtype:

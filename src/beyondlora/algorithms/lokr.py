@@ -13,6 +13,7 @@ of rank r costs.  Convolutions run ``W2`` as a conv on the c input groups folded
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -23,6 +24,34 @@ from ..ops.factorization import factorization
 from ..ops.geometry import LayerGeometry
 from ..ops.products import kron, tucker_rebuild
 from .base import Adapter, AdapterOptions, check_init, kaiming_
+
+
+@dataclass(frozen=True)
+class LoKrLayout:
+    """The shapes of a LoKr adapter: out = a·b, in = c·d, and which of W1 (a, c), W2 (b, d, *k) is a product."""
+
+    out_factors: tuple[int, int]
+    in_factors: tuple[int, int]
+    w1_decomposed: bool
+    w2_decomposed: bool
+
+    @classmethod
+    def choose(cls, geometry: LayerGeometry, options: AdapterOptions) -> LoKrLayout:
+        """LyCORIS' rules: factors from ``decompose_factor``; W1 decomposed only with ``decompose_both`` and
+        r < max(a, c)/2; W2 decomposed when r < max(b, d)/2."""
+        a, b = factorization(geometry.out_dim, options.decompose_factor)
+        c, d = factorization(geometry.in_dim, options.decompose_factor)
+        if options.unbalanced_factorization:
+            a, b = b, a
+        r = options.r
+        return cls((a, b), (c, d), options.decompose_both and r < max(a, c) / 2, r < max(b, d) / 2)
+
+    def check(self, geometry: LayerGeometry, r: int) -> None:
+        (a, b), (c, d) = self.out_factors, self.in_factors
+        if a * b != geometry.out_dim or c * d != geometry.in_dim:
+            raise ValueError(
+                f"LoKr factors {a}×{b}, {c}×{d} do not multiply to the layer's {geometry.out_dim}×{geometry.in_dim}"
+            )
 
 
 class LoKr(Adapter):
@@ -36,13 +65,11 @@ class LoKr(Adapter):
         if options.decompose_factor == 0 or options.decompose_factor < -1:
             raise ValueError(f"decompose_factor must be -1 or positive, got {options.decompose_factor}")
         r, g = options.r, geometry
-        a, b = factorization(g.out_dim, options.decompose_factor)
-        c, d = factorization(g.in_dim, options.decompose_factor)
-        if options.unbalanced_factorization:
-            a, b = b, a
-        self.out_factors, self.in_factors = (a, b), (c, d)
+        layout = options.lokr_layout or LoKrLayout.choose(g, options)
+        layout.check(g, r)
+        (a, b), (c, d) = self.out_factors, self.in_factors = layout.out_factors, layout.in_factors
         self.tucker = bool(options.use_effective_conv2d and g.is_conv and any(k != 1 for k in g.kernel))
-        if options.decompose_both and r < max(a, c) / 2:
+        if layout.w1_decomposed:
             self.lokr_w1 = None
             self.lokr_w1_a = nn.Parameter(torch.empty(a, r))
             self.lokr_w1_b = nn.Parameter(torch.empty(r, c))
@@ -50,7 +77,7 @@ class LoKr(Adapter):
             self.lokr_w1 = nn.Parameter(torch.empty(a, c))
             self.lokr_w1_a = self.lokr_w1_b = None
         self.lokr_t2 = None
-        if r >= max(b, d) / 2:
+        if not layout.w2_decomposed:
             self.lokr_w2 = nn.Parameter(torch.empty(b, d, *g.kernel))
             self.lokr_w2_a = self.lokr_w2_b = None
         else:

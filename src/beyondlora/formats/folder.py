@@ -40,6 +40,11 @@ def adapter_state(model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor
 
 def save_folder(model: nn.Module, directory: str | Path, config: AdapterConfig, adapter_name: str) -> Path:
     """Write one adapter's folder; returns the folder written."""
+    if config.algorithm == "mixed":
+        raise ValueError(
+            f"adapter {adapter_name!r} was read from a single file ({getattr(config, 'source', '')}) and has no "
+            "folder config; save it to a .safetensors path"
+        )
     target = adapter_directory(directory, adapter_name)
     target.mkdir(parents=True, exist_ok=True)
     write_tensors(target / WEIGHTS_NAME, adapter_state(model, adapter_name), metadata={"format": "pt"})

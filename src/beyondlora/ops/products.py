@@ -24,7 +24,8 @@ def kron(small: Tensor, large: Tensor) -> Tensor:
     ``large`` only, which is the layout LyCORIS and the Stable Diffusion UIs use.
     """
     extra = large.dim() - small.dim()
-    return torch.kron(small.reshape(*small.shape, *([1] * extra)), large)
+    # torch.kron views its inputs: an einsum result (Tucker rebuild) can have strides it cannot view
+    return torch.kron(small.reshape(*small.shape, *([1] * extra)), large.contiguous())
 
 
 def row_khatri_rao(first: Tensor, second: Tensor) -> Tensor:

@@ -1,0 +1,163 @@
+"""The single-file format (LyCORIS / kohya layout) that Stable Diffusion UIs load.
+
+A flat safetensors dict: module ``a.b.c`` of the model is stored as ``<prefix>_a_b_c.<tensor>``.  Our
+files also carry, in the safetensors metadata, the library version, the per-module hyper-parameters
+(``beyondlora_modules``) and kohya's training keys (``ss_network_*``).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from ..inject import PlannedAdapter, adapter_layers
+from ..layers import AdapterLayer
+from ..ops.geometry import LayerGeometry
+from ..targeting import iter_candidate_modules
+from .lycoris_codecs import FormatError, describe, export_tensors, import_adapter
+from .tensors import check_finite, read_tensors, write_tensors
+
+DEFAULT_PREFIX = "lycoris"
+MODULES_METADATA = "beyondlora_modules"
+
+
+def is_single_file(path: str | Path) -> bool:
+    return str(path).endswith(".safetensors")
+
+
+def module_key(prefix: str, module_name: str) -> str:
+    """``lycoris`` + ``blocks.0.attn`` → ``lycoris_blocks_0_attn``."""
+    return f"{prefix}_{module_name.replace('.', '_')}" if prefix else module_name.replace(".", "_")
+
+
+def single_file_tensors(
+    model: nn.Module, adapter_name: str, prefix: str = DEFAULT_PREFIX, dtype: torch.dtype | None = None
+) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, Any]]]:
+    """Every tensor of adapter ``adapter_name`` under its single-file key, and per-module metadata."""
+    tensors: dict[str, torch.Tensor] = {}
+    described: dict[str, dict[str, Any]] = {}
+    for name, layer in adapter_layers(model):
+        if adapter_name not in layer.adapters:
+            continue
+        key = module_key(prefix, name)
+        adapter = layer.adapters[adapter_name]
+        try:
+            exported = export_tensors(adapter)
+        except FormatError as error:
+            raise FormatError(f"module {name!r}: {error}") from None
+        for tensor_name, tensor in exported.items():
+            keep_precise = tensor_name in ("alpha", "on_input")
+            tensors[f"{key}.{tensor_name}"] = tensor if dtype is None or keep_precise else tensor.to(dtype)
+        described[key] = describe(adapter)
+    if not tensors:
+        raise ValueError(f"the model has no adapter named {adapter_name!r}")
+    return tensors, described
+
+
+def kohya_metadata(described: dict[str, dict[str, Any]]) -> dict[str, str]:
+    """``ss_network_*`` keys as kohya sd-scripts writes them, from the first module's settings."""
+    first = next(iter(described.values()))
+    algorithms = sorted({d["algorithm"] for d in described.values()})
+    args = {"algo": algorithms[0] if len(algorithms) == 1 else "mixed"}
+    if first["algorithm"] == "lokr":
+        args["factor"] = str(first["decompose_factor"])
+    return {
+        "ss_network_module": "lycoris.kohya",
+        "ss_network_dim": str(first["r"]),
+        "ss_network_alpha": str(first["alpha"]),
+        "ss_network_args": json.dumps(args),
+    }
+
+
+def save_single_file(
+    model: nn.Module,
+    path: str | Path,
+    adapter_name: str = "default",
+    prefix: str = DEFAULT_PREFIX,
+    dtype: torch.dtype | None = None,
+    metadata: dict[str, str] | None = None,
+) -> None:
+    """Write adapter ``adapter_name`` of ``model`` as one safetensors file (atomically)."""
+    from .. import __version__
+
+    tensors, described = single_file_tensors(model, adapter_name, prefix, dtype)
+    header = {"format": "pt", "beyondlora_version": __version__, MODULES_METADATA: json.dumps(described)}
+    header.update(kohya_metadata(described))
+    header.update(metadata or {})
+    write_tensors(path, tensors, header)
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    with safe_open(str(path), framework="pt") as handle:
+        return handle.metadata() or {}
+
+
+def group_by_module(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """``{"<module key>": {"<tensor name>": tensor}}`` (split at the first dot)."""
+    grouped: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
+    for key, tensor in tensors.items():
+        module, _, name = key.partition(".")
+        grouped[module][name] = tensor
+    return dict(grouped)
+
+
+def resolve_module_keys(model: nn.Module, keys: list[str], source: Path) -> dict[str, str]:
+    """Map each file module key to the model's module name, finding the prefix the file uses.
+
+    A key matches module ``a.b`` when it is ``<prefix>_a_b`` (or ``a_b``); the longest module name wins.
+    Raises, listing them, when keys match no module or a key is ambiguous.
+    """
+    by_flat: dict[str, list[str]] = defaultdict(list)
+    for name, _ in iter_candidate_modules(model):
+        by_flat[name.replace(".", "_")].append(name)
+    resolved: dict[str, str] = {}
+    unmatched = []
+    for key in keys:
+        candidates = [key] + [key[i + 1 :] for i, char in enumerate(key) if char == "_"]
+        match = next((c for c in candidates if c in by_flat), None)
+        if match is None:
+            unmatched.append(key)
+            continue
+        if len(by_flat[match]) > 1:
+            raise FormatError(f"{source}: key {key!r} matches several modules: {by_flat[match]}")
+        resolved[key] = by_flat[match][0]
+    if unmatched:
+        listed = ", ".join(sorted(unmatched)[:8]) + (" …" if len(unmatched) > 8 else "")
+        raise FormatError(
+            f"{source}: {len(unmatched)} module key(s) match no module of {type(model).__name__}: {listed}"
+        )
+    return resolved
+
+
+def plan_from_single_file(model: nn.Module, path: str | Path) -> list[PlannedAdapter]:
+    """Build (without attaching) every adapter a single file describes, fully checked and loaded."""
+    path = Path(path)
+    tensors = read_tensors(path)
+    if not tensors:
+        raise FormatError(f"{path} holds no tensors")
+    for key, tensor in tensors.items():
+        check_finite(path, key, tensor)
+    recorded = json.loads(read_metadata(path).get(MODULES_METADATA, "{}"))
+    grouped = group_by_module(tensors)
+    names = resolve_module_keys(model, list(grouped), path)
+    planned = []
+    for key, params in grouped.items():
+        name = names[key]
+        module = model.get_submodule(name)
+        base = module.base_layer if isinstance(module, AdapterLayer) else module
+        try:
+            geometry = LayerGeometry.of(base)
+        except TypeError as error:
+            raise FormatError(f"{path}: module {name!r} for key {key!r}: {error}") from None
+        weight = geometry.canonical_weight(base).detach()
+        adapter = import_adapter(params, geometry, weight, f"{path}: {key} (module {name!r})", recorded.get(key))
+        from ..algorithms.base import adapter_dtype
+
+        planned.append(PlannedAdapter(name, module, adapter.to(device=weight.device, dtype=adapter_dtype(weight))))
+    return planned
