@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from ..algorithms import ALGORITHMS, Adapter, AdapterOptions
+from ..algorithms.base import adapter_dtype
 from ..algorithms.lokr import LoKrLayout
 from ..ops.geometry import LayerGeometry
 
@@ -28,8 +29,12 @@ class FormatError(ValueError):
 
 
 def _scale_alpha(adapter: Adapter, rank: int) -> Tensor:
-    """The alpha that makes ``alpha / rank`` equal our effective scale (scale × multiplier)."""
-    return torch.tensor(float(adapter.scale * adapter.multiplier * rank), dtype=torch.float32)
+    """The alpha that makes ``alpha / rank`` equal our effective scale (scale × multiplier).
+
+    Stored in float32 at least (never in a half-precision save dtype): it carries the baked scale.
+    """
+    dtype = torch.float64 if adapter.param_dtype == torch.float64 else torch.float32
+    return torch.tensor(float(adapter.scale * adapter.multiplier * rank), dtype=dtype)
 
 
 def export_tensors(adapter: Adapter) -> dict[str, Tensor]:
@@ -55,7 +60,7 @@ def export_tensors(adapter: Adapter) -> dict[str, Tensor]:
         if adapter.w1_is_full and adapter.w2_is_full:
             # consumers use scale 1 here whatever alpha says: bake our scale into W1
             out["lokr_w1"] = adapter.lokr_w1 * (adapter.scale * t)
-            out["alpha"] = torch.tensor(float(adapter.rank), dtype=torch.float32)
+            out["alpha"] = torch.tensor(float(adapter.rank))
         else:
             out["alpha"] = _scale_alpha(adapter, adapter.rank)
     elif algo == "ia3":
@@ -107,6 +112,8 @@ def detect_algorithm(params: dict[str, Tensor], where: str) -> str:
 
 
 def _reshaped(params: dict[str, Tensor], key: str, shape: tuple[int, ...], where: str) -> Tensor:
+    if key not in params:
+        raise FormatError(f"{where}: missing tensor {key!r} (expected shape {shape})")
     tensor = params[key]
     if tensor.numel() != torch.Size(shape).numel():
         raise FormatError(f"{where}: {key} has shape {tuple(tensor.shape)}, expected {shape}")
@@ -115,7 +122,7 @@ def _reshaped(params: dict[str, Tensor], key: str, shape: tuple[int, ...], where
 
 def _alpha(params: dict[str, Tensor], rank: int) -> float:
     alpha = params.get("alpha")
-    return float(rank) if alpha is None else float(alpha.float().item())
+    return float(rank) if alpha is None else float(alpha.double().item())
 
 
 def import_adapter(
@@ -125,7 +132,8 @@ def import_adapter(
     where: str,
     recorded: dict[str, Any] | None = None,
 ) -> Adapter:
-    """Build the adapter a module's single-file tensors describe (multiplier 1, the consumer's ΔW).
+    """Build the adapter a module's single-file tensors describe (multiplier 1, the consumer's ΔW), on the
+    base weight's device, in the adapter dtype for it.
 
     ``recorded`` is our metadata for the module when we wrote the file: it restores the algorithm
     (DyLoRA) and the training options; everything that shapes ΔW is read from the tensors.
@@ -179,6 +187,9 @@ def import_adapter(
     if recorded:
         if recorded.get("algorithm") == "dylora" and algorithm == "lora":
             algorithm = "dylora"
+        if algorithm == "lokr" and options["r"] == 1 and "r" in recorded and not options["lokr_layout"].w2_decomposed:
+            if not options["lokr_layout"].w1_decomposed:  # both full: any r with alpha = r is scale 1
+                options.update(r=recorded["r"], alpha=float(recorded["r"]))
         options.update({k: recorded[k] for k in TRAINING_OPTIONS if k in recorded})
     known = {f.name for f in fields(AdapterOptions)}
     try:
@@ -187,6 +198,7 @@ def import_adapter(
         )
     except (TypeError, ValueError) as error:
         raise FormatError(f"{where}: {error}") from None
+    adapter.to(device=base_weight.device, dtype=adapter_dtype(base_weight))
     own = dict(adapter.named_parameters())
     for key, tensor in state.items():
         if key not in own or tuple(own[key].shape) != tuple(tensor.shape):

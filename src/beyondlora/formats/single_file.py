@@ -157,7 +157,5 @@ def plan_from_single_file(model: nn.Module, path: str | Path) -> list[PlannedAda
             raise FormatError(f"{path}: module {name!r} for key {key!r}: {error}") from None
         weight = geometry.canonical_weight(base).detach()
         adapter = import_adapter(params, geometry, weight, f"{path}: {key} (module {name!r})", recorded.get(key))
-        from ..algorithms.base import adapter_dtype
-
-        planned.append(PlannedAdapter(name, module, adapter.to(device=weight.device, dtype=adapter_dtype(weight))))
+        planned.append(PlannedAdapter(name, module, adapter))
     return planned

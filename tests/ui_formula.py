@@ -1,0 +1,77 @@
+"""An independent implementation of how Stable Diffusion UIs (ComfyUI / AUTOMATIC1111) apply a
+LyCORIS / kohya single file: written from the file format alone, without the library's code."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def _tucker(core: Tensor, out_factor: Tensor, in_factor: Tensor) -> Tensor:
+    # core (i, j, *k), out_factor (i, out), in_factor (j, in)
+    return torch.einsum("ij...,jr,ip->pr...", core, in_factor, out_factor)
+
+
+def ui_delta(params: dict[str, Tensor], weight: Tensor) -> tuple[Tensor, Tensor | None]:
+    """(ΔW, Δb) a UI adds to ``weight`` (canonical (out, in, *k), float64) at strength 1."""
+    p = {k: v.double() for k, v in params.items()}
+    alpha = p.get("alpha")
+    bias = None
+    if "lora_down.weight" in p:
+        down, up = p["lora_down.weight"], p["lora_up.weight"]
+        rank = down.shape[0]
+        if "lora_mid.weight" in p:
+            delta = torch.einsum("or,rt...,ti->oi...", up.flatten(1), p["lora_mid.weight"], down.flatten(1))
+        else:
+            delta = up.flatten(1) @ down.flatten(1)
+        delta = delta.reshape(weight.shape) * (alpha.item() / rank if alpha is not None else 1.0)
+    elif "hada_w1_a" in p:
+        rank = p["hada_w1_b"].shape[0]
+        if "hada_t1" in p:
+            first = _tucker(p["hada_t1"], p["hada_w1_a"], p["hada_w1_b"])
+            second = _tucker(p["hada_t2"], p["hada_w2_a"], p["hada_w2_b"])
+        else:
+            first = p["hada_w1_a"] @ p["hada_w1_b"]
+            second = p["hada_w2_a"] @ p["hada_w2_b"]
+        delta = (first * second).reshape(weight.shape) * (alpha.item() / rank if alpha is not None else 1.0)
+    elif "lokr_w1" in p or "lokr_w1_a" in p:
+        dim = None
+        w1 = p.get("lokr_w1")
+        if w1 is None:
+            dim = p["lokr_w1_b"].shape[0]
+            w1 = p["lokr_w1_a"] @ p["lokr_w1_b"]
+        w2 = p.get("lokr_w2")
+        if w2 is None:
+            dim = p["lokr_w2_b"].shape[0]
+            if "lokr_t2" in p:
+                w2 = _tucker(p["lokr_t2"], p["lokr_w2_a"], p["lokr_w2_b"])
+            else:
+                w2 = p["lokr_w2_a"] @ p["lokr_w2_b"]
+        out_small, in_small = w1.shape
+        w2 = w2.reshape(weight.shape[0] // out_small, weight.shape[1] // in_small, *weight.shape[2:])
+        while w1.dim() < w2.dim():
+            w1 = w1.unsqueeze(-1)
+        scale = alpha.item() / dim if alpha is not None and dim is not None else 1.0
+        delta = torch.kron(w1, w2.contiguous()) * scale  # torch.kron cannot view einsum strides
+    elif "diff" in p:
+        delta = p["diff"].reshape(weight.shape)
+        bias = p.get("diff_b")
+    elif "w_norm" in p:
+        delta = p["w_norm"].reshape(weight.shape)
+        bias = p.get("b_norm")
+    else:  # (IA)³
+        scale = p["weight"].flatten()
+        if int(p["on_input"].item()):
+            delta = weight * scale.reshape(1, -1, *([1] * (weight.dim() - 2)))
+        else:
+            delta = weight * scale.reshape(-1, *([1] * (weight.dim() - 1)))
+    if "dora_scale" in p:
+        merged = weight + delta
+        magnitude = p["dora_scale"]
+        if magnitude.shape[0] == merged.shape[0]:
+            norm = merged.reshape(merged.shape[0], -1).norm(dim=1).reshape(-1, *([1] * (merged.dim() - 1)))
+        else:
+            norm = merged.transpose(0, 1).reshape(merged.shape[1], -1).norm(dim=1)
+            norm = norm.reshape(1, -1, *([1] * (merged.dim() - 2)))
+        delta = merged * (magnitude / (norm + torch.finfo(merged.dtype).eps)) - weight
+    return delta, bias
