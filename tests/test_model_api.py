@@ -17,7 +17,7 @@ from reference import reference_module
 
 
 def _two_adapters():
-    model, x = build(Case("lokr", "conv2d"))
+    model, x = build(Case("lokr", "conv2d_1x1"))  # a layer PEFT's folder format can express
     base = copy.deepcopy(model).eval()
     peft = bl.get_peft_model(model, bl.LoKrConfig(r=2, target_modules=["layer"])).eval()
     peft.add_adapter("second", bl.LoHaConfig(r=2, alpha=1, target_modules=["layer"]))
@@ -188,7 +188,7 @@ def _corrupt(folder, change):
         (lambda f: (f / "adapter_config.json").write_text("{oops"), "not valid JSON"),
         (
             lambda f: _corrupt(f, lambda t: t.update({"base_model.model.layer.hada_w1_a": torch.zeros(3, 3)})),
-            r"'base_model.model.layer.hada_w1_a' has shape \(3, 3\), expected \(20, 4\)",
+            r"adapter_model.safetensors: module 'layer': hada_w1_a has shape \(3, 3\), expected \(20, 4\)",
         ),
         (
             lambda f: _corrupt(f, lambda t: t["base_model.model.layer.hada_w2_b"].__setitem__((0, 0), float("nan"))),
@@ -196,7 +196,7 @@ def _corrupt(folder, change):
         ),
         (
             lambda f: _corrupt(f, lambda t: t.pop("base_model.model.layer.hada_w1_b")),
-            "missing tensor 'base_model.model.layer.hada_w1_b'",
+            "module 'layer': missing tensor 'hada_w1_b'",
         ),
         (
             lambda f: _corrupt(f, lambda t: t.update({"base_model.model.other.lora_up": torch.zeros(2)})),

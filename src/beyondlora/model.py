@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from .config import AdapterConfig, IA3Config, LoHaConfig, LoKrConfig, LoraConfig, SingleFileConfig
-from .formats.folder import load_planned, read_folder, save_folder
+from .formats.folder import plan_from_folder, save_folder
 from .formats.single_file import DEFAULT_PREFIX, is_single_file, plan_from_single_file, save_single_file
 from .inject import PlannedAdapter, adapter_layers, attach, attach_modules_to_save, plan_adapters, save_wrappers
 from .targeting import find_modules_to_save
@@ -61,9 +61,8 @@ class PeftModel(nn.Module):
         adapter_name: str,
         peft_config: AdapterConfig,
         low_cpu_mem_usage: bool = False,
-        _tensors: dict[str, torch.Tensor] | None = None,
-        _source: Path | None = None,
         _planned: list[PlannedAdapter] | None = None,
+        _save_states: dict[str, dict[str, torch.Tensor]] | None = None,
     ) -> None:
         """Inject a new (inactive) adapter; on any error the model is left exactly as it was."""
         if not isinstance(peft_config, AdapterConfig):
@@ -73,17 +72,11 @@ class PeftModel(nn.Module):
         planned = _planned
         if planned is None:
             planned = plan_adapters(self.base_model, peft_config, low_cpu_mem_usage=low_cpu_mem_usage)
-        save_names = find_modules_to_save(self.base_model, peft_config.modules_to_save)
-        if _tensors is not None:
-            save_modules = {n: self.base_model.get_submodule(n) for n in save_names}
-            load_planned(planned, save_modules, _tensors, _source or Path("<tensors>"))
+        find_modules_to_save(self.base_model, peft_config.modules_to_save)  # validates before anything changes
         attach(self.base_model, planned, adapter_name, peft_config.forward_mode)
         attach_modules_to_save(self.base_model, peft_config.modules_to_save, adapter_name)
-        if _tensors is not None:
-            for name in save_names:
-                wrapper = self.base_model.get_submodule(name)
-                own = wrapper.modules_to_save[adapter_name]
-                own.load_state_dict({k: _tensors[f"base_model.model.{name}.{k}"] for k in own.state_dict()})
+        for name, state in (_save_states or {}).items():
+            self.base_model.get_submodule(name).modules_to_save[adapter_name].load_state_dict(state)
         self.peft_config[adapter_name] = peft_config
         self._refresh()
 
@@ -253,9 +246,9 @@ class PeftModel(nn.Module):
             planned = plan_from_single_file(self.base_model, model_id)
             self.add_adapter(adapter_name, config, _planned=planned)
         else:
-            config, tensors, source = read_folder(model_id)
+            config, planned, save_states = plan_from_folder(self.base_model, model_id)
             config.inference_mode = not is_trainable
-            self.add_adapter(adapter_name, config, low_cpu_mem_usage, _tensors=tensors, _source=source)
+            self.add_adapter(adapter_name, config, _planned=planned, _save_states=save_states)
         if not is_trainable:
             self.eval()
         if not is_trainable:

@@ -131,15 +131,56 @@ def import_adapter(
     base_weight: Tensor,
     where: str,
     recorded: dict[str, Any] | None = None,
+    full_kron: tuple[int, float] | None = None,
 ) -> Adapter:
     """Build the adapter a module's single-file tensors describe (multiplier 1, the consumer's ΔW), on the
     base weight's device, in the adapter dtype for it.
 
     ``recorded`` is our metadata for the module when we wrote the file: it restores the algorithm
     (DyLoRA) and the training options; everything that shapes ΔW is read from the tensors.
+    ``full_kron`` = (r, alpha) gives a LoKr with both factors full the scale alpha / r (PEFT's rule)
+    instead of the UIs' 1.
     """
     algorithm = detect_algorithm(params, where)
-    g = geometry
+    try:
+        state, options = _read_state(algorithm, params, geometry, where)
+    except KeyError as missing:
+        raise FormatError(f"{where}: missing tensor {missing}") from None
+    if recorded:
+        if recorded.get("algorithm") == "dylora" and algorithm == "lora":
+            algorithm = "dylora"
+        if "r" in recorded and full_kron is None:  # both LoKr factors full: keep our r, with scale 1
+            full_kron = (recorded["r"], float(recorded["r"]))
+        options.update({k: recorded[k] for k in TRAINING_OPTIONS if k in recorded})
+    layout = options.get("lokr_layout")
+    if full_kron is not None and layout is not None and not (layout.w1_decomposed or layout.w2_decomposed):
+        options.update(r=full_kron[0], alpha=full_kron[1])
+    known = {f.name for f in fields(AdapterOptions)}
+    try:
+        adapter = ALGORITHMS[algorithm](
+            geometry, AdapterOptions(**{k: v for k, v in options.items() if k in known}), base_weight
+        )
+    except (TypeError, ValueError) as error:
+        raise FormatError(f"{where}: {error}") from None
+    adapter.to(device=base_weight.device, dtype=adapter_dtype(base_weight))
+    own = dict(adapter.named_parameters())
+    for key, tensor in state.items():
+        if key not in own or tuple(own[key].shape) != tuple(tensor.shape):
+            expected = tuple(own[key].shape) if key in own else "no such parameter"
+            raise FormatError(f"{where}: {key} has shape {tuple(tensor.shape)}, expected {expected}")
+    missing = sorted(set(own) - set(state))
+    if missing:
+        raise FormatError(f"{where}: missing tensor(s) {missing}")
+    with torch.no_grad():
+        for key, tensor in state.items():
+            own[key].copy_(tensor.to(own[key].dtype))
+    return adapter
+
+
+def _read_state(
+    algorithm: str, params: dict[str, Tensor], g: LayerGeometry, where: str
+) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Our parameter tensors and the ΔW-shaping options for one module's single-file tensors."""
     ones = (1,) * len(g.kernel)
     state: dict[str, Tensor] = {}
     options: dict[str, Any] = {}
@@ -184,33 +225,7 @@ def import_adapter(
             (g.out_dim, *([1] * len(g.weight_shape[1:]))) if on_output else (1, g.in_dim, *ones)
         )
         options.update(use_dora=True, dora_on_output=on_output)
-    if recorded:
-        if recorded.get("algorithm") == "dylora" and algorithm == "lora":
-            algorithm = "dylora"
-        if algorithm == "lokr" and options["r"] == 1 and "r" in recorded and not options["lokr_layout"].w2_decomposed:
-            if not options["lokr_layout"].w1_decomposed:  # both full: any r with alpha = r is scale 1
-                options.update(r=recorded["r"], alpha=float(recorded["r"]))
-        options.update({k: recorded[k] for k in TRAINING_OPTIONS if k in recorded})
-    known = {f.name for f in fields(AdapterOptions)}
-    try:
-        adapter = ALGORITHMS[algorithm](
-            g, AdapterOptions(**{k: v for k, v in options.items() if k in known}), base_weight
-        )
-    except (TypeError, ValueError) as error:
-        raise FormatError(f"{where}: {error}") from None
-    adapter.to(device=base_weight.device, dtype=adapter_dtype(base_weight))
-    own = dict(adapter.named_parameters())
-    for key, tensor in state.items():
-        if key not in own or tuple(own[key].shape) != tuple(tensor.shape):
-            expected = tuple(own[key].shape) if key in own else "no such parameter"
-            raise FormatError(f"{where}: {key} has shape {tuple(tensor.shape)}, expected {expected}")
-    missing = sorted(set(own) - set(state))
-    if missing:
-        raise FormatError(f"{where}: missing tensor(s) {missing}")
-    with torch.no_grad():
-        for key, tensor in state.items():
-            own[key].copy_(tensor.to(own[key].dtype))
-    return adapter
+    return state, options
 
 
 def _optional_bias(params: dict[str, Tensor], key: str, g: LayerGeometry, state: dict[str, Tensor], where: str) -> None:

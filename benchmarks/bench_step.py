@@ -1,0 +1,659 @@
+"""Training-step, inference and merge benchmark: beyondlora vs PEFT vs LyCORIS, side by side.
+
+One run, one thread (``torch.set_num_threads(1)``, denormals flushed), measures for LoRA, LoKr, LoHa and
+(IA)³ (r=8, alpha=8, an adapter on every linear / conv, every adapter factor non-zero and *identical* in all
+libraries) on two workloads:
+
+- ``linears``: two transformer-like blocks of 768-wide linears (q, k, v, o 768→768, fc1 768→3072,
+  fc2 3072→768) on 1×1024×768 tokens;
+- ``convs``: a UNet-style pair of 320-channel 3×3 convs (padding 1) on a 1×320×32×32 input;
+
+per (library, algorithm):
+
+- the median training-step time (forward + backward of ``output.sum()``, optimizer excluded) and its
+  overhead over the frozen base model's step (all base parameters frozen, the input requires grad, so the
+  backward runs through every layer — the same for every variant);
+- the bytes saved for backward in one forward (``torch.autograd.graph.saved_tensors_hooks``, one count per
+  storage, parameters and buffers of the model not counted: they are resident anyway);
+- the median no-grad inference forward and its overhead, unmerged, and for beyondlora also after
+  ``merge_and_unload``;
+
+and, unless ``--no-unet``, the time to wrap an SD-1.5-sized ``diffusers.UNet2DConditionModel()`` with LoKr
+on all its 282 Linear/Conv2d layers and to merge and unload it again, per library.
+
+All variants of a workload are built first and then timed round-robin (shuffled order each round), so drift
+from other processes on the machine hits every variant alike.  Before timing, every variant's output is
+checked against beyondlora's on a bias-free copy of the base model (so all libraries' adapters compute the
+same function, not just similar-sized ones).
+
+Run:  python benchmarks/bench_step.py [--quick] [--no-unet] [--output results.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import datetime
+import gc
+import logging
+import math
+import os
+import platform
+import random
+import re
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+warnings.filterwarnings("ignore")
+logging.getLogger("LyCORIS").setLevel(logging.ERROR)
+
+import peft  # noqa: E402
+from lycoris import create_lycoris  # noqa: E402
+from lycoris.logging import logger as _lycoris_logger  # noqa: E402
+
+import beyondlora as bl  # noqa: E402
+
+_lycoris_logger.setLevel(logging.ERROR)
+
+ALGOS = ("lora", "lokr", "loha", "ia3")
+LIBS = ("beyondlora", "peft", "lycoris", "lycoris-bypass")
+RANK, ALPHA = 8, 8
+TARGETS = {"lora": 5.0, "ia3": 5.0, "lokr": 10.0, "loha": 20.0}  # beyondlora training-step overhead targets, %
+
+
+# --------------------------------------------------------------------------------------------------
+# workloads
+# --------------------------------------------------------------------------------------------------
+class Block(nn.Module):
+    """Transformer-like block of linears: a gated q/k/v/o mixer (no softmax) and an MLP, both residual."""
+
+    def __init__(self, width: int, hidden: int) -> None:
+        super().__init__()
+        self.q, self.k, self.v, self.o = (nn.Linear(width, width) for _ in range(4))
+        self.fc1, self.fc2 = nn.Linear(width, hidden), nn.Linear(hidden, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.o(self.q(x) * torch.sigmoid(self.k(x)) + self.v(x))
+        return x + self.fc2(F.gelu(self.fc1(x)))
+
+
+class LinearStack(nn.Module):
+    def __init__(self, width: int, hidden: int, depth: int = 2) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(Block(width, hidden) for _ in range(depth))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+class ConvPair(nn.Module):
+    """The two 3×3 convs of a UNet resnet block (norms left out: they are not adapted)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.conv2(F.silu(self.conv1(F.silu(x))))
+
+
+@dataclass
+class Workload:
+    name: str
+    description: str
+    make_base: Callable[[], nn.Module]
+    input_shape: tuple[int, ...]
+    check_shape: tuple[int, ...]  # small input for the cross-library equality check
+    targets: list[str]
+
+
+def workloads(quick: bool) -> list[Workload]:
+    width, hidden, tokens = (192, 768, 128) if quick else (768, 3072, 1024)
+    channels, side = (64, 16) if quick else (320, 32)
+    return [
+        Workload(
+            "linears",
+            f"2 blocks × (q,k,v,o {width}→{width}, fc1 {width}→{hidden}, fc2 {hidden}→{width}) on 1×{tokens}×{width}",
+            lambda: LinearStack(width, hidden),
+            (1, tokens, width),
+            (1, 16, width),
+            ["q", "k", "v", "o", "fc1", "fc2"],
+        ),
+        Workload(
+            "convs",
+            f"2 × Conv2d({channels}, {channels}, 3, padding=1) on 1×{channels}×{side}×{side}",
+            lambda: ConvPair(channels),
+            (1, channels, side, side),
+            (1, channels, 6, 6),
+            ["conv1", "conv2"],
+        ),
+    ]
+
+
+# --------------------------------------------------------------------------------------------------
+# building the variants
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class Variant:
+    lib: str  # "base", one of LIBS, or "beyondlora-merged" / "beyondlora[bypass]" / "beyondlora[combined]"
+    algo: str | None
+    model: nn.Module
+    trainable: list[nn.Parameter]
+    net: Any = None  # the LycorisNetwork
+    times: list[float] = field(default_factory=list)
+    infer_times: list[float] = field(default_factory=list)
+    saved_bytes: int = 0
+    paths: str = ""  # beyondlora only: which path the layers took (training / inference)
+
+    @property
+    def key(self) -> tuple[str, str | None]:
+        return self.lib, self.algo
+
+
+_PRESET_DIR = tempfile.mkdtemp(prefix="bench_lycoris_")
+_PRESET = os.path.join(_PRESET_DIR, "linear_conv.toml")
+with open(_PRESET, "w") as _f:  # adapt every Linear / Conv2d (the "full" preset names UNet block classes)
+    _f.write('target_module = ["Linear", "Conv2d"]\ntarget_name = []\n')
+
+
+def _bl_config(algo: str, targets: list[str], mode: str = "auto") -> bl.AdapterConfig:
+    common = {"target_modules": targets, "init_weights": False, "forward_mode": mode}
+    if algo == "lora":
+        return bl.LoraConfig(r=RANK, alpha=ALPHA, **common)
+    if algo == "lokr":
+        return bl.LoKrConfig(r=RANK, alpha=ALPHA, decompose_factor=-1, **common)
+    if algo == "loha":
+        return bl.LoHaConfig(r=RANK, alpha=ALPHA, **common)
+    return bl.IA3Config(**common)
+
+
+def _peft_config(algo: str, targets: list[str]) -> peft.PeftConfig:
+    if algo == "lora":
+        return peft.LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=targets, init_lora_weights=False)
+    if algo == "lokr":
+        return peft.LoKrConfig(r=RANK, alpha=ALPHA, decompose_factor=-1, target_modules=targets, init_weights=False)
+    if algo == "loha":
+        return peft.LoHaConfig(r=RANK, alpha=ALPHA, target_modules=targets, init_weights=False)
+    return peft.IA3Config(target_modules=targets, feedforward_modules=[], init_ia3_weights=False)
+
+
+def wrap(lib: str, algo: str | None, model: nn.Module, targets: list[str]) -> Variant:
+    """Wrap ``model`` in place (callers pass a copy)."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if lib == "base":
+        return Variant(lib, algo, model, [])
+    if lib.startswith("beyondlora"):
+        mode = re.fullmatch(r"beyondlora(?:\[(\w+)\])?", lib).group(1) or "auto"
+        wrapped = bl.get_peft_model(model, _bl_config(algo, targets, mode))
+        return Variant(lib, algo, wrapped, [p for p in wrapped.parameters() if p.requires_grad])
+    if lib == "peft":
+        wrapped = peft.get_peft_model(model, _peft_config(algo, targets))
+        return Variant(lib, algo, wrapped, [p for p in wrapped.parameters() if p.requires_grad])
+    if lib in ("lycoris", "lycoris-bypass"):
+        net = create_lycoris(
+            model,
+            1.0,
+            linear_dim=RANK,
+            linear_alpha=ALPHA,
+            conv_dim=RANK,
+            conv_alpha=ALPHA,
+            algo=algo,
+            factor=-1,
+            preset=_PRESET,
+            bypass_mode=lib == "lycoris-bypass",
+        )
+        net.apply_to()
+        net.requires_grad_(True)
+        return Variant(lib, algo, model, list(net.parameters()), net=net)
+    raise ValueError(lib)
+
+
+def adapter_params(variant: Variant) -> dict[tuple[str, str], nn.Parameter]:
+    """(layer name in the base model, LyCORIS parameter name) → parameter, for any library."""
+    out: dict[tuple[str, str], nn.Parameter] = {}
+    if variant.lib.startswith("beyondlora"):
+        for name, module in variant.model.named_modules():
+            if isinstance(module, bl.AdapterLayer):
+                for pname, p in module.adapters["default"].named_parameters():
+                    out[(name.removeprefix("base_model."), pname)] = p
+    elif variant.lib == "peft":
+        rename = {"lora_A": "lora_down", "lora_B": "lora_up", "ia3_l": "weight"}
+        for name, p in variant.model.named_parameters():
+            match = re.fullmatch(r"base_model\.model\.(.+)\.(\w+)\.default(?:\.weight)?", name)
+            if p.requires_grad and match:
+                out[(match.group(1), rename.get(match.group(2), match.group(2)))] = p
+    elif variant.net is not None:
+        names = {id(m): n for n, m in variant.model.named_modules()}
+        for lora in variant.net.loras:
+            layer = names[id(lora.org_module[0])]
+            for pname, p in lora.named_parameters():
+                out[(layer, pname if pname == "weight" else pname.removesuffix(".weight"))] = p
+    return out
+
+
+@torch.no_grad()
+def copy_adapters(source: Variant, target: Variant) -> None:
+    """Give ``target`` exactly ``source``'s (beyondlora's) adapter values.
+
+    PEFT's (IA)³ vector multiplies W directly (``ia3_l = 1 + v``); beyondlora and LyCORIS store ``v``.
+    """
+    src, dst = adapter_params(source), adapter_params(target)
+    if set(src) != set(dst):
+        raise RuntimeError(
+            f"{target.lib}/{target.algo}: adapter parameters differ from beyondlora's: "
+            f"only beyondlora {sorted(set(src) - set(dst))[:4]}, only {target.lib} {sorted(set(dst) - set(src))[:4]}"
+        )
+    for key, p in dst.items():
+        value = src[key]
+        if target.lib == "peft" and key[1] == "weight":  # (IA)³
+            value = 1.0 + value
+        if value.numel() != p.numel():
+            raise RuntimeError(f"{target.lib}/{target.algo} {key}: shape {tuple(p.shape)} vs {tuple(value.shape)}")
+        p.copy_(value.reshape(p.shape))
+
+
+def build_variants(
+    wl: Workload, algos: tuple[str, ...], libs: tuple[str, ...], base: nn.Module, extra_modes: bool
+) -> list[Variant]:
+    variants = [wrap("base", None, copy.deepcopy(base), wl.targets)]
+    for algo in algos:
+        torch.manual_seed(1 + ALGOS.index(algo))
+        bl_names = ["beyondlora"] + (["beyondlora[bypass]", "beyondlora[combined]"] if extra_modes else [])
+        reference = None
+        for lib in bl_names + [lib for lib in libs if lib != "beyondlora"]:
+            variant = wrap(lib, algo, copy.deepcopy(base), wl.targets)
+            if reference is None:
+                reference = variant
+            else:
+                copy_adapters(reference, variant)
+            variants.append(variant)
+        if any(torch.count_nonzero(p) == 0 for p in reference.trainable):
+            raise RuntimeError(f"beyondlora/{algo}: an adapter factor is zero")
+    return variants
+
+
+def check_equal(wl: Workload, algos: tuple[str, ...], libs: tuple[str, ...], base: nn.Module) -> list[str]:
+    """Every library's adapted output equals beyondlora's on a bias-free copy of the base (float32 noise only).
+
+    Bias-free because PEFT's (IA)³ and LyCORIS' bypass (IA)³ scale the bias too, beyondlora's and LyCORIS'
+    rebuild/merge do not.
+    """
+    base = copy.deepcopy(base)
+    with torch.no_grad():
+        for m in base.modules():
+            if getattr(m, "bias", None) is not None:
+                m.bias.zero_()
+    x = torch.randn(wl.check_shape)
+    lines = []
+    with torch.no_grad():
+        y_base = base(x)
+        for algo in algos:
+            variants = build_variants(wl, (algo,), libs, base, extra_modes=False)[1:]
+            outs = {v.lib: v.model(x) for v in variants}
+            delta = (outs["beyondlora"] - y_base).abs().max().item()
+            errs = {lib: (y - outs["beyondlora"]).abs().max().item() / delta for lib, y in outs.items()}
+            worst = max(errs.values())
+            status = "ok" if worst < 1e-3 and delta > 0 else "MISMATCH"
+            lines.append(
+                f"{wl.name}/{algo}: max|Δ adapter| {delta:.2e}; max rel. difference to beyondlora "
+                + ", ".join(f"{lib} {e:.1e}" for lib, e in errs.items() if lib != "beyondlora")
+                + f" [{status}]"
+            )
+            del variants, outs
+    return lines
+
+
+# --------------------------------------------------------------------------------------------------
+# measuring
+# --------------------------------------------------------------------------------------------------
+def saved_bytes(variant: Variant, x: torch.Tensor) -> int:
+    """Bytes of the tensors autograd saves in one training forward (one count per storage, no parameters)."""
+    resident = {p.untyped_storage().data_ptr() for p in variant.model.parameters()}
+    resident |= {b.untyped_storage().data_ptr() for b in variant.model.buffers()}
+    if variant.net is not None:
+        resident |= {p.untyped_storage().data_ptr() for p in variant.net.parameters()}
+        resident |= {b.untyped_storage().data_ptr() for b in variant.net.buffers()}
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in resident:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    variant.model.train()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = variant.model(x)
+    del out
+    return sum(storages.values())
+
+
+def bl_paths(variant: Variant, x: torch.Tensor, grad: bool) -> str:
+    """How many beyondlora layers take the bypass path in one forward (diagnostic; reads a private method)."""
+    layers = [m for m in variant.model.modules() if isinstance(m, bl.AdapterLayer)]
+    choices: list[bool] = []
+
+    def hook(layer: nn.Module, args: tuple) -> None:
+        with contextlib.suppress(Exception):
+            choices.append(bool(layer._use_bypass(args[0], list(layer.active_adapters))))
+
+    handles = [layer.register_forward_pre_hook(hook) for layer in layers]
+    try:
+        with torch.set_grad_enabled(grad):
+            variant.model(x.detach().requires_grad_(grad))
+    finally:
+        for h in handles:
+            h.remove()
+    if not choices:
+        return "?"
+    n = sum(choices)
+    return "bypass" if n == len(choices) else "combined" if n == 0 else f"{n}/{len(choices)} bypass"
+
+
+def train_step(variant: Variant, x: torch.Tensor) -> float:
+    start = time.perf_counter()
+    variant.model(x).sum().backward()
+    elapsed = time.perf_counter() - start
+    x.grad = None
+    for p in variant.trainable:
+        p.grad = None
+    return elapsed
+
+
+def infer_step(variant: Variant, x: torch.Tensor) -> float:
+    with torch.no_grad():
+        start = time.perf_counter()
+        variant.model(x)
+        return time.perf_counter() - start
+
+
+def round_robin(
+    variants: list[Variant],
+    run: Callable[[Variant, torch.Tensor], float],
+    x: torch.Tensor,
+    warmup: int,
+    reps: int,
+    attr: str,
+) -> None:
+    rng = random.Random(0)
+    for round_ in range(warmup + reps):
+        order = list(variants)
+        rng.shuffle(order)
+        for variant in order:
+            elapsed = run(variant, x)
+            if round_ >= warmup:
+                getattr(variant, attr).append(elapsed)
+        gc.collect()
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs) if xs else math.nan
+
+
+def iqr(xs: list[float]) -> float:
+    if len(xs) < 4:
+        return math.nan
+    q = statistics.quantiles(xs, n=4)
+    return q[2] - q[0]
+
+
+# --------------------------------------------------------------------------------------------------
+# the UNet: wrap and merge_and_unload
+# --------------------------------------------------------------------------------------------------
+def unet_bench(quick: bool, libs: tuple[str, ...]) -> tuple[list[str], dict[str, Any]]:
+    from diffusers import UNet2DConditionModel
+
+    start = time.perf_counter()
+    if quick:
+        unet = UNet2DConditionModel(
+            block_out_channels=(32, 64),
+            layers_per_block=1,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            cross_attention_dim=32,
+        )
+    else:
+        unet = UNet2DConditionModel()  # the default config is SD-1.5's UNet (random weights)
+    build_s = time.perf_counter() - start
+    layers = [n for n, m in unet.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    suffixes = sorted({".".join(n.split(".")[-2:]) if n.split(".")[-1].isdigit() else n.split(".")[-1] for n in layers})
+    n_params = sum(p.numel() for p in unet.parameters())
+    info = {"build_s": build_s, "params": n_params, "layers": len(layers), "suffixes": suffixes}
+    rows = []
+    # One UNet serves every library: merge_and_unload hands back plain torch modules (with changed, still
+    # random weights), which the next library wraps.  A deepcopy of 3.5 GB is avoided.
+    for lib in [lib for lib in ("beyondlora", "peft", "lycoris") if lib in libs or lib == "beyondlora"]:
+        gc.collect()
+        torch.manual_seed(0)
+        start = time.perf_counter()
+        variant = wrap(lib, "lokr", unet, suffixes)
+        wrap_s = time.perf_counter() - start
+        n_adapted = len({layer for layer, _ in adapter_params(variant)})
+        with torch.no_grad():  # LyCORIS starts with one zero factor: make every factor non-zero
+            for p in variant.trainable:
+                if torch.count_nonzero(p) == 0:
+                    p.normal_(0.0, 0.01)
+        start = time.perf_counter()
+        if lib == "lycoris":
+            variant.net.merge_to(1.0)
+            variant.net.restore()
+            unet = variant.model
+        else:
+            unet = variant.model.merge_and_unload()
+        merge_s = time.perf_counter() - start
+        leftovers = [
+            n
+            for n, m in unet.named_modules()
+            if isinstance(m, bl.AdapterLayer)
+            or type(m).__module__.startswith("peft.")
+            or getattr(vars(m).get("forward"), "__self__", m) is not m
+        ]
+        if leftovers:
+            raise RuntimeError(f"{lib}: adapter modules left after merging: {leftovers[:3]}")
+        rows.append(f"| {lib} | {n_adapted} | {wrap_s:.2f} | {merge_s:.2f} |")
+        del variant
+    return rows, info
+
+
+# --------------------------------------------------------------------------------------------------
+# main
+# --------------------------------------------------------------------------------------------------
+def fmt_pct(value: float) -> str:
+    return "—" if math.isnan(value) else f"{value:+.1f}%"
+
+
+def env_lines() -> list[str]:
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    from importlib.metadata import PackageNotFoundError, version
+
+    def ver(dist: str) -> str:
+        try:
+            return version(dist)
+        except PackageNotFoundError:
+            return "?"
+
+    return [
+        f"date: {datetime.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M %Z')}",
+        f"cpu: {cpu}, {os.cpu_count()} cores visible; torch.set_num_threads(1), set_flush_denormal(True)",
+        f"python {platform.python_version()}, torch {torch.__version__}, beyondlora {bl.__version__}, "
+        f"peft {ver('peft')}, lycoris-lora {ver('lycoris-lora')}, diffusers {ver('diffusers')}",
+    ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="smoke run: small sizes, few repetitions")
+    parser.add_argument("--no-unet", action="store_true", help="skip the SD-1.5 UNet wrap/merge timing")
+    parser.add_argument("--reps", type=int, help="timed training steps per variant (default 15; quick 3)")
+    parser.add_argument("--warmup", type=int, help="untimed rounds first (default 3; quick 1)")
+    parser.add_argument("--infer-reps", type=int, help="timed inference forwards per variant (default 10; quick 3)")
+    parser.add_argument("--algos", default=",".join(ALGOS), help="comma-separated subset of " + ",".join(ALGOS))
+    parser.add_argument("--libs", default=",".join(LIBS), help="comma-separated subset of " + ",".join(LIBS))
+    parser.add_argument("--workloads", default="linears,convs", help="comma-separated subset of linears,convs")
+    parser.add_argument(
+        "--extra-modes", action="store_true", help="also time beyondlora with forward_mode bypass and combined"
+    )
+    parser.add_argument("--output", help="also write the markdown report to this file")
+    args = parser.parse_args(argv)
+
+    torch.set_num_threads(1)
+    torch.set_flush_denormal(True)
+    reps = args.reps or (3 if args.quick else 15)
+    warmup = args.warmup if args.warmup is not None else (1 if args.quick else 3)
+    infer_reps = args.infer_reps or (3 if args.quick else 10)
+    infer_warmup = 1 if args.quick else 2
+    algos = tuple(a for a in args.algos.split(",") if a)
+    libs = tuple(dict.fromkeys(["beyondlora", *[lib for lib in args.libs.split(",") if lib]]))
+    for a in algos:
+        if a not in ALGOS:
+            parser.error(f"unknown algorithm {a}")
+    for lib in libs:
+        if lib not in LIBS:
+            parser.error(f"unknown library {lib}")
+
+    t_start = time.perf_counter()
+    report: list[str] = []
+
+    def emit(line: str = "") -> None:
+        report.append(line)
+        print(line, flush=True)
+
+    command = "python benchmarks/bench_step.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    emit(f"command: `{command.strip()}`")
+    for line in env_lines():
+        emit(line + "  ")
+    emit(f"training: {warmup} warm-up + {reps} timed rounds; inference: {infer_warmup} + {infer_reps}; medians")
+    emit()
+    verdicts: list[str] = []
+    for wl in [w for w in workloads(args.quick) if w.name in args.workloads.split(",")]:
+        torch.manual_seed(0)
+        base = wl.make_base()
+        for line in check_equal(wl, algos, libs, base):
+            emit(f"- check {line}")
+        variants = build_variants(wl, algos, libs, base, args.extra_modes)
+        x = torch.randn(wl.input_shape, requires_grad=True)
+        for v in variants:
+            v.saved_bytes = saved_bytes(v, x)
+            if v.lib.startswith("beyondlora"):
+                v.paths = f"{bl_paths(v, x, True)} / {bl_paths(v, x, False)}"
+        for v in variants:
+            v.model.train()
+        round_robin(variants, train_step, x, warmup, reps, "times")
+
+        merged = []
+        for v in variants:
+            v.model.eval()
+            if v.lib == "beyondlora":
+                m = copy.deepcopy(v.model).merge_and_unload().eval()
+                merged.append(Variant("beyondlora-merged", v.algo, m, []))
+        round_robin(variants + merged, infer_step, x.detach(), infer_warmup, infer_reps, "infer_times")
+
+        base_v = variants[0]
+        t_base, i_base = median(base_v.times), median(base_v.infer_times)
+        merged_by_algo = {m.algo: m for m in merged}
+        lora_saved = {v.lib: v.saved_bytes for v in variants if v.algo == "lora"}
+        emit()
+        emit(f"### {wl.name}: {wl.description}")
+        emit()
+        emit(
+            "| algorithm | library | train step ms (IQR) | train overhead | saved for backward MB "
+            "| inference ms | inference overhead | merged inference overhead | beyondlora path (train / infer) |"
+        )
+        emit("|---|---|---|---|---|---|---|---|---|")
+        emit(
+            f"| — | base (frozen) | {t_base * 1e3:.1f} ({iqr(base_v.times) * 1e3:.1f}) | — "
+            f"| {base_v.saved_bytes / 2**20:.2f} | {i_base * 1e3:.1f} | — | — | |"
+        )
+        by_key = {v.key: v for v in variants}
+        for algo in algos:
+            for v in [v for v in variants if v.algo == algo]:
+                t, i = median(v.times), median(v.infer_times)
+                m = merged_by_algo.get(algo) if v.lib == "beyondlora" else None
+                merged_cell = fmt_pct(100 * (median(m.infer_times) / i_base - 1)) if m else ""
+                name = f"**{v.lib}**" if v.lib == "beyondlora" else v.lib
+                emit(
+                    f"| {algo} | {name} | {t * 1e3:.1f} ({iqr(v.times) * 1e3:.1f}) | {fmt_pct(100 * (t / t_base - 1))} "
+                    f"| {v.saved_bytes / 2**20:.2f} | {i * 1e3:.1f} | {fmt_pct(100 * (i / i_base - 1))} "
+                    f"| {merged_cell} | {v.paths} |"
+                )
+            ours = by_key[("beyondlora", algo)]
+            ovh = 100 * (median(ours.times) / t_base - 1)
+            target = TARGETS[algo]
+            verdicts.append(
+                f"{wl.name}/{algo}: beyondlora training overhead {ovh:+.1f}% "
+                f"(target ≤ {target:.0f}%: {'met' if ovh <= target else 'MISSED'})"
+            )
+            for other in ("peft", "lycoris-bypass", "lycoris"):
+                if (other, algo) in by_key:
+                    theirs = median(by_key[(other, algo)].times)
+                    ratio = median(ours.times) / theirs
+                    if ratio > 1:
+                        verdicts.append(
+                            f"{wl.name}/{algo}: beyondlora training step {median(ours.times) * 1e3:.1f} ms is SLOWER "
+                            f"than {other} {theirs * 1e3:.1f} ms (×{ratio:.3f})"
+                        )
+                    i_ours, i_theirs = median(ours.infer_times), median(by_key[(other, algo)].infer_times)
+                    if i_ours > i_theirs:
+                        verdicts.append(
+                            f"{wl.name}/{algo}: beyondlora inference {i_ours * 1e3:.1f} ms is SLOWER than "
+                            f"{other} {i_theirs * 1e3:.1f} ms (×{i_ours / i_theirs:.3f})"
+                        )
+            if algo != "lora" and "beyondlora" in lora_saved:
+                ok = ours.saved_bytes <= lora_saved["beyondlora"]
+                verdicts.append(
+                    f"{wl.name}/{algo}: beyondlora saves {ours.saved_bytes / 2**20:.2f} MB for backward vs its LoRA's "
+                    f"{lora_saved['beyondlora'] / 2**20:.2f} MB ({'met' if ok else 'MISSED'})"
+                )
+        del variants, merged, by_key, base_v, merged_by_algo
+        gc.collect()
+
+    if not args.no_unet:
+        emit()
+        emit("### SD-1.5-sized UNet (`diffusers.UNet2DConditionModel()`), LoKr r=8 on every Linear/Conv2d")
+        rows, info = unet_bench(args.quick, libs)
+        emit()
+        emit(
+            f"{info['params'] / 1e6:.0f}M parameters, {info['layers']} Linear/Conv2d layers "
+            f"(built in {info['build_s']:.1f} s, not counted); target suffixes: {', '.join(info['suffixes'])}"
+        )
+        emit()
+        emit("| library | layers adapted | wrap s | merge_and_unload s |")
+        emit("|---|---|---|---|")
+        for row in rows:
+            emit(row)
+
+    emit()
+    emit("### targets and comparisons (beyondlora)")
+    emit()
+    for line in verdicts:
+        emit(f"- {line}")
+    emit()
+    emit(f"total time {time.perf_counter() - t_start:.0f} s")
+    if args.output:
+        with open(args.output, "w") as f:
+            f.write("\n".join(report) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
