@@ -241,3 +241,24 @@ def test_saving_is_atomic(tmp_path, monkeypatch) -> None:
         peft.save_pretrained(tmp_path)
     assert (tmp_path / "adapter_model.safetensors").read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+
+
+class _Exploit:
+    def __reduce__(self):
+        return (print, ("unpickled arbitrary code",))
+
+
+def test_legacy_bin_folder_loads_with_weights_only(saved, capsys) -> None:
+    base, folder = saved
+    model_file = folder / "adapter_model.safetensors"
+    torch.save(load_file(str(model_file)), folder / "adapter_model.bin")
+    expected = bl.PeftModel.from_pretrained(copy.deepcopy(base), folder)
+    model_file.unlink()
+    x = torch.randn(2, 12, dtype=torch.float64)
+    torch.testing.assert_close(bl.PeftModel.from_pretrained(copy.deepcopy(base), folder)(x), expected(x))
+    torch.save({"base_model.model.layer.hada_w1_a": _Exploit()}, folder / "adapter_model.bin")
+    target = copy.deepcopy(base)
+    with pytest.raises(ValueError, match="adapter_model.bin cannot be read safely"):
+        bl.PeftModel.from_pretrained(target, folder)
+    assert "unpickled arbitrary code" not in capsys.readouterr().out
+    assert not any(isinstance(m, bl.AdapterLayer) for m in target.modules())

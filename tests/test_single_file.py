@@ -188,3 +188,26 @@ def test_unreadable_single_file(tmp_path, content, message) -> None:
         bl.PeftModel.from_pretrained(torch.nn.Linear(2, 2), path)
     with pytest.raises(FileNotFoundError, match="not found"):
         bl.PeftModel.from_pretrained(torch.nn.Linear(2, 2), tmp_path / "missing.safetensors")
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        Case("lokr", "linear", {"r": 2, "alpha": 3.0}, multiplier=0.5),
+        Case("lora", "conv2d_1x1", {"r": 4, "use_dora": True}),
+    ],
+    ids=["lokr", "lora-dora"],
+)
+def test_convert_between_formats(case: Case, tmp_path) -> None:
+    peft, base, x = _wrapped(case)
+    expected = peft(x)
+    peft.save_pretrained(tmp_path / "folder")
+    target = copy.deepcopy(base)
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    bl.convert_adapter(target, tmp_path / "folder", tmp_path / "adapter.safetensors")
+    bl.convert_adapter(target, tmp_path / "adapter.safetensors", tmp_path / "again")
+    assert type(target.layer) is type(base.layer) and all(p.requires_grad for p in target.parameters())
+    assert all(torch.equal(v, before[k]) for k, v in target.state_dict().items())
+    for source in ("adapter.safetensors", "again"):
+        loaded = bl.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / source)
+        torch.testing.assert_close(loaded(x), expected, rtol=1e-10, atol=1e-10)

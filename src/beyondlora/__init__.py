@@ -16,6 +16,7 @@ from .config import (
 )
 from .layers import AdapterLayer
 from .model import IA3Model, LoHaModel, LoKrModel, LoraModel, PeftModel, get_peft_model
+from .tools.convert import convert_adapter
 
 __version__ = "0.1.0"
 
@@ -35,5 +36,6 @@ __all__ = [
     "NormConfig",
     "PeftModel",
     "get_peft_model",
+    "convert_adapter",
     "__version__",
 ]

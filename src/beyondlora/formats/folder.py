@@ -26,9 +26,10 @@ from ..ops.geometry import LayerGeometry
 from ..targeting import find_modules_to_save, find_targets
 from .lycoris_codecs import FormatError, export_tensors, import_adapter
 from .peft_codecs import PEFT_TYPES, export_peft_tensors, lokr_factor_for_peft, to_lycoris_names
-from .tensors import check_finite, read_tensors, write_tensors
+from .tensors import check_finite, read_pickled_tensors, read_tensors, write_tensors
 
 WEIGHTS_NAME = "adapter_model.safetensors"
+LEGACY_WEIGHTS_NAME = "adapter_model.bin"
 KEY_PREFIX = "base_model.model."
 #: PEFT config fields that carry no meaning for the computation
 _ADAPTER_TENSOR = re.compile(
@@ -174,7 +175,8 @@ def plan_from_folder(
         raise FileNotFoundError(f"adapter path not found: {directory}")
     config = read_config(directory)
     source = directory / WEIGHTS_NAME
-    tensors = read_tensors(source)
+    legacy = directory / LEGACY_WEIGHTS_NAME
+    tensors = read_pickled_tensors(legacy) if legacy.is_file() and not source.exists() else read_tensors(source)
     for key, tensor in tensors.items():
         check_finite(source, key, tensor)
     used: set[str] = set()

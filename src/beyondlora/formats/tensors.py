@@ -24,6 +24,18 @@ def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
         raise ValueError(f"{path} is not a readable safetensors file: {error}") from None
 
 
+def read_pickled_tensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """Tensors of a PyTorch pickle (older PEFT's ``adapter_model.bin``), never unpickling arbitrary objects."""
+    path = Path(path)
+    try:
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as error:  # weights_only refuses anything but tensors and plain containers
+        raise ValueError(f"{path} cannot be read safely as tensors: {error}") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path} does not hold a flat dict of tensors")
+    return state
+
+
 def write_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
     """Write ``tensors`` to ``path`` atomically (contiguous, detached copies)."""
     ready = {k: v.detach().contiguous() for k, v in tensors.items()}

@@ -1,0 +1,1 @@
+"""Adapter tools: conversion between formats (extract, merge, resize and inspect arrive with the tools issue)."""
