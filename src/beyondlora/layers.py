@@ -207,7 +207,9 @@ class AdapterLayer(nn.Module):
                 bias = delta_bias if bias is None else bias + delta_bias
         x_in = x if g.kind == "embedding" else x.to(dtype)
         out = g.apply(x_in, weight, bias)
-        return out.to(x.dtype) if x.is_floating_point() else out
+        if not x.is_floating_point() or _autocasting(x.device.type):
+            return out  # under autocast the op's own dtype is what the base layer would give too
+        return out.to(x.dtype)
 
     # --- merging ----------------------------------------------------------------------------------
     @torch.no_grad()
@@ -238,6 +240,13 @@ class AdapterLayer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"active={self.active_adapters}, merged={list(self.merged)}"
+
+
+def _autocasting(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4 has no device argument
+        return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
 
 
 def _module_dropped(adapter: Adapter) -> bool:
