@@ -112,6 +112,12 @@ def _check_patterns(config: AdapterConfig, names: list[str]) -> None:
                 raise ValueError(f"{field_name} key {key!r} matches none of the adapted modules")
 
 
+def matching_entries(model: nn.Module, names: list[str]) -> list[str]:
+    """The entries of a ``modules_to_save`` list that name at least one module of ``model``."""
+    candidates = [n for n, _ in iter_candidate_modules(model)]
+    return [entry for entry in names if any(name_matches(n, [entry]) for n in candidates)]
+
+
 def find_modules_to_save(model: nn.Module, names: list[str] | None) -> list[str]:
     """Module names matched by ``modules_to_save``; each entry must match something."""
     if not names:

@@ -23,9 +23,15 @@ from ..inject import PlannedAdapter, adapter_layers, save_wrappers
 from ..layers import AdapterLayer
 from ..modules_to_save import ModulesToSaveWrapper
 from ..ops.geometry import LayerGeometry
-from ..targeting import find_modules_to_save, find_targets
+from ..targeting import find_modules_to_save, find_targets, matching_entries
 from .lycoris_codecs import FormatError, export_tensors, import_adapter
-from .peft_codecs import PEFT_TYPES, export_peft_tensors, lokr_factor_for_peft, to_lycoris_names
+from .peft_codecs import (
+    PEFT_TYPES,
+    check_peft_semantics,
+    export_peft_tensors,
+    lokr_factor_for_peft,
+    to_lycoris_names,
+)
 from .tensors import check_finite, read_pickled_tensors, read_tensors, write_tensors
 
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -85,13 +91,13 @@ def peft_config_dict(config: AdapterConfig, adapters: dict[str, Adapter]) -> dic
     r, rank_pattern = _patterns({n: a.rank for n, a in adapters.items()})
     alpha, alpha_pattern = _patterns({n: a.scale * a.multiplier * a.rank for n, a in adapters.items()})
     first = next(iter(adapters.values())).options
-    data.update(r=r, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern, module_dropout=first.module_dropout)
-    if peft_type == "LORA":
+    data.update(r=r, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern)
+    if peft_type == "LORA":  # PEFT's LoRA has no module_dropout: it only shapes training
         hf_conv1d = any(a.geometry.kind == "hf_conv1d" for a in adapters.values())
         dora = any(a.dora_scale is not None for a in adapters.values())
         data.update(lora_alpha=alpha, lora_dropout=first.dropout, use_rslora=False, use_dora=dora)
         return {**data, "init_lora_weights": True, "fan_in_fan_out": hf_conv1d, "bias": "none"}
-    data.update(alpha=alpha, rank_dropout=first.rank_dropout, init_weights=True)
+    data.update(alpha=alpha, rank_dropout=first.rank_dropout, module_dropout=first.module_dropout, init_weights=True)
     data["use_effective_conv2d"] = any(getattr(a, "tucker", False) for a in adapters.values())
     if peft_type == "LOKR":
         decompose_both = any(not a.w1_is_full for a in adapters.values())
@@ -136,6 +142,15 @@ def save_folder(model: nn.Module, directory: str | Path, config: AdapterConfig, 
     return target
 
 
+#: PEFT fields whose default is not falsy, with that default (PEFT writes them into every config)
+_PEFT_DEFAULTS = {"megatron_core": "megatron.core", "qalora_group_size": 16}
+
+
+def _neutral(key: str, value: Any) -> bool:
+    """Whether a PEFT field we do not model holds its neutral (default) value."""
+    return value in (None, False, "none", {}, [], "", 0) or _PEFT_DEFAULTS.get(key, object()) == value
+
+
 def read_config(directory: Path) -> AdapterConfig:
     """Our config for a folder's ``adapter_config.json`` (ours or PEFT's).
 
@@ -155,7 +170,7 @@ def read_config(directory: Path) -> AdapterConfig:
     for key, value in data.items():
         if key in known:
             kept[key] = value
-        elif key not in _INFORMATIONAL and value not in (None, False, "none", {}, [], "", 0):
+        elif key not in _INFORMATIONAL and not _neutral(key, value):
             raise ValueError(f"{path}: field {key}={value!r} is not supported")
     kept.pop("init_weights", None)  # the weights come from the file; how they were initialized is moot
     kept.pop("init_lora_weights", None)
@@ -174,6 +189,8 @@ def plan_from_folder(
     if not directory.exists():
         raise FileNotFoundError(f"adapter path not found: {directory}")
     config = read_config(directory)
+    if config.modules_to_save:  # PEFT skips entries that match nothing (e.g. "score" for SEQ_CLS)
+        config.modules_to_save = matching_entries(model, config.modules_to_save) or None
     source = directory / WEIGHTS_NAME
     legacy = directory / LEGACY_WEIGHTS_NAME
     tensors = read_pickled_tensors(legacy) if legacy.is_file() and not source.exists() else read_tensors(source)
@@ -223,6 +240,10 @@ def _import(config: AdapterConfig, name: str, base: nn.Module, params: dict[str,
     recorded = {k: getattr(options, k) for k in ("rank_dropout", "rank_dropout_scale", "module_dropout", "dropout")}
     if config.algorithm in ("full", "norm"):
         return import_adapter(params, geometry, weight, where, recorded)
+    try:
+        check_peft_semantics(config.peft_type, geometry, params, options.on_input)
+    except FormatError as error:
+        raise FormatError(f"{where}: {error}") from None
     alpha = options.alpha * (options.r**0.5 if options.use_rslora else 1.0) if isinstance(config, RankConfig) else 1.0
     renamed = to_lycoris_names(params, config.peft_type, options.on_input, alpha)
     full_kron = (options.r, options.alpha) if config.peft_type == "LOKR" else None  # PEFT keeps alpha / r there

@@ -13,6 +13,7 @@ from torch import Tensor
 
 from ..algorithms import Adapter
 from ..ops.factorization import factorization
+from ..ops.geometry import LayerGeometry
 from .lycoris_codecs import FormatError
 
 PEFT_TYPES = {"lora": "LORA", "dylora": "LORA", "loha": "LOHA", "lokr": "LOKR", "ia3": "IA3"}
@@ -51,6 +52,14 @@ def check_expressible(adapter: Adapter) -> None:
         raise FormatError("PEFT lays out a Conv1d Kronecker product with a full W2 differently")
     if algo == "ia3" and not adapter.on_input and g.has_bias and bool(adapter.weight.detach().any()):
         raise FormatError("PEFT's (IA)³ also scales the bias of output-scaled layers; ours leaves it unchanged")
+
+
+def check_peft_semantics(peft_type: str, geometry: LayerGeometry, params: dict[str, Tensor], on_input: bool) -> None:
+    """Refuse PEFT tensors whose PEFT meaning our adapters cannot reproduce exactly."""
+    if peft_type == "IA3" and not on_input and geometry.has_bias and not torch.all(params["ia3_l"] == 1):
+        raise FormatError("PEFT's (IA)³ scales this layer's bias too; ours leaves biases unchanged")
+    if peft_type == "LOKR" and "lokr_w2" in params and geometry.kind == "conv" and len(geometry.kernel) == 1:
+        raise FormatError("PEFT lays out a Conv1d Kronecker product with a full W2 differently from LyCORIS")
 
 
 def export_peft_tensors(adapter: Adapter) -> dict[str, Tensor]:
