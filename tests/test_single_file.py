@@ -211,3 +211,14 @@ def test_convert_between_formats(case: Case, tmp_path) -> None:
     for source in ("adapter.safetensors", "again"):
         loaded = bl.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / source)
         torch.testing.assert_close(loaded(x), expected, rtol=1e-10, atol=1e-10)
+
+
+def test_truncated_single_file(tmp_path) -> None:
+    peft, base, _ = _wrapped(Case("lokr", "linear", {"r": 2}))
+    path = tmp_path / "adapter.safetensors"
+    peft.save_pretrained(path)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    target = copy.deepcopy(base)
+    with pytest.raises(ValueError, match=f"{path.name} is not a readable safetensors file"):
+        bl.PeftModel.from_pretrained(target, path)
+    assert not any(isinstance(m, bl.AdapterLayer) for m in target.modules())
