@@ -217,3 +217,34 @@ class LayerGeometry:
 
 def _shaped(t: Tensor | None, shape: tuple[int, ...]) -> Tensor | None:
     return None if t is None else t.reshape(shape)
+
+
+def weight_geometry(shape: tuple[int, ...], has_bias: bool = False, embedding: bool = False) -> LayerGeometry:
+    """The geometry of a bare weight tensor as a state dict stores it (no module at hand).
+
+    1-D ``(n,)``: a norm's scale (``layer_norm`` over ``(n,)``); 2-D ``(out, in)``: linear, or with
+    ``embedding`` an ``nn.Embedding`` table ``(num, dim)`` whose canonical weight is its transpose
+    ``(dim, num)``; 3/4/5-D ``(out, in, *kernel)``: a convolution with stride 1, padding 0, dilation 1 and
+    one group (the only layout a state dict cannot tell apart from others; ΔW is the same for all of them).
+    """
+    shape = tuple(int(s) for s in shape)
+    if len(shape) == 1:
+        return LayerGeometry("layer_norm", shape[0], 1, norm_shape=shape, has_bias=has_bias)
+    if len(shape) == 2:
+        if embedding:
+            return LayerGeometry("embedding", shape[1], shape[0], has_bias=has_bias)
+        return LayerGeometry("linear", shape[0], shape[1], has_bias=has_bias)
+    if len(shape) in (3, 4, 5):
+        n = len(shape) - 2
+        return LayerGeometry(
+            "conv",
+            shape[0],
+            shape[1],
+            shape[2:],
+            stride=(1,) * n,
+            padding=(0,) * n,
+            dilation=(1,) * n,
+            reversed_padding=(0,) * (2 * n),
+            has_bias=has_bias,
+        )
+    raise TypeError(f"no layer stores a weight of shape {shape}")
