@@ -1,0 +1,198 @@
+"""Reading adapter files for the tools, with or without the base model.
+
+Every adapter is read by the library's own readers (:func:`~beyondlora.formats.single_file.plan_from_single_file`,
+:func:`~beyondlora.formats.folder.plan_from_folder`), which resolve module keys, check shapes and apply
+the consumer's formula alpha / rank; they run against a :func:`~beyondlora.tools.checkpoints.skeleton` of
+stand-in layers instead of a real model:
+
+- with a base checkpoint, the skeleton of its modules (keys that match no module are an error: an
+  adapter for another model);
+- without one, a *virtual* skeleton whose layer shapes are inferred from the adapter's own tensors
+  (:func:`infer_weight_shape`).  Single-file modules are then named by their file keys.  Everything
+  that does not depend on the base weight is exact this way; (IA)³ and DoRA need the base for ΔW.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from ..algorithms import Adapter
+from ..formats.folder import _ADAPTER_TENSOR, KEY_PREFIX, WEIGHTS_NAME, plan_from_folder, read_config
+from ..formats.lycoris_codecs import FormatError, detect_algorithm
+from ..formats.peft_codecs import to_lycoris_names
+from ..formats.single_file import group_by_module, plan_from_single_file, read_metadata
+from ..formats.tensors import read_tensors
+from .checkpoints import Checkpoint, Component, Module, TensorInfo, skeleton
+
+
+@dataclass
+class LoadedAdapter:
+    """An adapter file read against a (real or virtual) model: one :class:`Adapter` per module."""
+
+    path: Path
+    kind: str  # "single_file" or "peft_folder"
+    metadata: dict[str, str]
+    adapters: dict[str, Adapter]  # module name -> adapter (multiplier 1, the consumer's ΔW)
+    layers: dict[str, nn.Module]  # module name -> its stand-in layer
+    save_states: dict[str, dict[str, Tensor]] = field(default_factory=dict)  # PEFT modules_to_save
+
+
+def adapter_kind(path: Path) -> str:
+    if not path.exists():
+        raise FileNotFoundError(f"adapter not found: {path}")
+    if path.is_dir():
+        return "peft_folder"
+    if path.suffix != ".safetensors":
+        raise ValueError(f"{path}: an adapter is a .safetensors file or a PEFT adapter folder")
+    return "single_file"
+
+
+def _shape(params: dict[str, Tensor], key: str, where: str) -> tuple[int, ...]:
+    if key not in params:
+        raise FormatError(f"{where}: missing tensor {key!r}")
+    return tuple(params[key].shape)
+
+
+def infer_weight_shape(params: dict[str, Tensor], where: str) -> tuple[tuple[int, ...], bool]:
+    """The canonical weight shape ``(out, in, *kernel)`` a module's single-file tensors imply, and whether
+    the layer has a bias.
+
+    Where the tensors flatten the kernel into the input (LoHa ``hada_w*_b`` (r, in·k), LoKr ``lokr_w2_b``
+    (r, d·k)) the shape keeps it flattened: ΔW then has the same entries, only not the conv layout.
+    (IA)³ fixes one axis only; the other is given size 1.
+    """
+    algorithm = detect_algorithm(params, where)
+    if algorithm == "lora":
+        down, up = _shape(params, "lora_down.weight", where), _shape(params, "lora_up.weight", where)
+        kernel = _shape(params, "lora_mid.weight", where)[2:] if "lora_mid.weight" in params else down[2:]
+        return (up[0], down[1], *kernel), False
+    if algorithm == "loha":
+        a, b = _shape(params, "hada_w1_a", where), _shape(params, "hada_w1_b", where)
+        if "hada_t1" in params:
+            return (a[1], b[1], *_shape(params, "hada_t1", where)[2:]), False
+        return (a[0], b[1]), False
+    if algorithm == "lokr":
+        if "lokr_w1" in params:
+            a, c = _shape(params, "lokr_w1", where)[:2]
+        else:
+            a, c = _shape(params, "lokr_w1_a", where)[0], _shape(params, "lokr_w1_b", where)[1]
+        if "lokr_w2" in params:
+            b, d, *kernel = _shape(params, "lokr_w2", where)
+        elif "lokr_t2" in params:
+            b, d = _shape(params, "lokr_w2_a", where)[1], _shape(params, "lokr_w2_b", where)[1]
+            kernel = list(_shape(params, "lokr_t2", where)[2:])
+        else:
+            b, d, kernel = _shape(params, "lokr_w2_a", where)[0], _shape(params, "lokr_w2_b", where)[1], []
+        return (a * b, c * d, *kernel), False
+    if algorithm == "ia3":
+        weight = params["weight"]
+        on_input = bool(params["on_input"].item()) if "on_input" in params else False
+        ones = (1,) * max(weight.dim() - 2, 0)
+        return ((1, weight.numel()) if on_input else (weight.numel(), 1)) + ones, False
+    if algorithm == "full":
+        return _shape(params, "diff", where), "diff_b" in params
+    return _shape(params, "w_norm", where), "b_norm" in params
+
+
+_VIRTUAL = Component("", "", "", False)
+
+
+def _virtual_module(name: str, shape: tuple[int, ...], has_bias: bool) -> Module:
+    """A stand-in module of canonical ``shape`` (stored transposed where the name says embedding)."""
+    probe = Module(name, TensorInfo(Path(), "", shape, torch.float32), None, _VIRTUAL)
+    stored = tuple(reversed(shape)) if probe.is_embedding else shape
+    bias = TensorInfo(Path(), "", (shape[0],), torch.float32)
+    return Module(name, TensorInfo(Path(), "", stored, torch.float32), bias if has_bias else None, _VIRTUAL)
+
+
+def _virtual_single_file(path: Path) -> list[Module]:
+    grouped = group_by_module(read_tensors(path))
+    modules = []
+    for key, params in grouped.items():
+        shape, has_bias = infer_weight_shape(params, f"{path}: {key}")
+        modules.append(_virtual_module(key, shape, has_bias))
+    return modules
+
+
+def _virtual_folder(directory: Path) -> list[Module]:
+    config = read_config(directory)
+    tensors = read_tensors(directory / WEIGHTS_NAME)
+    by_module: dict[str, dict[str, Tensor]] = {}
+    saved: dict[str, dict[str, Tensor]] = {}
+    for key, tensor in tensors.items():
+        if not key.startswith(KEY_PREFIX):
+            raise FormatError(f"{directory / WEIGHTS_NAME}: key {key!r} does not start with {KEY_PREFIX!r}")
+        rest = key[len(KEY_PREFIX) :]
+        match = _ADAPTER_TENSOR.search(rest)
+        if match and rest[match.start() - 1] == ".":
+            by_module.setdefault(rest[: match.start() - 1], {})[match.group(1)] = tensor
+        else:
+            name, _, param = rest.rpartition(".")
+            saved.setdefault(name, {})[param] = tensor
+    modules = []
+    for name, params in by_module.items():
+        options = config.options_for(name)
+        renamed = to_lycoris_names(params, config.peft_type, options.on_input, 1.0)
+        shape, has_bias = infer_weight_shape(renamed, f"{directory}: module {name!r}")
+        modules.append(_virtual_module(name, shape, has_bias))
+    for name, params in saved.items():
+        if "weight" in params:
+            info = TensorInfo(Path(), "", tuple(params["weight"].shape), params["weight"].dtype)
+            bias = params.get("bias")
+            bias_info = None if bias is None else TensorInfo(Path(), "", tuple(bias.shape), bias.dtype)
+            modules.append(Module(name, info, bias_info, _VIRTUAL))
+    return modules
+
+
+def load_adapter(path: str | Path, checkpoint: Checkpoint | None = None) -> LoadedAdapter:
+    """Read the adapter at ``path`` against ``checkpoint`` (or, without one, against its own shapes)."""
+    path = Path(path)
+    kind = adapter_kind(path)
+    if checkpoint is None:
+        modules = _virtual_single_file(path) if kind == "single_file" else _virtual_folder(path)
+        return _plan(path, kind, [("", skeleton(modules))])
+    if kind == "single_file":
+        return _plan(path, kind, [("", skeleton(list(checkpoint.modules.values())))], checkpoint)
+    # a PEFT folder adapts one model: try each component of the checkpoint
+    candidates = []
+    for root in checkpoint.roots:
+        modules = [m for m in checkpoint.modules.values() if m.component.root == root]
+        candidates.append((root, skeleton(modules, strip=root)))
+    return _plan(path, kind, candidates, checkpoint)
+
+
+def _plan(
+    path: Path, kind: str, candidates: list[tuple[str, nn.Module]], checkpoint: Checkpoint | None = None
+) -> LoadedAdapter:
+    errors = []
+    for root, model in candidates:
+        try:
+            if kind == "single_file":
+                planned, save_states, metadata = plan_from_single_file(model, path), {}, read_metadata(path)
+            else:
+                config, planned, save_states = plan_from_folder(model, path)
+                metadata = {"adapter_config": json.dumps(config.to_dict(), sort_keys=True)}
+        except (FormatError, ValueError, TypeError) as error:
+            errors.append((root, str(error)))
+            continue
+        lead = f"{root}." if root else ""
+        return LoadedAdapter(
+            path,
+            kind,
+            metadata,
+            {lead + p.name: p.adapter for p in planned},
+            {lead + p.name: p.module for p in planned},
+            {lead + name: state for name, state in save_states.items()},
+        )
+    where = f" (model: {checkpoint.path})" if checkpoint is not None else ""
+    if len(errors) == 1:
+        raise FormatError(errors[0][1] + where)
+    raise FormatError(
+        f"{path} matches no component of {checkpoint.path if checkpoint else 'the model'}: "
+        + "; ".join(f"{root}: {message}" for root, message in errors)
+    )

@@ -1,0 +1,346 @@
+r"""``beyondlora extract``: the difference between a fine-tuned model and its base, as an adapter file.
+
+For every module (see :mod:`~beyondlora.tools.checkpoints`) the difference ΔW = W_tuned − W_base is
+computed in float32 (float64 for float64 models), one layer at a time.  A layer with
+max|ΔW| ≤ ``min_diff`` · max|W_base| did not change and is skipped.  The others become:
+
+- **locon**: ΔW reshaped to (out, in·K) ≈ up · down by truncated SVD (:mod:`~beyondlora.tools.lowrank`),
+  rank chosen per layer by ``mode`` (linear layers and 1×1 convs use ``linear_dim`` / ``linear_param``,
+  k×k convs ``conv_dim`` / ``conv_param``); with ``tucker`` a k×k conv gets a Tucker-2 core
+  (``lora_mid``).  When r·(out + in·K) ≥ out·in·K the low-rank form saves nothing and the layer is
+  stored as a full ``diff`` instead.
+- **lokr**: ΔW ≈ W1 ⊗ W2, the nearest Kronecker product with out = a·b, in = c·d from
+  ``factorization(dim, factor)``; W2 stays full (``mode`` ``full``, or ``fixed`` without a dim), or is
+  itself truncated by SVD to the rank the mode picks, when that saves parameters.
+- **full** mode (either algo): ``diff`` (and ``diff_b``) for weights, ``w_norm`` / ``b_norm`` for 1-D
+  norm scales; exact.
+
+Files are written with alpha = rank (scale 1), so LyCORIS, kohya, ComfyUI / AUTOMATIC1111 and
+beyondlora all rebuild ΔW as the product of the stored factors.  The reported error of each layer is
+‖ΔW − ΔŴ‖_F / ‖ΔW‖_F with ΔŴ from the adapter's own ``delta_weight`` (before casting to the save dtype).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from ..algorithms import ALGORITHMS, Adapter, AdapterOptions
+from ..algorithms.lokr import LoKrLayout
+from ..formats.lycoris_codecs import describe, export_tensors
+from ..formats.single_file import MODULES_METADATA, kohya_metadata, module_key
+from ..formats.tensors import write_tensors
+from ..ops.factorization import factorization
+from .checkpoints import Checkpoint, Module, TensorReader, canonical
+from .lowrank import check_mode, nearest_kronecker, select_rank, split, svd, tucker2
+from .progress import progress
+
+MODES = ("fixed", "threshold", "ratio", "quantile", "full")
+
+
+@dataclass(frozen=True)
+class ExtractOptions:
+    algo: str = "locon"
+    mode: str = "fixed"
+    linear_dim: int | None = None  # locon default 32; lokr: W2 stays full without a dim
+    conv_dim: int | None = None
+    linear_param: float | None = None
+    conv_param: float | None = None  # defaults to linear_param
+    tucker: bool = False
+    factor: int = -1
+    min_diff: float = 1e-6
+    device: str = "cpu"
+    dtype: torch.dtype | None = None  # save dtype; default: the base model's
+    exact_svd: bool = False
+
+    def check(self) -> None:
+        if self.algo not in ("locon", "lokr"):
+            raise ValueError(f"--algo must be locon or lokr, got {self.algo!r}")
+        if self.mode not in MODES:
+            raise ValueError(f"--mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.mode in ("threshold", "ratio", "quantile"):
+            check_mode(self.mode, self.linear_param)
+            check_mode(self.mode, self.conv_param if self.conv_param is not None else self.linear_param)
+        for name in ("linear_dim", "conv_dim"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be ≥ 1, got {value}")
+        if self.factor == 0 or self.factor < -1:
+            raise ValueError(f"--factor must be -1 or positive, got {self.factor}")
+        if self.min_diff < 0:
+            raise ValueError(f"--min-diff must be ≥ 0, got {self.min_diff}")
+        if torch.device(self.device).type == "cuda" and not torch.cuda.is_available():
+            raise ValueError("--device cuda: CUDA is not available")
+
+
+@dataclass
+class LayerReport:
+    name: str
+    shape: tuple[int, ...]
+    status: str  # "extracted", "unchanged", "skipped"
+    algorithm: str | None = None
+    rank: int | None = None
+    params: int = 0
+    error: float | None = None
+    note: str = ""
+
+
+@dataclass
+class ExtractReport:
+    output: str
+    layers: list[LayerReport] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def check_same_layout(base: Checkpoint, tuned: Checkpoint) -> None:
+    """Raise ``ValueError`` naming the first difference in files, keys or shapes."""
+    if base.is_folder != tuned.is_folder:
+        raise ValueError(f"{base.path} and {tuned.path} are not the same kind of checkpoint (folder vs file)")
+    if base.is_folder:
+        base_files = {f.relative: f for f in base.files}
+        tuned_files = {f.relative: f for f in tuned.files}
+        for missing, there, here in (
+            (set(base_files) - set(tuned_files), tuned, base),
+            (set(tuned_files) - set(base_files), base, tuned),
+        ):
+            if missing:
+                raise ValueError(f"{there.path} lacks {sorted(map(str, missing))[0]} (present in {here.path})")
+        pairs = [(base_files[r], tuned_files[r]) for r in base_files]
+    else:
+        pairs = [(base.files[0], tuned.files[0])]
+    for mine, theirs in pairs:
+        for left, right in ((mine, theirs), (theirs, mine)):
+            missing = [k for k in left.tensors if k not in right.tensors]
+            if missing:
+                listed = ", ".join(missing[:5]) + (" …" if len(missing) > 5 else "")
+                raise ValueError(f"{right.path} lacks {len(missing)} key(s) of {left.path}: {listed}")
+        for key, info in mine.tensors.items():
+            other = theirs.tensors[key].shape
+            if info.shape != other:
+                raise ValueError(f"{key}: shape {info.shape} in {mine.path} but {other} in {theirs.path}")
+
+
+def extract(
+    base_path: str | Path,
+    tuned_path: str | Path,
+    output: str | Path,
+    options: ExtractOptions | None = None,
+    echo: Callable[[str], None] | None = None,
+) -> ExtractReport:
+    """Write the adapter ``tuned − base`` to ``output`` (a ``.safetensors`` single file)."""
+    options = options or ExtractOptions()
+    options.check()
+    output = Path(output)
+    if output.suffix != ".safetensors":
+        raise ValueError(f"{output}: the extracted adapter is a single .safetensors file")
+    start = time.perf_counter()
+    base, tuned = Checkpoint(base_path), Checkpoint(tuned_path)
+    check_same_layout(base, tuned)
+    modules = [m for m in base.modules.values() if m.component.extract]
+    report = ExtractReport(str(output))
+    tensors: dict[str, Tensor] = {}
+    described = {}
+    device = torch.device(options.device)
+    save_dtypes = set()
+    with TensorReader() as reader, torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(0)  # randomized SVD: the same file for the same inputs
+        for module in progress(modules, "extracting", "layer"):
+            tuned_module = tuned.modules[module.name]
+            layer, adapter = _extract_layer(module, tuned_module, reader, options, device)
+            report.layers.append(layer)
+            if adapter is None:
+                continue
+            key = module_key(base.prefix, module.name)
+            dtype = options.dtype or (module.weight.dtype if module.weight.dtype.is_floating_point else None)
+            save_dtypes.add(dtype)
+            for name, tensor in export_tensors(adapter.cpu()).items():
+                keep = name in ("alpha", "on_input") or dtype is None
+                tensors[f"{key}.{name}"] = tensor if keep else tensor.to(dtype)
+            described[key] = describe(adapter)
+    if not tensors:
+        raise ValueError(f"{tuned.path} does not differ from {base.path} in any extractable layer: nothing to extract")
+    header = {"format": "pt", MODULES_METADATA: json.dumps(described), **kohya_metadata(described)}
+    ranks = {d["r"] for d in described.values()}
+    header["ss_network_dim"] = str(ranks.pop()) if len(ranks) == 1 else "Dynamic"
+    header["ss_network_alpha"] = header["ss_network_dim"]
+    settings = {k: v for k, v in asdict(options).items() if k not in ("dtype",)}
+    header["beyondlora_extract"] = json.dumps({**settings, "base": str(base.path), "tuned": str(tuned.path)})
+    from .. import __version__
+
+    header["beyondlora_version"] = __version__
+    write_tensors(output, tensors, header)
+    report.seconds = time.perf_counter() - start
+    if echo is not None:
+        echo(format_report(report))
+    return report
+
+
+def _load_delta(module: Module, tuned: Module, reader: TensorReader, device: torch.device) -> tuple[Tensor, Tensor]:
+    """(ΔW canonical, W_base canonical) in the working dtype on ``device``."""
+    work = torch.float64 if torch.float64 in (module.weight.dtype, tuned.weight.dtype) else torch.float32
+    geometry = module.geometry
+    base = canonical(reader.get(module.weight), geometry).to(device, work)
+    delta = canonical(reader.get(tuned.weight), geometry).to(device, work) - base
+    return delta, base
+
+
+def _changed(delta: Tensor | None, reference: Tensor | None, min_diff: float) -> bool:
+    if delta is None:
+        return False
+    scale = float(reference.abs().max()) if reference is not None and reference.numel() else 0.0
+    return float(delta.abs().max()) > min_diff * max(scale, torch.finfo(delta.dtype).tiny)
+
+
+def _extract_layer(
+    module: Module, tuned: Module, reader: TensorReader, options: ExtractOptions, device: torch.device
+) -> tuple[LayerReport, Adapter | None]:
+    g = module.geometry
+    report = LayerReport(module.name, g.weight_shape, "unchanged")
+    delta, base = _load_delta(module, tuned, reader, device)
+    bias_delta = base_bias = None
+    if module.bias is not None:
+        base_bias = reader.get(module.bias).to(device, delta.dtype)
+        bias_delta = reader.get(tuned.bias).to(device, delta.dtype) - base_bias
+    weight_changed = _changed(delta, base, options.min_diff)
+    bias_changed = _changed(bias_delta, base_bias, options.min_diff)
+    if not (weight_changed or bias_changed):
+        return report, None
+    if options.mode == "full":
+        algorithm = "norm" if g.is_norm else "full"
+        names = ("w_norm", "b_norm") if g.is_norm else ("diff", "diff_b")
+        values = {names[0]: delta}
+        if bias_delta is not None:
+            values[names[1]] = bias_delta
+        adapter = _build(algorithm, module, AdapterOptions(), values)
+    elif g.is_norm or g.kind == "embedding" or not weight_changed:
+        report.status = "skipped"
+        what = "norm scale" if g.is_norm else "embedding" if g.kind == "embedding" else "bias only"
+        report.note = f"{what} changed: only --mode full extracts it"
+        return report, None
+    elif options.algo == "locon":
+        adapter = _locon(module, delta, options)
+    else:
+        adapter = _lokr(module, delta, options)
+    adapter.to(device)
+    with torch.no_grad():
+        rebuilt = adapter.delta_weight(base.to(adapter.param_dtype))
+        norm = float(delta.norm())
+        report.error = float((rebuilt - delta).norm()) / norm if norm > 0 else 0.0
+    report.status = "extracted"
+    report.algorithm = adapter.algorithm
+    report.params = sum(p.numel() for p in adapter.parameters())
+    if adapter.algorithm == "lokr":
+        report.rank = None if adapter.w2_is_full else adapter.rank
+    elif adapter.has_rank:
+        report.rank = adapter.rank
+    if bias_changed and options.mode != "full":
+        report.note = "bias changed too (only --mode full extracts biases)"
+    return report, adapter
+
+
+def _build(algorithm: str, module: Module, options: AdapterOptions, values: dict[str, Tensor]) -> Adapter:
+    """An adapter of ``algorithm`` on the module's geometry holding ``values`` as its parameters."""
+    g = module.geometry
+    standin = torch.zeros((), dtype=torch.float32).expand(g.weight_shape)
+    adapter = ALGORITHMS[algorithm](g, options, standin)
+    own = dict(adapter.named_parameters())
+    with torch.no_grad():
+        for name, value in values.items():
+            own[name].copy_(value.reshape(own[name].shape))
+    return adapter
+
+
+def _dim_and_param(module: Module, options: ExtractOptions) -> tuple[int | None, float | None]:
+    g = module.geometry
+    if g.kind == "conv" and g.kernel_numel > 1:
+        param = options.conv_param if options.conv_param is not None else options.linear_param
+        return options.conv_dim, param
+    return options.linear_dim, options.linear_param
+
+
+def _low_rank(matrix: Tensor, dim: int | None, param: float | None, options: ExtractOptions) -> tuple[Tensor, Tensor]:
+    """Balanced factors of the rank the mode picks for ``matrix``."""
+    if options.mode == "fixed":
+        rank = min(dim or 32, min(matrix.shape))
+        u, s, vh = svd(matrix, rank, options.exact_svd)
+    else:
+        u, s, vh = svd(matrix)
+        rank = select_rank(s, options.mode, param)
+    return split(u, s, vh, rank)
+
+
+def _locon(module: Module, delta: Tensor, options: ExtractOptions) -> Adapter:
+    g = module.geometry
+    dim, param = _dim_and_param(module, options)
+    flat = delta.reshape(g.out_dim, -1)
+    up, down = _low_rank(flat, dim, param, options)
+    rank = up.shape[1]
+    if rank * (flat.shape[0] + flat.shape[1]) >= flat.numel():
+        values = {"diff": delta}
+        if g.has_bias:
+            values["diff_b"] = torch.zeros(g.out_dim)
+        return _build("full", module, AdapterOptions(), values)
+    if options.tucker and g.kind == "conv" and g.kernel_numel > 1:
+        rank = min(rank, g.out_dim, g.in_dim)
+        core, u_out, u_in = tucker2(delta, rank)
+        ones = (1,) * len(g.kernel)
+        values = {"lora_up": u_out, "lora_down": u_in.T.reshape(rank, g.in_dim, *ones), "lora_mid": core}
+        return _build("lora", module, AdapterOptions(r=rank, alpha=rank, use_effective_conv2d=True), values)
+    return _build("lora", module, AdapterOptions(r=rank, alpha=rank), {"lora_up": up, "lora_down": down})
+
+
+def _lokr(module: Module, delta: Tensor, options: ExtractOptions) -> Adapter:
+    g = module.geometry
+    out_factors = factorization(g.out_dim, options.factor)
+    in_factors = factorization(g.in_dim, options.factor)
+    w1, w2 = nearest_kronecker(delta, out_factors, in_factors, options.exact_svd)
+    dim, param = _dim_and_param(module, options)
+    full_w2 = options.mode == "full" or (options.mode == "fixed" and dim is None)
+    flat = w2.reshape(out_factors[1], -1)
+    values = {"lokr_w1": w1}
+    if not full_w2:
+        up, down = _low_rank(flat, dim, param, options)
+        rank = up.shape[1]
+        full_w2 = rank * (flat.shape[0] + flat.shape[1]) >= flat.numel()
+    if full_w2:
+        layout = LoKrLayout(out_factors, in_factors, False, False)
+        values["lokr_w2"] = w2
+        lokr_options = AdapterOptions(r=1, alpha=1.0, decompose_factor=options.factor, lokr_layout=layout)
+    else:
+        layout = LoKrLayout(out_factors, in_factors, False, True)
+        values.update(lokr_w2_a=up, lokr_w2_b=down)
+        lokr_options = AdapterOptions(r=rank, alpha=rank, decompose_factor=options.factor, lokr_layout=layout)
+    return _build("lokr", module, lokr_options, values)
+
+
+def format_report(report: ExtractReport) -> str:
+    """The per-layer summary the command prints."""
+    lines = []
+    extracted = [r for r in report.layers if r.status == "extracted"]
+    width = max((len(r.name) for r in report.layers), default=10)
+    for r in report.layers:
+        if r.status == "extracted":
+            rank = "full" if r.rank is None else f"r={r.rank}"
+            lines.append(
+                f"{r.name:<{width}}  {r.algorithm:<5} {rank:<7} {r.params:>11,d} params  "
+                f"error {r.error:.2e}" + (f"  ({r.note})" if r.note else "")
+            )
+        elif r.status == "skipped":
+            lines.append(f"{r.name:<{width}}  skipped: {r.note}")
+    unchanged = sum(r.status == "unchanged" for r in report.layers)
+    params = sum(r.params for r in extracted)
+    worst = max((r.error for r in extracted), default=0.0)
+    lines.append(
+        f"extracted {len(extracted)} layer(s), {params:,d} parameters, worst relative error {worst:.2e}; "
+        f"{unchanged} unchanged layer(s) skipped; wrote {report.output} in {report.seconds:.1f} s"
+    )
+    return "\n".join(lines)
