@@ -22,8 +22,6 @@ _ALIASES = {
     "init_lora_weights": "init_weights",
     "init_ia3_weights": "init_weights",
 }
-#: fields PEFT writes that carry no meaning here; tolerated when reading a PEFT folder
-_PEFT_ONLY_FIELDS = {"auto_mapping", "peft_version", "fan_in_fan_out", "bias", "use_rslora_alpha", "runtime_config"}
 
 
 @dataclass(kw_only=True)
@@ -95,7 +93,7 @@ class AdapterConfig:
         peft_type = data.pop("peft_type", None)
         target = cls if peft_type is None else config_class(peft_type)
         known = {f.name for f in dataclasses.fields(target)}
-        unknown = sorted(set(data) - known - _PEFT_ONLY_FIELDS)
+        unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"unknown {target.__name__} field(s): {', '.join(unknown)}")
         return target(**{k: v for k, v in data.items() if k in known})
@@ -106,14 +104,18 @@ class AdapterConfig:
 
     @classmethod
     def load(cls, directory: str | Path) -> AdapterConfig:
-        path = Path(directory) / CONFIG_NAME
-        if not path.is_file():
-            raise FileNotFoundError(f"no {CONFIG_NAME} in {directory}")
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path} is not valid JSON: {error}") from None
-        return cls.from_dict(data)
+        return cls.from_dict(read_config_json(directory))
+
+
+def read_config_json(directory: str | Path) -> dict[str, Any]:
+    """The parsed ``adapter_config.json`` of a folder; a missing or malformed file raises naming it."""
+    path = Path(directory) / CONFIG_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"no {CONFIG_NAME} in {directory}")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not valid JSON: {error}") from None
 
 
 def _pattern_value(patterns: dict[str, Any], module_name: str, default: Any) -> Any:

@@ -9,6 +9,21 @@ from ..ops.geometry import LayerGeometry
 from .base import Adapter, AdapterOptions, check_init
 
 
+def _differences(
+    shape: tuple[int, ...], geometry: LayerGeometry, options: AdapterOptions
+) -> tuple[nn.Parameter, nn.Parameter | None]:
+    """A weight difference of ``shape`` and, when the base has a bias, a bias difference (out,):
+    zeros (identity), or N(0, 0.02²) with ``init_weights=False``."""
+    weight = nn.Parameter(torch.zeros(shape))
+    bias = nn.Parameter(torch.zeros(geometry.out_dim)) if geometry.has_bias else None
+    if options.init_weights is False:
+        with torch.no_grad():
+            for param in (weight, bias):
+                if param is not None:
+                    nn.init.normal_(param, std=0.02)
+    return weight, bias
+
+
 class Full(Adapter):
     """Weight difference on Linear, Conv, Embedding and transformers Conv1D; ``diff_b`` when the base has a bias."""
 
@@ -18,13 +33,7 @@ class Full(Adapter):
     def __init__(self, geometry: LayerGeometry, options: AdapterOptions, base_weight: Tensor) -> None:
         super().__init__(geometry, options, base_weight)
         check_init(options, self.algorithm)
-        self.diff = nn.Parameter(torch.zeros(geometry.weight_shape))
-        self.diff_b = nn.Parameter(torch.zeros(geometry.out_dim)) if geometry.has_bias else None
-        if options.init_weights is False:
-            with torch.no_grad():
-                for p in (self.diff, self.diff_b):
-                    if p is not None:
-                        nn.init.normal_(p, std=0.02)
+        self.diff, self.diff_b = _differences(geometry.weight_shape, geometry, options)
 
     def delta_weight(self, base_weight: Tensor, draw: object = None) -> Tensor:
         return self.diff
@@ -43,13 +52,7 @@ class Norm(Adapter):
     def __init__(self, geometry: LayerGeometry, options: AdapterOptions, base_weight: Tensor) -> None:
         super().__init__(geometry, options, base_weight)
         check_init(options, self.algorithm)
-        self.w_norm = nn.Parameter(torch.zeros(geometry.out_dim))
-        self.b_norm = nn.Parameter(torch.zeros(geometry.out_dim)) if geometry.has_bias else None
-        if options.init_weights is False:
-            with torch.no_grad():
-                for p in (self.w_norm, self.b_norm):
-                    if p is not None:
-                        nn.init.normal_(p, std=0.02)
+        self.w_norm, self.b_norm = _differences((geometry.out_dim,), geometry, options)
 
     def delta_weight(self, base_weight: Tensor, draw: object = None) -> Tensor:
         return self.w_norm

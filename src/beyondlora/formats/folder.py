@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..algorithms import Adapter
-from ..config import CONFIG_NAME, AdapterConfig, RankConfig, config_class
+from ..config import CONFIG_NAME, AdapterConfig, RankConfig, config_class, read_config_json
 from ..inject import PlannedAdapter, adapter_layers, save_wrappers
 from ..layers import AdapterLayer
 from ..modules_to_save import ModulesToSaveWrapper
@@ -158,12 +158,7 @@ def read_config(directory: Path) -> AdapterConfig:
     error naming the field, because ignoring it would change the outputs.
     """
     path = directory / CONFIG_NAME
-    if not path.is_file():
-        raise FileNotFoundError(f"no {CONFIG_NAME} in {directory}")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path} is not valid JSON: {error}") from None
+    data = read_config_json(directory)
     cls = config_class(str(data.pop("peft_type", "")))
     known = {f for f in cls.__dataclass_fields__}
     kept = {}
