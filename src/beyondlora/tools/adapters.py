@@ -15,6 +15,7 @@ stand-in layers instead of a real model:
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -110,10 +111,24 @@ def _virtual_module(name: str, shape: tuple[int, ...], has_bias: bool) -> Module
     return Module(name, TensorInfo(Path(), "", stored, torch.float32), bias if has_bias else None, _VIRTUAL)
 
 
+_SINGLE_FILE_TENSORS = re.compile(
+    r"(lora_(down|up|mid)\.weight|alpha|hada_[wt][12](_[ab])?|lokr_(w1|w2|t2|w1_a|w1_b|w2_a|w2_b)|weight|on_input"
+    r"|diff|diff_b|w_norm|b_norm|dora_scale)"
+)
+
+
 def _virtual_single_file(path: Path) -> list[Module]:
     grouped = group_by_module(read_tensors(path))
+    if not grouped:
+        raise FormatError(f"{path} holds no tensors")
     modules = []
     for key, params in grouped.items():
+        unknown = sorted(n for n in params if not _SINGLE_FILE_TENSORS.fullmatch(n))
+        if unknown:
+            raise FormatError(
+                f"{path}: module key {key!r} has tensors {unknown[:4]} that no adapter has "
+                "(a model checkpoint rather than an adapter?)"
+            )
         shape, has_bias = infer_weight_shape(params, f"{path}: {key}")
         modules.append(_virtual_module(key, shape, has_bias))
     return modules

@@ -1,0 +1,89 @@
+"""``beyondlora convert``: an adapter between a single file and a PEFT folder (the format follows the
+destination: a ``.safetensors`` path is a single file, anything else a folder).
+
+Single-file keys flatten module paths (``lora_unet_down_blocks_0_…``), so only the base model can tell
+which underscores were dots: a conversion that involves a PEFT folder needs ``base``.  With it, the
+adapter is read against a skeleton of the base's modules and written by
+:func:`~beyondlora.tools.convert.convert_adapter`, which writes each format exactly for its consumers or
+refuses with the reason.  A single file converts to a single file without a base (a dtype change; the
+keys, ``alpha`` and metadata are kept).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+
+from ..config import FullConfig, NormConfig
+from ..formats.single_file import is_single_file, read_metadata
+from ..formats.tensors import check_finite, read_tensors, write_tensors
+from ..inject import adapter_layers
+from ..model import PeftModel
+from .adapters import adapter_kind, load_adapter
+from .checkpoints import Checkpoint, skeleton
+from .convert import convert_adapter
+
+_PRECISE = ("alpha", "on_input")
+
+
+def _full_or_norm_folder(model, source: Path, destination: Path, algorithm: str, dtype: torch.dtype | None) -> None:
+    """A single file of Full (or Norm) modules as a FULL (NORM) folder: the folder writer needs that
+    config, which a single file does not carry; its targets are exactly the file's modules."""
+    wrapper = PeftModel.from_pretrained(model, source)
+    names = [name for name, _ in adapter_layers(model)]
+    pattern = "^(?:" + "|".join(re.escape(n) for n in sorted(names)) + ")$"
+    wrapper.peft_config["default"] = (FullConfig if algorithm == "full" else NormConfig)(target_modules=pattern)
+    wrapper.save_pretrained(destination, dtype=dtype)
+
+
+def convert_file(
+    source: str | Path,
+    destination: str | Path,
+    base: str | Path | None = None,
+    dtype: torch.dtype | None = None,
+    prefix: str | None = None,
+) -> str:
+    """Convert the adapter at ``source`` into ``destination``; returns a one-line summary."""
+    source, destination = Path(source), Path(destination)
+    source_kind = adapter_kind(source)
+    to_file = is_single_file(destination)
+    if source.resolve() == destination.resolve():
+        raise ValueError(f"{destination} is the source itself: choose another destination")
+    if not to_file and destination.exists() and not destination.is_dir():
+        raise ValueError(f"{destination} exists and is not a folder")
+    if base is None:
+        if source_kind != "single_file" or not to_file:
+            raise ValueError(
+                "converting between a single file and a PEFT folder needs the base model (--base MODEL): "
+                "single-file keys do not say which underscores of a module path were dots"
+            )
+        if prefix is not None:
+            raise ValueError("--prefix needs the base model (--base MODEL) to find the module names")
+        tensors = read_tensors(source)
+        for key, tensor in tensors.items():
+            check_finite(source, key, tensor)
+        cast = {k: v if dtype is None or k.rpartition(".")[2] in _PRECISE else v.to(dtype) for k, v in tensors.items()}
+        write_tensors(destination, cast, read_metadata(source))
+        return f"wrote {len(cast)} tensors to {destination}"
+    checkpoint = Checkpoint(base)
+    loaded = load_adapter(source, checkpoint)  # checks that the adapter fits the base, names every module
+    model, model_prefix = skeleton(list(checkpoint.modules.values())), checkpoint.prefix
+    if len(checkpoint.roots) > 1 and (source_kind == "peft_folder" or not to_file):
+        roots = sorted({name.split(".", 1)[0] for name in loaded.adapters})
+        if len(roots) != 1:
+            raise ValueError(
+                f"{source} adapts several components of {checkpoint.path} ({', '.join(roots)}); a PEFT folder "
+                "holds one model: convert against one component folder (e.g. MODEL/unet)"
+            )
+        root = roots[0]
+        modules = [m for m in checkpoint.modules.values() if m.component.root == root]
+        model, model_prefix = skeleton(modules, strip=root), modules[0].component.prefix
+    algorithms = {adapter.algorithm for adapter in loaded.adapters.values()}
+    if source_kind == "single_file" and not to_file and algorithms in ({"full"}, {"norm"}):
+        _full_or_norm_folder(model, source, destination, algorithms.pop(), dtype)
+    else:
+        convert_adapter(model, source, destination, prefix=prefix or model_prefix, dtype=dtype)
+    kind = "single file" if to_file else "PEFT folder"
+    return f"converted {len(loaded.adapters)} module(s) to the {kind} {destination}"
