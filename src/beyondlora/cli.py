@@ -1,4 +1,8 @@
-"""The ``beyondlora`` command."""
+"""The ``beyondlora`` command: the demo and the adapter tools (extract, merge, resize, convert, inspect).
+
+Every tool reports a bad input as one line ``beyondlora <command>: error: <message>`` on stderr and exits
+with status 2, leaving no output file behind.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,21 @@ import argparse
 import sys
 
 from . import __version__
+
+DTYPE_CHOICES = ("fp16", "bf16", "fp32")
+
+
+def _threads(args: argparse.Namespace) -> None:
+    import torch
+
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
+
+
+def _dtype(name: str | None):
+    from .tools.checkpoints import DTYPES
+
+    return None if name is None else DTYPES[name]
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -18,6 +37,152 @@ def _demo(args: argparse.Namespace) -> int:
     gained = figures["adapted_accuracy_new_domain"] - figures["base_accuracy_new_domain"]
     print(f"the adapter raised accuracy on the new domain by {100 * gained:.1f} points")
     return 0
+
+
+def _extract(args: argparse.Namespace) -> int:
+    from .tools.extract import ExtractOptions, extract
+
+    _threads(args)
+    options = ExtractOptions(
+        algo=args.algo,
+        mode=args.mode,
+        linear_dim=args.linear_dim,
+        conv_dim=args.conv_dim,
+        linear_param=args.linear_param,
+        conv_param=args.conv_param,
+        tucker=args.tucker,
+        factor=args.factor,
+        min_diff=args.min_diff,
+        device=args.device,
+        dtype=_dtype(args.dtype),
+        exact_svd=args.exact_svd,
+    )
+    extract(args.base, args.tuned, args.out, options, echo=print)
+    return 0
+
+
+def _merge(args: argparse.Namespace) -> int:
+    from .tools.merge import merge
+
+    _threads(args)
+    merge(args.base, args.adapters, args.out, args.multiplier, _dtype(args.dtype), echo=print)
+    return 0
+
+
+def _resize(args: argparse.Namespace) -> int:
+    from .tools.resize import resize
+
+    _threads(args)
+    if args.dynamic_method is not None and args.dynamic_param is None:
+        raise ValueError("--dynamic-method needs --dynamic-param")
+    resize(args.adapter, args.out, args.rank, args.dynamic_method, args.dynamic_param, _dtype(args.dtype), echo=print)
+    return 0
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from .tools.convert_files import convert_file
+
+    _threads(args)
+    print(convert_file(args.source, args.destination, args.base, _dtype(args.dtype), args.prefix))
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from .tools.inspect import format_inspection, inspect, to_json
+
+    _threads(args)
+    info = inspect(args.file, args.base)
+    print(to_json(info) if args.json else format_inspection(info))
+    return 0
+
+
+def _add_tools(commands: argparse._SubParsersAction) -> None:
+    extract = commands.add_parser(
+        "extract",
+        help="the difference between a fine-tuned model and its base, as a LoCon or LoKr adapter",
+        description="Extract tuned − base as an adapter file. BASE and TUNED: diffusers model folders, "
+        "single-file SD checkpoints or any safetensors state dicts, of the same layout.",
+    )
+    extract.add_argument("base")
+    extract.add_argument("tuned")
+    extract.add_argument("out", help="the adapter file to write (.safetensors)")
+    extract.add_argument("--algo", choices=("locon", "lokr"), default="locon")
+    extract.add_argument(
+        "--mode",
+        choices=("fixed", "threshold", "ratio", "quantile", "full"),
+        default="fixed",
+        help="rank per layer: fixed (the dims), threshold (σ > X), ratio (σ > σ_max/X), quantile "
+        "(smallest rank with Σσ ≥ X·Σσ), full (store the exact difference)",
+    )
+    extract.add_argument(
+        "--linear-dim",
+        type=int,
+        help="rank for linear layers and 1×1 convs (locon default 32; lokr: rank of W2, full when omitted)",
+    )
+    extract.add_argument("--conv-dim", type=int, help="rank for k×k convs (as --linear-dim)")
+    extract.add_argument("--linear-param", type=float, help="X for threshold / ratio / quantile")
+    extract.add_argument("--conv-param", type=float, help="X for k×k convs (default: --linear-param)")
+    extract.add_argument("--tucker", action="store_true", help="locon: Tucker core (lora_mid) for k×k convs")
+    extract.add_argument(
+        "--factor", type=int, default=-1, help="lokr: cap on the smaller Kronecker factor (-1: balanced)"
+    )
+    extract.add_argument(
+        "--min-diff", type=float, default=1e-6, help="skip layers with max|ΔW| ≤ this × max|W_base| (default 1e-6)"
+    )
+    extract.add_argument("--device", default="cpu", help="where to compute (cpu, cuda, cuda:1, …)")
+    extract.add_argument("--dtype", choices=DTYPE_CHOICES, help="save dtype (default: the base model's)")
+    extract.add_argument("--exact-svd", action="store_true", help="full SVD even where a randomized one is cheaper")
+    extract.add_argument("--threads", type=int, help="torch CPU threads")
+    extract.set_defaults(handler=_extract)
+
+    merge = commands.add_parser(
+        "merge",
+        help="bake adapters into a model's weights, written in the model's format",
+        description="Merge one or more adapters (single files from beyondlora, LyCORIS or kohya, or PEFT folders) "
+        "into BASE and write the result in BASE's format.",
+    )
+    merge.add_argument("base")
+    merge.add_argument("adapters", nargs="+", metavar="ADAPTER")
+    merge.add_argument("--out", required=True, help="the merged model (a .safetensors file, or a new folder)")
+    merge.add_argument("--multiplier", type=float, nargs="+", help="strength: one for all, or one per adapter")
+    merge.add_argument("--dtype", choices=DTYPE_CHOICES, help="cast floating tensors (default: keep each dtype)")
+    merge.add_argument("--threads", type=int, help="torch CPU threads")
+    merge.set_defaults(handler=_merge)
+
+    resize = commands.add_parser(
+        "resize",
+        help="shrink LoRA / LoCon / DyLoRA ranks by SVD",
+        description="Cut every LoRA module of a single file to a smaller rank, keeping ΔW as close as the rank allows.",
+    )
+    resize.add_argument("adapter")
+    resize.add_argument("out")
+    resize.add_argument("--rank", type=int, help="the new rank (with a dynamic method: the largest allowed)")
+    resize.add_argument("--dynamic-method", choices=("sv_ratio", "sv_fro", "sv_cumulative"))
+    resize.add_argument("--dynamic-param", type=float)
+    resize.add_argument("--dtype", choices=DTYPE_CHOICES, help="save dtype (default: as in the source)")
+    resize.add_argument("--threads", type=int, help="torch CPU threads")
+    resize.set_defaults(handler=_resize)
+
+    convert = commands.add_parser(
+        "convert",
+        help="an adapter between a single file and a PEFT folder",
+        description="Convert an adapter; the format follows DESTINATION (.safetensors: single file; else a PEFT "
+        "folder). Conversions involving a PEFT folder need --base.",
+    )
+    convert.add_argument("source")
+    convert.add_argument("destination")
+    convert.add_argument("--base", help="the base model (needed to recover module names)")
+    convert.add_argument("--prefix", help="single-file key prefix (default: from the base, e.g. lora_unet)")
+    convert.add_argument("--dtype", choices=DTYPE_CHOICES)
+    convert.add_argument("--threads", type=int, help="torch CPU threads")
+    convert.set_defaults(handler=_convert)
+
+    inspect = commands.add_parser("inspect", help="modules, algorithms, ranks, parameters and ΔW norms of an adapter")
+    inspect.add_argument("file", help="a .safetensors adapter or a PEFT adapter folder")
+    inspect.add_argument("--base", help="the base model: ΔW of (IA)³ and DoRA, and ‖ΔW‖/‖W‖")
+    inspect.add_argument("--json", action="store_true", help="machine-readable output")
+    inspect.add_argument("--threads", type=int, help="torch CPU threads")
+    inspect.set_defaults(handler=_inspect)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,6 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--output-dir", default=None, help="where to save the adapter folder (default: a temporary one)")
     demo.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: 1)")
     demo.set_defaults(handler=_demo)
+    _add_tools(commands)
     return parser
 
 
@@ -43,7 +209,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    return args.handler(args)
+    if args.command == "demo":
+        return args.handler(args)
+    try:
+        return args.handler(args)
+    except (OSError, ValueError) as error:  # FileNotFoundError, FormatError and bad values included
+        message = " ".join(str(error).split()) or type(error).__name__
+        print(f"beyondlora {args.command}: error: {message}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
