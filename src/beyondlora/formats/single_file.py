@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from ..algorithms import Adapter
 from ..inject import PlannedAdapter, adapter_layers
 from ..layers import AdapterLayer
 from ..ops.geometry import LayerGeometry
@@ -37,27 +39,41 @@ def module_key(prefix: str, module_name: str) -> str:
 
 
 def single_file_tensors(
-    model: nn.Module, adapter_name: str, prefix: str = DEFAULT_PREFIX, dtype: torch.dtype | None = None
+    model: nn.Module,
+    adapter_name: str,
+    prefix: str = DEFAULT_PREFIX,
+    dtype: torch.dtype | None = None,
+    key_for: Callable[[str], str] | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, Any]]]:
-    """Every tensor of adapter ``adapter_name`` under its single-file key, and per-module metadata."""
+    """Every tensor of adapter ``adapter_name`` under its single-file key, and per-module metadata.
+
+    ``key_for`` maps a module name to its full module key (prefix included) instead of
+    ``<prefix>_<name with underscores>``, e.g. for Stable Diffusion's canonical names.
+    """
     tensors: dict[str, torch.Tensor] = {}
     described: dict[str, dict[str, Any]] = {}
     for name, layer in adapter_layers(model):
         if adapter_name not in layer.adapters:
             continue
-        key = module_key(prefix, name)
+        key = key_for(name) if key_for is not None else module_key(prefix, name)
         adapter = layer.adapters[adapter_name]
         try:
-            exported = export_tensors(adapter)
+            exported = adapter_file_tensors(adapter, dtype)
         except FormatError as error:
             raise FormatError(f"module {name!r}: {error}") from None
-        for tensor_name, tensor in exported.items():
-            keep_precise = tensor_name in ("alpha", "on_input")
-            tensors[f"{key}.{tensor_name}"] = tensor if dtype is None or keep_precise else tensor.to(dtype)
+        tensors.update({f"{key}.{tensor_name}": tensor for tensor_name, tensor in exported.items()})
         described[key] = describe(adapter)
     if not tensors:
         raise ValueError(f"the model has no adapter named {adapter_name!r}")
     return tensors, described
+
+
+def adapter_file_tensors(adapter: Adapter, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """One adapter's single-file tensors (names without the module key), cast to ``dtype`` except the
+    scalars that carry exact values (``alpha``, ``on_input``)."""
+    exported = export_tensors(adapter)
+    keep = ("alpha", "on_input")
+    return {n: t if dtype is None or n in keep else t.to(dtype) for n, t in exported.items()}
 
 
 def kohya_metadata(described: dict[str, dict[str, Any]]) -> dict[str, str]:
@@ -84,9 +100,20 @@ def save_single_file(
     metadata: dict[str, str] | None = None,
 ) -> None:
     """Write adapter ``adapter_name`` of ``model`` as one safetensors file (atomically)."""
+    tensors, described = single_file_tensors(model, adapter_name, prefix, dtype)
+    write_single_file(path, tensors, described, metadata)
+
+
+def write_single_file(
+    path: str | Path,
+    tensors: dict[str, torch.Tensor],
+    described: dict[str, dict[str, Any]],
+    metadata: dict[str, str] | None = None,
+) -> None:
+    """Write tensors from :func:`single_file_tensors` with our header (version, per-module hyper-parameters,
+    kohya's ``ss_network_*`` keys), then ``metadata`` on top, atomically."""
     from .. import __version__
 
-    tensors, described = single_file_tensors(model, adapter_name, prefix, dtype)
     header = {"format": "pt", "beyondlora_version": __version__, MODULES_METADATA: json.dumps(described)}
     header.update(kohya_metadata(described))
     header.update(metadata or {})
@@ -113,6 +140,19 @@ def resolve_module_keys(model: nn.Module, keys: list[str], source: Path) -> dict
     A key matches module ``a.b`` when it is ``<prefix>_a_b`` (or ``a_b``); the longest module name wins.
     Raises, listing them, when keys match no module or a key is ambiguous.
     """
+    resolved, unmatched = match_module_keys(model, keys, source)
+    if unmatched:
+        listed = ", ".join(sorted(unmatched)[:8]) + (" …" if len(unmatched) > 8 else "")
+        raise FormatError(
+            f"{source}: {len(unmatched)} module key(s) match no module of {type(model).__name__}: {listed}"
+        )
+    return resolved
+
+
+def match_module_keys(model: nn.Module, keys: list[str], source: Path | str) -> tuple[dict[str, str], list[str]]:
+    """:func:`resolve_module_keys` without raising for unmatched keys: ``(resolved, unmatched)``.
+
+    An ambiguous key still raises."""
     by_flat: dict[str, list[str]] = defaultdict(list)
     for name, _ in iter_candidate_modules(model):
         by_flat[name.replace(".", "_")].append(name)
@@ -127,16 +167,11 @@ def resolve_module_keys(model: nn.Module, keys: list[str], source: Path) -> dict
         if len(by_flat[match]) > 1:
             raise FormatError(f"{source}: key {key!r} matches several modules: {by_flat[match]}")
         resolved[key] = by_flat[match][0]
-    if unmatched:
-        listed = ", ".join(sorted(unmatched)[:8]) + (" …" if len(unmatched) > 8 else "")
-        raise FormatError(
-            f"{source}: {len(unmatched)} module key(s) match no module of {type(model).__name__}: {listed}"
-        )
-    return resolved
+    return resolved, unmatched
 
 
-def plan_from_single_file(model: nn.Module, path: str | Path) -> list[PlannedAdapter]:
-    """Build (without attaching) every adapter a single file describes, fully checked and loaded."""
+def read_single_file(path: str | Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any]]:
+    """A single file's tensors grouped by module key (each checked finite), and our per-module metadata."""
     path = Path(path)
     tensors = read_tensors(path)
     if not tensors:
@@ -144,18 +179,37 @@ def plan_from_single_file(model: nn.Module, path: str | Path) -> list[PlannedAda
     for key, tensor in tensors.items():
         check_finite(path, key, tensor)
     recorded = json.loads(read_metadata(path).get(MODULES_METADATA, "{}"))
-    grouped = group_by_module(tensors)
-    names = resolve_module_keys(model, list(grouped), path)
+    return group_by_module(tensors), recorded
+
+
+def plan_modules(
+    model: nn.Module,
+    grouped: dict[str, dict[str, torch.Tensor]],
+    names: dict[str, str],
+    source: Path | str,
+    recorded: dict[str, Any] | None = None,
+) -> list[PlannedAdapter]:
+    """Build (without attaching) the adapter of every module key in ``names`` (key → module name of
+    ``model``) from its tensors in ``grouped``."""
+    recorded = recorded or {}
     planned = []
-    for key, params in grouped.items():
-        name = names[key]
+    for key, name in names.items():
         module = model.get_submodule(name)
         base = module.base_layer if isinstance(module, AdapterLayer) else module
         try:
             geometry = LayerGeometry.of(base)
         except TypeError as error:
-            raise FormatError(f"{path}: module {name!r} for key {key!r}: {error}") from None
+            raise FormatError(f"{source}: module {name!r} for key {key!r}: {error}") from None
         weight = geometry.canonical_weight(base).detach()
-        adapter = import_adapter(params, geometry, weight, f"{path}: {key} (module {name!r})", recorded.get(key))
+        where = f"{source}: {key} (module {name!r})"
+        adapter = import_adapter(grouped[key], geometry, weight, where, recorded.get(key))
         planned.append(PlannedAdapter(name, module, adapter))
     return planned
+
+
+def plan_from_single_file(model: nn.Module, path: str | Path) -> list[PlannedAdapter]:
+    """Build (without attaching) every adapter a single file describes, fully checked and loaded."""
+    path = Path(path)
+    grouped, recorded = read_single_file(path)
+    names = resolve_module_keys(model, list(grouped), path)
+    return plan_modules(model, grouped, {key: names[key] for key in grouped}, path, recorded)
