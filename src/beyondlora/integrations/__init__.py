@@ -1,0 +1,1 @@
+"""Integrations with Stable Diffusion tooling: diffusers pipelines and kohya sd-scripts."""

@@ -1,0 +1,126 @@
+"""The model parts of a pipeline (or a single module), their file naming, and adapter bookkeeping on them.
+
+Adapters are injected *in place* into a pipeline's parts (``pipe.unet`` stays a ``UNet2DConditionModel``,
+some of its layers become :class:`~beyondlora.layers.AdapterLayer`), so diffusers keeps working unchanged.
+The layers themselves are the source of truth for which adapters exist and which are active; a weak
+per-part registry only remembers each adapter's config.  A part may also be a :class:`PeftModel` the user
+put there (``pipe.unet = bl.get_peft_model(pipe.unet, config)``): it is then used as it is.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Iterator
+from typing import Any
+
+from torch import nn
+
+from ..config import AdapterConfig, SingleFileConfig
+from ..formats.names import PartNames, is_clip_text_model, is_diffusers_unet, is_sgm_unet, part_names
+from ..formats.names import pipeline_part_names as _pipeline_part_names
+from ..inject import adapter_layers, save_wrappers
+from ..layers import AdapterLayer
+from ..model import PeftModel
+
+#: the pipeline attributes that can host adapters, in file order
+PART_ROLES = ("unet", "text_encoder", "text_encoder_2")
+
+_CONFIGS: weakref.WeakKeyDictionary[nn.Module, dict[str, AdapterConfig]] = weakref.WeakKeyDictionary()
+
+
+def find_parts(target: Any) -> dict[str, nn.Module]:
+    """``{role: part}`` for a diffusers pipeline (its UNet and text encoders) or ``{role: module}`` for a
+    plain torch module (role ``unet`` / ``text_encoder`` when recognised, else ``""``)."""
+    if isinstance(target, nn.Module):
+        return {module_role(inner_model(target)): target}
+    parts = {role: getattr(target, role, None) for role in PART_ROLES}
+    parts = {role: part for role, part in parts.items() if isinstance(part, nn.Module)}
+    if not parts:
+        raise TypeError(f"{type(target).__name__} is neither a torch module nor a pipeline with a unet or text encoder")
+    return parts
+
+
+def module_role(model: nn.Module) -> str:
+    if is_diffusers_unet(model) or is_sgm_unet(model):
+        return "unet"
+    if is_clip_text_model(model):
+        return "text_encoder"
+    return ""
+
+
+def inner_model(part: nn.Module) -> nn.Module:
+    """The model that holds the layers: a :class:`PeftModel`'s base model, else the part itself."""
+    return part.base_model if isinstance(part, PeftModel) else part
+
+
+def naming_for(parts: dict[str, nn.Module], prefix: str | None = None) -> dict[str, PartNames]:
+    """File naming for every part (``prefix`` overrides a single module's prefix)."""
+    models = {role: inner_model(part) for role, part in parts.items()}
+    if len(models) == 1 and prefix is not None:
+        role, model = next(iter(models.items()))
+        return {role: part_names(model, role, prefix)}
+    return _pipeline_part_names(models)
+
+
+def adapter_names(model: nn.Module) -> list[str]:
+    """Every adapter name hosted in ``model``, in first-seen order."""
+    names: dict[str, None] = {}
+    for _, layer in adapter_layers(model):
+        names.update(dict.fromkeys(layer.adapters))
+    for _, wrapper in save_wrappers(model):
+        names.update(dict.fromkeys(wrapper.modules_to_save))
+    return list(names)
+
+
+def active_names(model: nn.Module) -> list[str]:
+    names: dict[str, None] = {}
+    for _, layer in adapter_layers(model):
+        names.update(dict.fromkeys(layer.active_adapters))
+    return list(names)
+
+
+def controller(part: nn.Module) -> PeftModel:
+    """A :class:`PeftModel` that manages the adapters in ``part`` without taking its place.
+
+    For a part that is already a PeftModel, the part itself.  Otherwise a transient wrapper whose configs
+    come from the registry (adapters found in the layers without one get a read-only config)."""
+    if isinstance(part, PeftModel):
+        return part
+    wrapper = PeftModel.__new__(PeftModel)
+    nn.Module.__init__(wrapper)
+    wrapper.base_model = part
+    known = _CONFIGS.get(part, {})
+    present = adapter_names(part)
+    wrapper.peft_config = {n: known.get(n) or SingleFileConfig(inference_mode=True) for n in present}
+    wrapper.active_adapters = active_names(part)
+    return wrapper
+
+
+def remember(part: nn.Module, wrapper: PeftModel) -> None:
+    """Keep the configs of a transient controller for the next one."""
+    if wrapper is not part:
+        _CONFIGS[part] = dict(wrapper.peft_config)
+
+
+def unwrap_empty(model: nn.Module) -> None:
+    """Put plain modules back where adapter hosts no longer host anything (a removal leaves none behind)."""
+    from ..modules_to_save import ModulesToSaveWrapper
+
+    for name, host in list(_hosts(model)):
+        empty = not host.adapters if isinstance(host, AdapterLayer) else not host.modules_to_save
+        if not empty or (isinstance(host, AdapterLayer) and host.merged):
+            continue
+        original = host.base_layer if isinstance(host, AdapterLayer) else host.original_module
+        if isinstance(host, ModulesToSaveWrapper) or isinstance(host, AdapterLayer):
+            _set_submodule(model, name, original)
+
+
+def _hosts(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    yield from adapter_layers(model)
+    yield from save_wrappers(model)
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
