@@ -1,0 +1,62 @@
+"""LyCORIS' ``use_scalar`` for any low-rank adapter: ΔW times a trainable scalar that starts at 0.
+
+With it every factor can start random while the adapter still starts as the identity.  Files carry no
+scalar: :func:`bake_scalar` folds it into one factor (ΔW is linear in each factor), so consumers need
+nothing new.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..algorithms import Adapter
+
+#: the factor that absorbs the scalar when saving (LoKr: ``lokr_w1``, or ``lokr_w1_a`` when W1 is decomposed)
+SCALAR_FACTOR = {"lora": "lora_up", "dylora": "lora_up", "loha": "hada_w1_a", "lokr": "lokr_w1"}
+
+
+class ScalarMixin:
+    """Mixin for ``use_scalar``: ΔW (and Δb) times a trainable scalar that starts at 0, so every factor
+    can start random while the adapter starts as the identity."""
+
+    scalar: nn.Parameter
+
+    def delta_weight(self, base_weight: torch.Tensor, draw: Any = None) -> torch.Tensor:
+        return super().delta_weight(base_weight, draw) * self.scalar
+
+    def bypass(self, x: torch.Tensor, draw: Any = None) -> torch.Tensor | None:
+        out = super().bypass(x, draw)
+        return None if out is None else out * self.scalar
+
+    def delta_bias(self) -> torch.Tensor | None:
+        bias = super().delta_bias()
+        return None if bias is None else bias * self.scalar
+
+
+_SCALED_CLASSES: dict[type, type] = {}
+
+
+def add_scalar(adapter: Adapter) -> None:
+    cls = type(adapter)
+    scaled = _SCALED_CLASSES.setdefault(cls, type(f"Scaled{cls.__name__}", (ScalarMixin, cls), {}))
+    adapter.__class__ = scaled
+    weight = next(adapter.parameters())
+    adapter.scalar = nn.Parameter(torch.zeros((), dtype=weight.dtype, device=weight.device))
+
+
+def bake_scalar(adapter: Adapter) -> Adapter:
+    """The adapter with its ``use_scalar`` scalar folded into one factor (a copy), else itself."""
+    if not isinstance(adapter, ScalarMixin):
+        return adapter
+    baked = copy.deepcopy(adapter)
+    name = SCALAR_FACTOR[baked.algorithm]
+    name = name if hasattr(baked, name) and getattr(baked, name) is not None else f"{name}_a"
+    with torch.no_grad():
+        getattr(baked, name).mul_(baked.scalar)
+    del baked.scalar
+    baked.__class__ = type(adapter).__bases__[1]  # (ScalarMixin, the algorithm class)
+    return baked
