@@ -23,6 +23,7 @@ from torch import nn
 from ..config import CONFIG_NAME, AdapterConfig, SingleFileConfig
 from ..formats.folder import plan_from_folder
 from ..formats.lycoris_codecs import FormatError
+from ..formats.names import route_keys
 from ..formats.single_file import (
     DEFAULT_PREFIX,
     match_module_keys,
@@ -95,7 +96,7 @@ def plan_tensors(
         routed = {"": names}
     else:
         naming = naming_for(parts, prefix)
-        routed, unmatched = _route(list(grouped), naming)
+        routed, unmatched = route_keys(list(grouped), naming)
     what = " or ".join(f"the {role or type(m).__name__}" for role, m in models.items())
     if not any(routed.values()):
         _report_unmatched(path, unmatched, True, what)
@@ -107,12 +108,6 @@ def plan_tensors(
             planned = plan_modules(models[role], grouped, names, path, recorded)
             plans[role] = PartPlan(planned, config, {})
     return plans
-
-
-def _route(keys: list[str], naming: dict) -> tuple[dict[str, dict[str, str]], list[str]]:
-    from ..formats.names import route_keys
-
-    return route_keys(keys, naming)
 
 
 def _plan_folder(parts: dict[str, nn.Module], path: Path) -> dict[str, PartPlan]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import warnings
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -87,6 +88,7 @@ def create_network_from_weights(
         network.add_planned(role, plan.planned)
     network.set_multiplier(multiplier)
     if for_inference:
+        network.for_inference = True
         network.eval().requires_grad_(False)
     return network, weights_sd
 
@@ -127,6 +129,8 @@ class KohyaNetwork(nn.Module):
         self.args = NetworkArgs()
         self.planned: dict[str, list[PlannedAdapter]] = defaultdict(list)
         self.roles: dict[str, str] = {}  # adapter key → part
+        self.plans: dict[str, PlannedAdapter] = {}  # adapter key → its plan
+        self.for_inference = False
         self.hosts: dict[str, AdapterLayer] = {}  # adapter key → its layer, once applied
         self.applied = False
         self.loraplus = (None, None, None)  # (both, unet, text encoder) ratios
@@ -158,6 +162,12 @@ class KohyaNetwork(nn.Module):
                         add_scalar(plan.adapter)
                 planned.extend(group)
             self.add_planned(role, planned)
+        if not len(self.adapters):
+            warnings.warn(
+                f"the network adapts no layer: preset {args.preset!r} targets none of the model's modules "
+                f"(or network_dim and conv_dim are 0)",
+                stacklevel=3,
+            )
         self.set_multiplier(self.multiplier)
 
     def add_planned(self, role: str, planned: list[PlannedAdapter]) -> None:
@@ -165,6 +175,7 @@ class KohyaNetwork(nn.Module):
             key = self.naming[role].key(plan.name)
             self.adapters[key] = plan.adapter
             self.roles[key] = role
+            self.plans[key] = plan
             self.planned[role].append(plan)
         if self._dtype is None and len(self.adapters):
             self._dtype = next(self.adapters.parameters()).dtype
@@ -181,12 +192,14 @@ class KohyaNetwork(nn.Module):
             planned = self.planned.get(role, [])
             if not wanted:
                 for plan in planned:
-                    del self.adapters[self.naming[role].key(plan.name)]
+                    key = self.naming[role].key(plan.name)
+                    del self.adapters[key], self.plans[key], self.roles[key]
                 continue
             if not planned:
                 continue
             wrapper = controller(part)
-            wrapper.add_adapter(ADAPTER_NAME, SingleFileConfig(source="kohya sd-scripts"), _planned=planned)
+            config = SingleFileConfig(source="kohya sd-scripts", inference_mode=self.for_inference)
+            wrapper.add_adapter(ADAPTER_NAME, config, _planned=planned)
             wrapper.set_adapter([*wrapper.active_adapters, ADAPTER_NAME])
             remember(part, wrapper)
             for plan in planned:
@@ -366,8 +379,7 @@ class KohyaNetwork(nn.Module):
         return info
 
     def _import(self, key: str, params: dict[str, torch.Tensor], recorded: Any, source: Any) -> Adapter:
-        role = self.roles[key]
-        plan = next(p for p in self.planned[role] if self.naming[role].key(p.name) == key)
+        plan = self.plans[key]
         layer = self.hosts.get(key)
         module = plan.module.base_layer if isinstance(plan.module, AdapterLayer) else plan.module
         geometry = LayerGeometry.of(module)

@@ -31,8 +31,15 @@ from ..targeting import iter_candidate_modules
 _TRUE = {"true", "1", "yes", "y", "on", "t"}
 _FALSE = {"false", "0", "no", "n", "off", "f"}
 #: accepted spellings of an algorithm → ours
-ALGORITHMS = {"lora": "lora", "locon": "lora", "loha": "loha", "lokr": "lokr", "ia3": "ia3", "dylora": "dylora"}
-ALGORITHMS["full"] = "full"
+ALGORITHMS = {
+    "lora": "lora",
+    "locon": "lora",
+    "loha": "loha",
+    "lokr": "lokr",
+    "ia3": "ia3",
+    "dylora": "dylora",
+    "full": "full",
+}
 #: other names sd-scripts users pass for our arguments (LyCORIS spellings)
 ALIASES = {
     "use_cp": "use_tucker",

@@ -10,7 +10,6 @@ put there (``pipe.unet = bl.get_peft_model(pipe.unet, config)``): it is then use
 from __future__ import annotations
 
 import weakref
-from collections.abc import Iterator
 from typing import Any
 
 from torch import nn
@@ -19,7 +18,6 @@ from ..config import AdapterConfig, SingleFileConfig
 from ..formats.names import PartNames, is_clip_text_model, is_diffusers_unet, is_sgm_unet, part_names
 from ..formats.names import pipeline_part_names as _pipeline_part_names
 from ..inject import adapter_layers, save_wrappers
-from ..layers import AdapterLayer
 from ..model import PeftModel
 
 #: the pipeline attributes that can host adapters, in file order
@@ -104,20 +102,12 @@ def remember(part: nn.Module, wrapper: PeftModel) -> None:
 
 def unwrap_empty(model: nn.Module) -> None:
     """Put plain modules back where adapter hosts no longer host anything (a removal leaves none behind)."""
-    from ..modules_to_save import ModulesToSaveWrapper
-
-    for name, host in list(_hosts(model)):
-        empty = not host.adapters if isinstance(host, AdapterLayer) else not host.modules_to_save
-        if not empty or (isinstance(host, AdapterLayer) and host.merged):
-            continue
-        original = host.base_layer if isinstance(host, AdapterLayer) else host.original_module
-        if isinstance(host, ModulesToSaveWrapper) or isinstance(host, AdapterLayer):
-            _set_submodule(model, name, original)
-
-
-def _hosts(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    yield from adapter_layers(model)
-    yield from save_wrappers(model)
+    for name, layer in adapter_layers(model):
+        if not layer.adapters and not layer.merged:
+            _set_submodule(model, name, layer.base_layer)
+    for name, wrapper in save_wrappers(model):
+        if not wrapper.modules_to_save:
+            _set_submodule(model, name, wrapper.original_module)
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
