@@ -11,7 +11,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from beyondlora.tools.checkpoints import Checkpoint, StreamingWriter, TensorReader
+from beyondlora.tools.checkpoints import Checkpoint, StreamingWriter, TensorReader, read_header
 
 
 class Planted(nn.Module):
@@ -162,3 +162,8 @@ def test_streaming_writer_reads_back_with_safetensors(tmp_path) -> None:
         assert back[key].dtype == value.dtype and torch.equal(back[key], value), key
     with safe_open(str(tmp_path / "out.safetensors"), "pt") as handle:
         assert handle.metadata() == {"note": "streamed"}
+    infos, metadata = read_header(tmp_path / "out.safetensors")  # and our own reader reads it back too
+    assert list(infos) == list(tensors) and metadata == {"note": "streamed"}
+    with TensorReader() as reader:
+        for key, value in tensors.items():
+            assert torch.equal(reader.get(infos[key]), value) and reader.get(infos[key]).dtype == value.dtype

@@ -190,3 +190,88 @@ def test_inspect_a_peft_folder(tmp_path, base_file, capsys) -> None:
     assert info["format"] == "peft_folder" and "adapter_config" in info["metadata"]
     norms = {name: float(delta.norm()) for name, (delta, _) in _file_deltas(tmp_path / "same.safetensors").items()}
     assert {m["module"]: m["delta_norm"] for m in info["modules"]} == pytest.approx(norms, rel=1e-5)
+
+
+def test_diffusers_layout_written_for_diffusers_and_read_back(tmp_path) -> None:
+    tiny_unet().save_pretrained(tmp_path / "pipe" / "unet", safe_serialization=True)
+    tiny_text_encoder().save_pretrained(tmp_path / "pipe" / "text_encoder", safe_serialization=True)
+    torch.manual_seed(8)
+    config = bl.LoraConfig(r=4, alpha=2, target_modules=["to_q", "to_k", "conv1"], init_weights=False)
+    unet = bl.get_peft_model(tiny_unet(), config)
+    unet.save_pretrained(str(tmp_path / "u.safetensors"), prefix="lora_unet")
+    config = bl.LoraConfig(r=2, alpha=5, target_modules=["q_proj", "fc1"], init_weights=False)
+    text_encoder = bl.get_peft_model(tiny_text_encoder(), config)
+    text_encoder.save_pretrained(str(tmp_path / "t.safetensors"), prefix="lora_te")
+    both = tmp_path / "a.safetensors"
+    save_file({**load_file(tmp_path / "u.safetensors"), **load_file(tmp_path / "t.safetensors")}, str(both))
+    layout = tmp_path / "d.safetensors"
+    assert main(["convert", str(both), str(layout), "--base", str(tmp_path / "pipe"), "--layout", "diffusers"]) == 0
+    state = load_file(layout)
+    assert all(
+        k.startswith(("unet.", "text_encoder.")) and k.endswith((".lora_A.weight", ".lora_B.weight")) for k in state
+    )
+    # diffusers (with PEFT) loads it to our outputs: an independent consumer
+    from diffusers import StableDiffusionPipeline
+
+    fresh_unet, fresh_text_encoder = tiny_unet(), tiny_text_encoder()
+    fresh_unet.load_lora_adapter(state, prefix="unet")
+    StableDiffusionPipeline.load_lora_into_text_encoder(
+        state, network_alphas=None, text_encoder=fresh_text_encoder, prefix="text_encoder"
+    )
+    sample, t, hidden, ids = (
+        torch.randn(1, 4, 8, 8),
+        torch.tensor([3]),
+        torch.randn(1, 5, 32),
+        torch.randint(0, 100, (1, 7)),
+    )
+    with torch.no_grad():
+        torch.testing.assert_close(fresh_unet(sample, t, hidden).sample, unet(sample, t, hidden).sample)
+        torch.testing.assert_close(fresh_text_encoder(ids).last_hidden_state, text_encoder(ids).last_hidden_state)
+    # and back to a single file without a base: the same ΔW per module
+    back = tmp_path / "back.safetensors"
+    assert main(["convert", str(layout), str(back)]) == 0
+    original, returned = group_by_module(load_file(both)), group_by_module(load_file(back))
+    assert set(returned) == {k.replace("lora_te_", "lora_te_text_model_") for k in original}
+    for key, params in original.items():
+        out_dim, in_dim = params["lora_up.weight"].shape[0], params["lora_down.weight"][0].numel()
+        zero = torch.zeros(out_dim, in_dim, dtype=torch.float64)
+        flat = {k: v.flatten(1) if v.dim() > 1 else v for k, v in params.items()}
+        again = {
+            k: v.flatten(1) if v.dim() > 1 else v
+            for k, v in returned[key.replace("lora_te_", "lora_te_text_model_")].items()
+        }
+        torch.testing.assert_close(ui_delta(again, zero)[0], ui_delta(flat, zero)[0], rtol=1e-5, atol=1e-7, msg=key)
+    # merging the diffusers-layout file equals merging the single file
+    for name, source in (("from-single", both), ("from-diffusers", layout)):
+        assert main(["merge", str(tmp_path / "pipe"), str(source), "--out", str(tmp_path / name)]) == 0
+    for part in ("unet/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors"):
+        first, second = load_file(tmp_path / "from-single" / part), load_file(tmp_path / "from-diffusers" / part)
+        for key in first:
+            torch.testing.assert_close(first[key], second[key], rtol=1e-6, atol=1e-7, msg=key)
+
+
+def test_diffusers_metadata_alphas_patterns_and_rslora() -> None:
+    from beyondlora.tools.diffusers_layout import to_single_file
+
+    g = torch.Generator().manual_seed(9)
+    tensors = {}
+    for path in ("down_blocks.0.attn.to_q", "down_blocks.0.attn.to_k", "mid.to_q_extra"):
+        tensors[f"unet.{path}.lora_A.weight"] = torch.randn(4, 8, generator=g)
+        tensors[f"unet.{path}.lora_B.weight"] = torch.randn(6, 4, generator=g)
+    tensors["text_encoder.encoder.layers.0.fc1.lora_A.weight"] = torch.randn(2, 8, generator=g)
+    tensors["text_encoder.encoder.layers.0.fc1.lora_B.weight"] = torch.randn(6, 2, generator=g)
+    metadata = {
+        "lora_adapter_metadata": json.dumps(
+            {"unet.r": 4, "unet.lora_alpha": 8, "unet.alpha_pattern": {"to_q": 2}, "text_encoder.use_rslora": True}
+        )
+    }
+    single = to_single_file(tensors, metadata, "test")
+    alphas = {k.rpartition(".")[0]: float(v) for k, v in single.items() if k.endswith(".alpha")}
+    assert alphas == {
+        "lora_unet_down_blocks_0_attn_to_q": 2.0,  # PEFT's pattern rule: the path ends with "to_q"
+        "lora_unet_down_blocks_0_attn_to_k": 8.0,
+        "lora_unet_mid_to_q_extra": 8.0,  # "to_q" is not a whole trailing segment here
+        "lora_te_text_model_encoder_layers_0_fc1": pytest.approx(
+            2 * 2**0.5
+        ),  # rs-LoRA: alpha/√r = (alpha·√r)/r, alpha = r
+    }

@@ -7,6 +7,7 @@ with status 2, leaving no output file behind.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from . import __version__
@@ -83,7 +84,7 @@ def _convert(args: argparse.Namespace) -> int:
     from .tools.convert_files import convert_file
 
     _threads(args)
-    print(convert_file(args.source, args.destination, args.base, _dtype(args.dtype), args.prefix))
+    print(convert_file(args.source, args.destination, args.base, _dtype(args.dtype), args.prefix, args.layout))
     return 0
 
 
@@ -165,15 +166,22 @@ def _add_tools(commands: argparse._SubParsersAction) -> None:
 
     convert = commands.add_parser(
         "convert",
-        help="an adapter between a single file and a PEFT folder",
+        help="an adapter between a single file, a PEFT folder and diffusers' LoRA layout",
         description="Convert an adapter; the format follows DESTINATION (.safetensors: single file; else a PEFT "
-        "folder). Conversions involving a PEFT folder need --base.",
+        "folder; --layout diffusers: diffusers' LoRA layout). A diffusers-layout source is recognized by its keys. "
+        "Conversions involving a PEFT folder, or writing diffusers' layout, need --base.",
     )
     convert.add_argument("source")
     convert.add_argument("destination")
     convert.add_argument("--base", help="the base model (needed to recover module names)")
     convert.add_argument("--prefix", help="single-file key prefix (default: from the base, e.g. lora_unet)")
     convert.add_argument("--dtype", choices=DTYPE_CHOICES)
+    convert.add_argument(
+        "--layout",
+        choices=("auto", "diffusers"),
+        default="auto",
+        help="diffusers: write DESTINATION in diffusers' LoRA layout (LoRA only; needs --base, a diffusers folder)",
+    )
     convert.add_argument("--threads", type=int, help="torch CPU threads")
     convert.set_defaults(handler=_convert)
 
@@ -213,6 +221,9 @@ def main(argv: list[str] | None = None) -> int:
         return args.handler(args)
     try:
         return args.handler(args)
+    except BrokenPipeError:  # output piped into `head` and the like: not an error of the tool
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except (OSError, ValueError) as error:  # FileNotFoundError, FormatError and bad values included
         message = " ".join(str(error).split()) or type(error).__name__
         print(f"beyondlora {args.command}: error: {message}", file=sys.stderr)

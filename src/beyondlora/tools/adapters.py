@@ -14,8 +14,11 @@ stand-in layers instead of a real model:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,9 +29,10 @@ from ..algorithms import Adapter
 from ..formats.folder import _ADAPTER_TENSOR, KEY_PREFIX, WEIGHTS_NAME, plan_from_folder, read_config
 from ..formats.lycoris_codecs import FormatError, detect_algorithm
 from ..formats.peft_codecs import to_lycoris_names
-from ..formats.single_file import group_by_module, plan_from_single_file, read_metadata
-from ..formats.tensors import read_tensors
+from ..formats.single_file import MODULES_METADATA, group_by_module, plan_from_single_file, read_metadata
+from ..formats.tensors import read_tensors, write_tensors
 from .checkpoints import Checkpoint, Component, Module, TensorInfo, skeleton
+from .diffusers_layout import is_diffusers_layout, to_single_file
 
 
 @dataclass
@@ -36,7 +40,7 @@ class LoadedAdapter:
     """An adapter file read against a (real or virtual) model: one :class:`Adapter` per module."""
 
     path: Path
-    kind: str  # "single_file" or "peft_folder"
+    kind: str  # "single_file", "diffusers" (diffusers' LoRA layout) or "peft_folder"
     metadata: dict[str, str]
     adapters: dict[str, Adapter]  # module name -> adapter (multiplier 1, the consumer's ΔW)
     layers: dict[str, nn.Module]  # module name -> its stand-in layer
@@ -164,34 +168,90 @@ def _virtual_folder(directory: Path) -> list[Module]:
     return modules
 
 
+#: CLIP text-encoder keys written without the ``text_model`` level (LyCORIS or PEFT on transformers 5)
+_TEXT_MODEL_MISSING = re.compile(r"^(lora_te[12]?)_(encoder|embeddings|final_layer_norm)_")
+
+
+def single_file_tensors(path: Path) -> tuple[dict[str, Tensor], str, bool]:
+    """A single file's tensors under single-file keys, its kind (``single_file``, or ``diffusers`` for
+    diffusers' LoRA layout, converted), and whether any key was rewritten.
+
+    Text-encoder keys get the ``text_model`` level UIs expect (``lora_te_encoder_layers_0_…`` →
+    ``lora_te_text_model_encoder_layers_0_…``), so files written either way read the same.
+    """
+    tensors = read_tensors(path)
+    kind = "single_file"
+    if is_diffusers_layout(list(tensors)):
+        tensors, kind = to_single_file(tensors, read_metadata(path), path), "diffusers"
+    renamed = {with_text_model(key): tensor for key, tensor in tensors.items()}
+    return renamed, kind, kind == "diffusers" or list(renamed) != list(tensors)
+
+
+def with_text_model(key: str) -> str:
+    """A single-file (module) key with the ``text_model`` level a CLIP text encoder's keys need."""
+    return _TEXT_MODEL_MISSING.sub(r"\1_text_model_\2_", key)
+
+
+def renamed_metadata(metadata: dict[str, str]) -> dict[str, str]:
+    """Metadata with our per-module records keyed as :func:`with_text_model` renames the modules."""
+    out = dict(metadata)
+    if MODULES_METADATA in out:
+        recorded = json.loads(out[MODULES_METADATA])
+        out[MODULES_METADATA] = json.dumps({with_text_model(k): v for k, v in recorded.items()})
+    return out
+
+
+@contextlib.contextmanager
+def readable_file(path: Path, kind: str) -> Iterator[tuple[Path, str]]:
+    """``(file the library's readers can read, kind)``: a single file whose keys :func:`single_file_tensors`
+    rewrites (diffusers' layout among them) is written to a temporary file first."""
+    if kind != "single_file":
+        yield path, kind
+        return
+    tensors, kind, rewritten = single_file_tensors(path)
+    if not rewritten:
+        yield path, kind
+        return
+    with tempfile.TemporaryDirectory() as directory:
+        converted = Path(directory) / path.name
+        write_tensors(converted, tensors, renamed_metadata(read_metadata(path)))
+        yield converted, kind
+
+
 def load_adapter(path: str | Path, checkpoint: Checkpoint | None = None) -> LoadedAdapter:
-    """Read the adapter at ``path`` against ``checkpoint`` (or, without one, against its own shapes)."""
+    """Read the adapter at ``path`` against ``checkpoint`` (or, without one, against its own shapes).
+
+    ``path``: a single file (LyCORIS / kohya / beyondlora keys, or diffusers' LoRA layout) or a PEFT folder.
+    """
     path = Path(path)
-    kind = adapter_kind(path)
-    if checkpoint is None:
-        modules = _virtual_single_file(path) if kind == "single_file" else _virtual_folder(path)
-        return _plan(path, kind, [("", skeleton(modules))])
-    if kind == "single_file":
-        return _plan(path, kind, [("", skeleton(list(checkpoint.modules.values())))], checkpoint)
-    # a PEFT folder adapts one model: try each component of the checkpoint
-    candidates = []
-    for root in checkpoint.roots:
-        modules = [m for m in checkpoint.modules.values() if m.component.root == root]
-        candidates.append((root, skeleton(modules, strip=root)))
-    return _plan(path, kind, candidates, checkpoint)
+    with readable_file(path, adapter_kind(path)) as (source, kind):
+        if checkpoint is None:
+            modules = _virtual_folder(source) if kind == "peft_folder" else _virtual_single_file(source)
+            candidates = [("", skeleton(modules))]
+        elif kind != "peft_folder":
+            candidates = [("", skeleton(list(checkpoint.modules.values())))]
+        else:  # a PEFT folder adapts one model: try each component of the checkpoint
+            candidates = []
+            for root in checkpoint.roots:
+                modules = [m for m in checkpoint.modules.values() if m.component.root == root]
+                candidates.append((root, skeleton(modules, strip=root)))
+        try:
+            return _plan(path, source, kind, candidates, checkpoint)
+        except FormatError as error:
+            raise FormatError(str(error).replace(str(source), str(path))) from None
 
 
 def _plan(
-    path: Path, kind: str, candidates: list[tuple[str, nn.Module]], checkpoint: Checkpoint | None = None
+    path: Path, source: Path, kind: str, candidates: list[tuple[str, nn.Module]], checkpoint: Checkpoint | None
 ) -> LoadedAdapter:
     errors = []
     for root, model in candidates:
         try:
-            if kind == "single_file":
-                planned, save_states, metadata = plan_from_single_file(model, path), {}, read_metadata(path)
-            else:
-                config, planned, save_states = plan_from_folder(model, path)
+            if kind == "peft_folder":
+                config, planned, save_states = plan_from_folder(model, source)
                 metadata = {"adapter_config": json.dumps(config.to_dict(), sort_keys=True)}
+            else:
+                planned, save_states, metadata = plan_from_single_file(model, source), {}, read_metadata(path)
         except (FormatError, ValueError, TypeError) as error:
             errors.append((root, str(error)))
             continue

@@ -88,6 +88,8 @@ class TensorInfo:
     key: str
     shape: tuple[int, ...]
     dtype: torch.dtype
+    start: int = 0  # byte range of its data in the file
+    end: int = 0
 
 
 @dataclass(frozen=True)
@@ -132,21 +134,29 @@ class ModelFile:
 
 
 def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
-    """Shapes and dtypes of every tensor of a safetensors file, and its metadata (no tensor is read)."""
+    """Shapes, dtypes and byte ranges of every tensor of a safetensors file, and its metadata.
+
+    safetensors itself validates the file (header, coverage of the data); no tensor is read.
+    """
     if not path.is_file():
         raise FileNotFoundError(f"model file not found: {path}")
     try:
         with safe_open(str(path), framework="pt") as handle:
-            infos = {}
-            for key in handle.keys():
-                view = handle.get_slice(key)
-                dtype = _SAFETENSORS_DTYPES.get(view.get_dtype())
-                if dtype is None:
-                    raise ValueError(f"{path}: tensor {key!r} has unsupported dtype {view.get_dtype()}")
-                infos[key] = TensorInfo(path, key, tuple(view.get_shape()), dtype)
-            return infos, dict(handle.metadata() or {})
-    except (SafetensorError, OSError) as error:
+            metadata = dict(handle.metadata() or {})
+        with open(path, "rb") as raw:
+            (length,) = struct.unpack("<Q", raw.read(8))
+            header = json.loads(raw.read(length))
+    except (SafetensorError, OSError, ValueError) as error:
         raise ValueError(f"{path} is not a readable safetensors file: {error}") from None
+    header.pop("__metadata__", None)
+    infos = {}
+    for key, entry in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]):
+        dtype = _SAFETENSORS_DTYPES.get(entry["dtype"])
+        if dtype is None:
+            raise ValueError(f"{path}: tensor {key!r} has unsupported dtype {entry['dtype']}")
+        start, end = (8 + length + offset for offset in entry["data_offsets"])
+        infos[key] = TensorInfo(path, key, tuple(entry["shape"]), dtype, start, end)
+    return infos, metadata
 
 
 def _weight_files(folder: Path) -> list[Path]:
@@ -260,7 +270,11 @@ class Checkpoint:
 
 
 class TensorReader(contextlib.AbstractContextManager):
-    """Reads single tensors from any number of safetensors files, keeping each file open once."""
+    """Reads single tensors from any number of safetensors files (their byte ranges from :func:`read_header`).
+
+    Plain reads rather than a memory map: a map would keep every page it touched resident in the process,
+    so reading a whole model through it would hold the whole model; here only live tensors take memory.
+    """
 
     def __init__(self) -> None:
         self._stack = contextlib.ExitStack()
@@ -269,12 +283,14 @@ class TensorReader(contextlib.AbstractContextManager):
     def get(self, info: TensorInfo) -> Tensor:
         handle = self._handles.get(info.file)
         if handle is None:
-            try:
-                handle = self._stack.enter_context(safe_open(str(info.file), framework="pt"))
-            except (SafetensorError, OSError) as error:
-                raise ValueError(f"{info.file} is not a readable safetensors file: {error}") from None
-            self._handles[info.file] = handle
-        return handle.get_tensor(info.key)
+            handle = self._handles[info.file] = self._stack.enter_context(open(info.file, "rb"))
+        tensor = torch.empty(info.shape, dtype=info.dtype)
+        size = info.end - info.start
+        if size:
+            handle.seek(info.start)
+            if handle.readinto(memoryview(tensor.reshape(-1).view(torch.uint8).numpy())) != size:
+                raise ValueError(f"{info.file}: tensor {info.key!r} is cut short (the file changed while reading?)")
+        return tensor
 
     def __exit__(self, *exc: object) -> None:
         self._stack.close()

@@ -7,6 +7,9 @@ adapter is read against a skeleton of the base's modules and written by
 :func:`~beyondlora.tools.convert.convert_adapter`, which writes each format exactly for its consumers or
 refuses with the reason.  A single file converts to a single file without a base (a dtype change; the
 keys, ``alpha`` and metadata are kept).
+
+diffusers' LoRA layout (:mod:`~beyondlora.tools.diffusers_layout`) is read wherever a single file is, and
+converts to a single file without a base (its keys carry the module paths); writing it needs the base.
 """
 
 from __future__ import annotations
@@ -18,12 +21,13 @@ import torch
 
 from ..config import FullConfig, NormConfig
 from ..formats.single_file import is_single_file, read_metadata
-from ..formats.tensors import check_finite, read_tensors, write_tensors
+from ..formats.tensors import check_finite, write_tensors
 from ..inject import adapter_layers
 from ..model import PeftModel
-from .adapters import adapter_kind, load_adapter
+from .adapters import adapter_kind, load_adapter, readable_file, renamed_metadata, single_file_tensors
 from .checkpoints import Checkpoint, skeleton
 from .convert import convert_adapter
+from .diffusers_layout import METADATA_KEY, from_adapters
 
 _PRECISE = ("alpha", "on_input")
 
@@ -38,37 +42,53 @@ def _full_or_norm_folder(model, source: Path, destination: Path, algorithm: str,
     wrapper.save_pretrained(destination, dtype=dtype)
 
 
+def _cast(tensors: dict[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    return {k: v if dtype is None or k.rpartition(".")[2] in _PRECISE else v.to(dtype) for k, v in tensors.items()}
+
+
 def convert_file(
     source: str | Path,
     destination: str | Path,
     base: str | Path | None = None,
     dtype: torch.dtype | None = None,
     prefix: str | None = None,
+    layout: str = "auto",
 ) -> str:
-    """Convert the adapter at ``source`` into ``destination``; returns a one-line summary."""
+    """Convert the adapter at ``source`` into ``destination``; returns a one-line summary.
+
+    ``layout="diffusers"`` writes a ``.safetensors`` destination in diffusers' LoRA layout (needs ``base``,
+    a diffusers folder); a diffusers-layout source is recognized by its keys.
+    """
     source, destination = Path(source), Path(destination)
     source_kind = adapter_kind(source)
     to_file = is_single_file(destination)
+    if layout not in ("auto", "diffusers"):
+        raise ValueError(f"--layout must be auto or diffusers, got {layout!r}")
     if source.resolve() == destination.resolve():
         raise ValueError(f"{destination} is the source itself: choose another destination")
-    if not to_file and destination.exists() and not destination.is_dir():
-        raise ValueError(f"{destination} exists and is not a folder")
+    if not to_file and (layout == "diffusers" or (destination.exists() and not destination.is_dir())):
+        raise ValueError(f"{destination}: a diffusers-layout or single-file adapter is a .safetensors file")
     if base is None:
-        if source_kind != "single_file" or not to_file:
+        if source_kind != "single_file" or not to_file or layout == "diffusers":
             raise ValueError(
-                "converting between a single file and a PEFT folder needs the base model (--base MODEL): "
-                "single-file keys do not say which underscores of a module path were dots"
+                "this conversion needs the base model (--base MODEL): single-file keys do not say which "
+                "underscores of a module path were dots"
             )
         if prefix is not None:
             raise ValueError("--prefix needs the base model (--base MODEL) to find the module names")
-        tensors = read_tensors(source)
+        tensors, kind, _ = single_file_tensors(source)
         for key, tensor in tensors.items():
             check_finite(source, key, tensor)
-        cast = {k: v if dtype is None or k.rpartition(".")[2] in _PRECISE else v.to(dtype) for k, v in tensors.items()}
-        write_tensors(destination, cast, read_metadata(source))
-        return f"wrote {len(cast)} tensors to {destination}"
+        metadata = renamed_metadata({k: v for k, v in read_metadata(source).items() if k != METADATA_KEY})
+        write_tensors(destination, _cast(tensors, dtype), metadata)
+        what = "diffusers-layout LoRA as a single file" if kind == "diffusers" else "tensors"
+        return f"wrote {len(tensors)} {what} to {destination}"
     checkpoint = Checkpoint(base)
     loaded = load_adapter(source, checkpoint)  # checks that the adapter fits the base, names every module
+    if layout == "diffusers":
+        tensors = from_adapters(checkpoint, loaded.adapters)
+        write_tensors(destination, _cast(tensors, dtype), {"format": "pt"})
+        return f"converted {len(loaded.adapters)} module(s) to diffusers' LoRA layout in {destination}"
     model, model_prefix = skeleton(list(checkpoint.modules.values())), checkpoint.prefix
     if len(checkpoint.roots) > 1 and (source_kind == "peft_folder" or not to_file):
         roots = sorted({name.split(".", 1)[0] for name in loaded.adapters})
@@ -81,9 +101,10 @@ def convert_file(
         modules = [m for m in checkpoint.modules.values() if m.component.root == root]
         model, model_prefix = skeleton(modules, strip=root), modules[0].component.prefix
     algorithms = {adapter.algorithm for adapter in loaded.adapters.values()}
-    if source_kind == "single_file" and not to_file and algorithms in ({"full"}, {"norm"}):
-        _full_or_norm_folder(model, source, destination, algorithms.pop(), dtype)
-    else:
-        convert_adapter(model, source, destination, prefix=prefix or model_prefix, dtype=dtype)
+    with readable_file(source, source_kind) as (readable, kind):
+        if kind != "peft_folder" and not to_file and algorithms in ({"full"}, {"norm"}):
+            _full_or_norm_folder(model, readable, destination, algorithms.pop(), dtype)
+        else:
+            convert_adapter(model, readable, destination, prefix=prefix or model_prefix, dtype=dtype)
     kind = "single file" if to_file else "PEFT folder"
     return f"converted {len(loaded.adapters)} module(s) to the {kind} {destination}"

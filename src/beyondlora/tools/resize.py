@@ -28,8 +28,9 @@ from ..algorithms import LoRA
 from ..algorithms.base import AdapterOptions
 from ..formats.lycoris_codecs import describe, export_tensors
 from ..formats.single_file import MODULES_METADATA, group_by_module, read_metadata
-from ..formats.tensors import read_tensors, write_tensors
-from .adapters import adapter_kind, load_adapter
+from ..formats.tensors import write_tensors
+from .adapters import adapter_kind, load_adapter, renamed_metadata, single_file_tensors
+from .diffusers_layout import METADATA_KEY
 from .lowrank import check_mode, select_rank, split, svd
 from .progress import progress
 
@@ -80,8 +81,9 @@ def resize(
     if output.suffix != ".safetensors":
         raise ValueError(f"{output}: the resized adapter is a .safetensors file")
     loaded = load_adapter(source)
-    grouped = group_by_module(read_tensors(source))
-    metadata = read_metadata(source)
+    single, _, _ = single_file_tensors(source)  # diffusers' LoRA layout comes back as a single file
+    grouped = group_by_module(single)
+    metadata = renamed_metadata({k: v for k, v in read_metadata(source).items() if k != METADATA_KEY})
     recorded = json.loads(metadata.get(MODULES_METADATA, "{}"))
     report = ResizeReport(str(output))
     tensors: dict[str, Tensor] = {}

@@ -1,0 +1,103 @@
+"""diffusers' LoRA layout: one safetensors file with keys ``<part>.<module path>.lora_A.weight`` and
+``.lora_B.weight`` (what ``pipe.save_lora_weights`` writes and ``load_lora_weights`` / ``load_lora_adapter``
+read; parts ``unet``, ``transformer``, ``text_encoder``, ``text_encoder_2``).
+
+diffusers computes ΔW = (lora_alpha / r) · B · A (rs-LoRA: lora_alpha / √r), with lora_alpha from the
+file's ``lora_adapter_metadata`` (``<part>.lora_alpha``, ``<part>.alpha_pattern``, ``<part>.use_rslora``) and,
+without metadata, lora_alpha = r per module (scale 1).  Reading turns the file into single-file tensors with
+the single-file alpha that gives the same ΔW (alpha · √r for rs-LoRA).  Writing takes plain LoRA only (no
+Tucker core, DoRA or embedding), bakes our scale into ``lora_B`` and writes no alpha, so diffusers' rule
+gives exactly our ΔW.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..algorithms import Adapter
+from ..formats.lycoris_codecs import FormatError
+from ..formats.single_file import module_key
+from .checkpoints import Checkpoint, Component, module_name
+
+#: diffusers part → single-file prefix
+PARTS = {
+    "unet": "lora_unet",
+    "transformer": "lora_transformer",
+    "text_encoder": "lora_te",
+    "text_encoder_2": "lora_te2",
+}
+KEY = re.compile(r"(unet|transformer|text_encoder|text_encoder_2)\.(.+)\.lora_([AB])\.weight")
+METADATA_KEY = "lora_adapter_metadata"
+
+
+def is_diffusers_layout(keys: list[str]) -> bool:
+    return bool(keys) and all(KEY.fullmatch(key) for key in keys)
+
+
+def _pattern_value(patterns: dict[str, Any], name: str, default: Any) -> Any:
+    """PEFT's rule: a pattern matches a module path when the path ends with it (at a dot boundary)."""
+    for pattern, value in patterns.items():
+        if re.match(rf"(.*\.)?({pattern})$", name):
+            return value
+    return default
+
+
+def to_single_file(tensors: dict[str, Tensor], metadata: dict[str, str], where: object) -> dict[str, Tensor]:
+    """The single-file tensors (LyCORIS / kohya keys, consumer-exact alpha) of a diffusers-layout file."""
+    try:
+        config = json.loads(metadata.get(METADATA_KEY) or "{}")
+    except json.JSONDecodeError as error:
+        raise FormatError(f"{where}: {METADATA_KEY} is not valid JSON: {error}") from None
+    grouped: dict[tuple[str, str], dict[str, Tensor]] = {}
+    for key, tensor in tensors.items():
+        part, path, side = KEY.fullmatch(key).groups()
+        grouped.setdefault((part, path), {})[side] = tensor
+    parts = {part for part, _ in grouped}
+    out: dict[str, Tensor] = {}
+    for (part, path), pair in grouped.items():
+        if set(pair) != {"A", "B"}:
+            missing = "lora_B" if "A" in pair else "lora_A"
+            raise FormatError(f"{where}: {part}.{path} has no {missing}.weight")
+        prefix = "lora_te1" if part == "text_encoder" and "text_encoder_2" in parts else PARTS[part]
+        key = module_key(prefix, module_name(Component("", prefix, "", False), path))
+        rank = pair["A"].shape[0]
+        default = config.get(f"{part}.lora_alpha", rank)
+        alpha = float(_pattern_value(config.get(f"{part}.alpha_pattern") or {}, path, default))
+        if config.get(f"{part}.use_rslora"):
+            alpha *= math.sqrt(rank)  # diffusers scales by alpha / √r, a single file by alpha / r
+        out[f"{key}.lora_down.weight"] = pair["A"]
+        out[f"{key}.lora_up.weight"] = pair["B"]
+        out[f"{key}.alpha"] = torch.tensor(alpha, dtype=torch.float32)
+    return out
+
+
+def from_adapters(checkpoint: Checkpoint, adapters: dict[str, Adapter]) -> dict[str, Tensor]:
+    """diffusers-layout tensors for adapters read against ``checkpoint`` (a diffusers folder)."""
+    out: dict[str, Tensor] = {}
+    for name, adapter in sorted(adapters.items()):
+        g = adapter.geometry
+        tucker = getattr(adapter, "lora_mid", None) is not None
+        if adapter.algorithm not in ("lora", "dylora") or tucker or adapter.dora_scale is not None:
+            kind = "DoRA" if adapter.dora_scale is not None else "a Tucker core" if tucker else adapter.algorithm
+            raise FormatError(
+                f"module {name!r}: diffusers' LoRA layout holds plain LoRA only, not {kind}; "
+                "write a single file instead"
+            )
+        if g.kind not in ("linear", "conv"):
+            raise FormatError(f"module {name!r}: diffusers' LoRA layout has no {g.kind} LoRA")
+        module = checkpoint.modules[name]
+        part = module.component.diffusers_name
+        if part not in PARTS:
+            raise FormatError(f"module {name!r}: {checkpoint.path} is no diffusers folder part ({', '.join(PARTS)})")
+        path = module.weight.key[len(module.component.key_prefix) : -len(".weight")]
+        with torch.no_grad():
+            up = adapter.lora_up * (adapter.scale * adapter.multiplier)
+            out[f"{part}.{path}.lora_A.weight"] = adapter.lora_down.detach().clone()
+            out[f"{part}.{path}.lora_B.weight"] = up.reshape(g.out_dim, adapter.rank, *((1,) * len(g.kernel)))
+    return out
