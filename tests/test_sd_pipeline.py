@@ -361,3 +361,21 @@ def test_peft_folders_and_single_modules(tmp_path) -> None:
         load_adapter(unet, tmp_path / "a.safetensors")  # a plain module: the UNet's keys only
     assert list_adapters(unet) == ["default"]
     assert sum(type(m).__name__ == "AdapterLayer" for m in unet.modules()) > 0
+
+
+def test_a_failure_while_attaching_is_rolled_back(tmp_path, monkeypatch) -> None:
+    pipe = make_pipeline("sd")
+    base = part_outputs(pipe, "sd")
+    _write(pipe, "sd", tmp_path / "a.safetensors")
+    original = bl.PeftModel.add_adapter
+
+    def fail_on_the_text_encoder(self, *args, **kwargs):  # the UNet (planned first) is attached by then
+        if type(self.base_model).__name__ == "CLIPTextModel":
+            raise RuntimeError("attach failed")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(bl.PeftModel, "add_adapter", fail_on_the_text_encoder)
+    with pytest.raises(RuntimeError, match="attach failed"):
+        load_adapter(pipe, tmp_path / "a.safetensors")
+    assert adapter_layer_count(pipe) == 0 and list_adapters(pipe) == []
+    assert_outputs_close(part_outputs(pipe, "sd"), base, rtol=0, atol=0)

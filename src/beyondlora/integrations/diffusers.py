@@ -91,8 +91,10 @@ def plan_tensors(
     """:func:`plan_adapter` for single-file tensors already read and grouped by module key."""
     path = Path(path)
     models = {role: inner_model(part) for role, part in parts.items()}
-    if set(models) == {""}:
-        names, unmatched = match_module_keys(models[""], list(grouped), path)
+    if set(models) == {""}:  # a plain module: any prefix, or only ``prefix``
+        keys = [k for k in grouped if prefix is None or k.startswith(prefix + "_")]
+        names, unmatched = match_module_keys(models[""], keys, path)
+        unmatched += [k for k in grouped if k not in keys]
         routed = {"": names}
     else:
         naming = naming_for(parts, prefix)
@@ -101,12 +103,11 @@ def plan_tensors(
     if not any(routed.values()):
         _report_unmatched(path, unmatched, True, what)
     _report_unmatched(path, unmatched, strict, what)
-    config = SingleFileConfig(source=str(path), inference_mode=True)
     plans = {}
     for role, names in routed.items():
         if names:
             planned = plan_modules(models[role], grouped, names, path, recorded)
-            plans[role] = PartPlan(planned, config, {})
+            plans[role] = PartPlan(planned, SingleFileConfig(source=str(path), inference_mode=True), {})
     return plans
 
 
@@ -182,8 +183,8 @@ def load_adapter(
             part = parts[role]
             modes = {p.name: p.module.training for p in plan.planned}
             wrapper = controller(part)
+            attached.append(part)  # before attaching: a failure halfway is rolled back too
             wrapper.add_adapter(adapter_name, plan.config, _planned=plan.planned, _save_states=plan.save_states)
-            attached.append(part)
             model = inner_model(part)
             for name, mode in modes.items():
                 model.get_submodule(name).train(mode)
