@@ -306,6 +306,20 @@ def test_diffusers_loads_our_lora_files_to_the_same_outputs(kind: str, tmp_path)
     theirs.load_lora_weights(str(tmp_path / "lora.safetensors"))
     assert_outputs_close(part_outputs(theirs, kind), ours, rtol=1e-4, atol=1e-5)
 
+    # and back: diffusers' own LoRA file (with its adapter metadata) loads through load_adapter
+    from peft.utils import get_peft_model_state_dict
+
+    layers, metadata = {}, {}
+    for part in ("unet", "text_encoder", "text_encoder_2"):
+        module = getattr(theirs, part, None)
+        if module is not None:
+            layers[f"{part}_lora_layers"] = get_peft_model_state_dict(module, adapter_name="default_0")
+            metadata[f"{part}_lora_adapter_metadata"] = module.peft_config["default_0"].to_dict()
+    type(theirs).save_lora_weights(tmp_path / "diffusers", **layers, **metadata)
+    again = make_pipeline(kind)
+    load_adapter(again, tmp_path / "diffusers" / "pytorch_lora_weights.safetensors", strict=True)
+    assert_outputs_close(part_outputs(again, kind), ours, rtol=1e-4, atol=1e-5)
+
 
 def test_unmatched_keys_are_named_and_strict_mode_refuses(tmp_path) -> None:
     pipe = make_pipeline("sd")

@@ -26,9 +26,11 @@ from ..formats.lycoris_codecs import FormatError
 from ..formats.names import route_keys
 from ..formats.single_file import (
     DEFAULT_PREFIX,
+    group_by_module,
     match_module_keys,
     module_key,
     plan_modules,
+    read_metadata,
     read_single_file,
     single_file_tensors,
     write_single_file,
@@ -76,8 +78,20 @@ def plan_adapter(
     path = Path(path)
     if path.is_dir():
         return _plan_folder(parts, path)
-    grouped, recorded = read_single_file(path)
+    grouped, recorded = _read_file(path)
     return plan_tensors(parts, grouped, recorded, path, strict, prefix)
+
+
+def _read_file(path: Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any]]:
+    """A single file grouped by module key; diffusers' own LoRA layout (``unet.<path>.lora_A.weight``,
+    what ``pipe.save_lora_weights`` writes) is converted to single-file keys first."""
+    from ..tools.diffusers_layout import is_diffusers_layout, to_single_file
+
+    grouped, recorded = read_single_file(path)
+    tensors = {f"{module}.{name}": t for module, params in grouped.items() for name, t in params.items()}
+    if not is_diffusers_layout(list(tensors)):
+        return grouped, recorded
+    return group_by_module(to_single_file(tensors, read_metadata(path), path)), {}
 
 
 def plan_tensors(
@@ -153,8 +167,8 @@ def load_adapter(
     Args:
         target: a ``StableDiffusionPipeline`` / ``StableDiffusionXLPipeline`` (or anything with ``unet`` /
             ``text_encoder`` / ``text_encoder_2`` attributes), or a torch module.
-        path: a single ``.safetensors`` file (any algorithm, mixed) or a PEFT folder (or one with a PEFT
-            subfolder per part).
+        path: a single ``.safetensors`` file (any algorithm, mixed; or diffusers' LoRA layout) or a PEFT
+            folder (or one with a PEFT subfolder per part).
         multiplier: the adapter's strength.
         merge: add it into the weights for good instead of keeping it live.
         adapter_name: the name of the live adapter (several adapters stack, each with its strength).
