@@ -14,6 +14,16 @@ from .config import (
     LoraConfig,
     NormConfig,
 )
+from .integrations.diffusers import (
+    list_adapters,
+    load_adapter,
+    merge_adapter,
+    save_adapter,
+    set_adapters,
+    unload_adapter,
+)
+from .integrations.diffusers import set_multiplier as set_adapter_multiplier
+from .integrations.tiny_pipeline import tiny_sd_pipeline, tiny_sdxl_pipeline
 from .layers import AdapterLayer
 from .model import IA3Model, LoHaModel, LoKrModel, LoraModel, PeftModel, get_peft_model
 from .tools.convert import convert_adapter
@@ -37,5 +47,14 @@ __all__ = [
     "PeftModel",
     "get_peft_model",
     "convert_adapter",
+    "list_adapters",
+    "load_adapter",
+    "merge_adapter",
+    "save_adapter",
+    "set_adapter_multiplier",
+    "set_adapters",
+    "tiny_sd_pipeline",
+    "tiny_sdxl_pipeline",
+    "unload_adapter",
     "__version__",
 ]

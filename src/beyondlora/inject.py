@@ -52,7 +52,7 @@ def attach(model: nn.Module, planned: list[PlannedAdapter], adapter_name: str, f
     for plan in planned:
         layer = plan.module
         if not isinstance(layer, AdapterLayer):
-            layer = AdapterLayer(plan.module)
+            layer = AdapterLayer(plan.module).train(plan.module.training)
             _replace(model, plan.name, layer)
         layer.add_adapter(adapter_name, plan.adapter)
         layer.forward_mode = forward_mode

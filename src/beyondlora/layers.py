@@ -48,14 +48,15 @@ class AdapterLayer(nn.Module):
         self.forward_mode: ForwardMode = "auto"
         self.merged: dict[str, _Merged] = {}
 
-    # --- pass-throughs so code that reads ``module.weight`` keeps working -----------------------
-    @property
-    def weight(self) -> Tensor:
-        return self.base_layer.weight
-
-    @property
-    def bias(self) -> Tensor | None:
-        return getattr(self.base_layer, "bias", None)
+    def __getattr__(self, name: str) -> Any:
+        """Attributes of the base layer (``weight``, ``in_features``, …) read through, so code that inspects
+        the module it expects (diffusers reads ``linear_1.in_features``) keeps working."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_layer":
+                raise
+            return getattr(self.base_layer, name)
 
     # --- adapter management -------------------------------------------------------------------
     def add_adapter(self, name: str, adapter: Adapter) -> None:
@@ -176,6 +177,11 @@ class AdapterLayer(nn.Module):
                 result = result + (t * g.per_channel(adapter.channel_scale(), x.dim()) * plain_out).to(result.dtype)
                 continue
             x_in = x if g.kind == "embedding" else x.to(adapter.param_dtype)
+            if adapter.dora_scale is None and g.kind != "conv":
+                fused = self._add_low_rank(result, adapter, x_in, draws[name])
+                if fused is not None:
+                    result = fused
+                    continue
             delta_out = adapter.bypass(x_in, draws[name])
             if adapter.dora_scale is not None:
                 plain_out = self._without_bias(base_out) if plain_out is None else plain_out
@@ -188,6 +194,26 @@ class AdapterLayer(nn.Module):
             if bias is not None:
                 result = result + (t * g.per_channel(bias, x.dim())).to(result.dtype)
         return result
+
+    @staticmethod
+    def _add_low_rank(result: Tensor, adapter: Adapter, x: Tensor, draw: Any) -> Tensor | None:
+        """``result + t · s · hidden @ upᵀ`` as one fused ``addmm`` (no separate scale or add pass).
+
+        ``None`` when the adapter has no such factorization here or the dtypes differ (then the caller
+        adds the adapter's output itself).
+        """
+        parts = adapter.bypass_parts(x, draw)
+        if parts is None:
+            return None
+        hidden, up, scale = parts
+        if hidden.dtype != result.dtype and not _autocasting(result.device.type):
+            return None
+        if isinstance(scale, Tensor):  # a trainable scale (kohya's use_scalar): addmm's alpha must be a number
+            up, scale = up * scale, 1.0
+        flat = torch.addmm(
+            result.reshape(-1, up.shape[0]), hidden.reshape(-1, up.shape[1]), up.t(), alpha=adapter.multiplier * scale
+        )
+        return flat.reshape(result.shape)
 
     def _without_bias(self, out: Tensor) -> Tensor:
         bias = getattr(self.base_layer, "bias", None)

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops.geometry import Kind, LayerGeometry
@@ -133,7 +134,26 @@ class Adapter(nn.Module):
         return None
 
     def bypass(self, x: Tensor, draw: Any = None) -> Tensor | None:
-        """``ΔW · x`` without building ΔW, or ``None`` when this layer has no such path."""
+        """``ΔW · x`` (times the scale) without building ΔW, or ``None`` when this layer has no such path."""
+        if self.geometry.kind == "conv":
+            return self.conv_bypass(x, draw)
+        parts = self.bypass_parts(x, draw)
+        if parts is None:
+            return None
+        hidden, up, scale = parts
+        lead = x.shape if self.geometry.kind == "embedding" else x.shape[:-1]
+        return F.linear(hidden, up * scale).reshape(*lead, self.geometry.out_dim)
+
+    def bypass_parts(self, x: Tensor, draw: Any = None) -> tuple[Tensor, Tensor, float] | None:
+        """Linear-like layers: ``(hidden, up, scale)`` with ``ΔW · x = scale · hidden @ upᵀ``.
+
+        ``hidden`` (…, R) reshaped to rows of R lines up with the output (…, out) reshaped to rows of
+        ``up.shape[0]``, so the layer can add the product with one fused ``addmm``.
+        """
+        return None
+
+    def conv_bypass(self, x: Tensor, draw: Any = None) -> Tensor | None:
+        """Convolutions: ``ΔW ⊛ x`` (times the scale) without building ΔW, or ``None``."""
         return None
 
     def bypass_flops(self, tokens: int) -> float:

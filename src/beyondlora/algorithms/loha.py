@@ -83,9 +83,16 @@ class LoHa(Adapter):
         delta = hadamard_product(a1, self.hada_w1_b, a2, self.hada_w2_b, self.scale)
         return delta.reshape(self.geometry.weight_shape)
 
-    def bypass(self, x: Tensor, draw: Any = None) -> Tensor | None:
+    def bypass_parts(self, x: Tensor, draw: Any = None) -> tuple[Tensor, Tensor, float]:
+        """A rank-r² LoRA: ``up = w1_a •r w2_a`` (out, r²), ``down = w1_b •c w2_b`` (r², in)."""
+        a1, a2 = self._out_factors(draw)
+        down = column_khatri_rao(self.hada_w1_b, self.hada_w2_b)
+        hidden = F.embedding(x, down.t()) if self.geometry.kind == "embedding" else F.linear(x, down)
+        return hidden, row_khatri_rao(a1, a2), self.scale
+
+    def conv_bypass(self, x: Tensor, draw: Any = None) -> Tensor | None:
         g = self.geometry
-        if g.kind == "conv" and g.groups != 1:
+        if g.groups != 1:
             return None
         a1, a2 = self._out_factors(draw)
         if self.tucker:
@@ -93,15 +100,11 @@ class LoHa(Adapter):
             down = column_khatri_rao(self.hada_w1_b, self.hada_w2_b)
             core = torch.einsum("ij...,kl...->ikjl...", self.hada_t1, self.hada_t2).flatten(2, 3).flatten(0, 1)
             hidden = g.conv(g.pointwise(g.pad_input(x), down), core, padded=True)
-            return g.pointwise(hidden, up) * self.scale
-        up = row_khatri_rao(a1, a2)
-        down = column_khatri_rao(self.hada_w1_b, self.hada_w2_b)
-        if g.kind in ("linear", "hf_conv1d"):
-            return F.linear(F.linear(x, down), up) * self.scale
-        if g.kind == "embedding":
-            return F.linear(F.embedding(x, down.t()), up) * self.scale
-        hidden = g.conv(x, down.reshape(-1, g.in_dim, *g.kernel))
-        return g.pointwise(hidden, up) * self.scale
+        else:
+            up = row_khatri_rao(a1, a2)
+            down = column_khatri_rao(self.hada_w1_b, self.hada_w2_b)
+            hidden = g.conv(x, down.reshape(-1, g.in_dim, *g.kernel))
+        return g.pointwise(hidden, up * self.scale)
 
     def bypass_flops(self, tokens: int) -> float:
         g = self.geometry

@@ -146,24 +146,20 @@ class LoKr(Adapter):
         return kron(self.w1(draw), self.w2(draw)) * self.scale
 
     def bypass(self, x: Tensor, draw: Any = None) -> Tensor | None:
-        g = self.geometry
-        (a, b), (c, d) = self.out_factors, self.in_factors
-        if g.kind == "embedding":
+        if self.geometry.kind == "embedding":
             return self._embedding_bypass(x, draw)
-        if g.kind == "conv":
-            return None if g.groups != 1 else self._conv_bypass(x, draw)
-        w1 = self.w1(draw)
+        return super().bypass(x, draw)
+
+    def bypass_parts(self, x: Tensor, draw: Any = None) -> tuple[Tensor, Tensor, float] | None:
+        """``W1 X W2ᵀ`` with X (…, c, d): W2's input side first, then W1, leaving (…, a, R) @ upᵀ."""
+        if self.geometry.kind == "embedding":
+            return None
+        c, d = self.in_factors
         grid = x.reshape(*x.shape[:-1], c, d)
         if self.w2_is_full:
-            w2 = self.w2(draw)
-            if a * d * (c + b) <= c * b * (d + a):
-                out = torch.matmul(torch.matmul(w1, grid), w2.t())
-            else:
-                out = torch.matmul(w1, torch.matmul(grid, w2.t()))
-        else:
-            hidden = torch.matmul(w1, torch.matmul(grid, self.lokr_w2_b.t()))
-            out = torch.matmul(hidden, self._w2_out(draw).t())
-        return out.reshape(*x.shape[:-1], a * b) * self.scale
+            return torch.matmul(self.w1(draw), grid), self.w2(draw), self.scale
+        hidden = torch.matmul(self.w1(draw), torch.matmul(grid, self.lokr_w2_b.t()))
+        return hidden, self._w2_out(draw), self.scale
 
     def _embedding_bypass(self, x: Tensor, draw: Any) -> Tensor:
         """Column ``p·d + q`` of W1 ⊗ W2 is ``W1[:, p] ⊗ W2[:, q]``: gather both and take the outer product."""
@@ -172,9 +168,11 @@ class LoKr(Adapter):
         first, second = F.embedding(x // d, w1.t()), F.embedding(x % d, w2.t())
         return (first.unsqueeze(-1) * second.unsqueeze(-2)).flatten(-2) * self.scale
 
-    def _conv_bypass(self, x: Tensor, draw: Any) -> Tensor:
+    def conv_bypass(self, x: Tensor, draw: Any = None) -> Tensor | None:
         """Fold the c input groups into the batch, convolve with W2, then mix the groups with W1."""
         g = self.geometry
+        if g.groups != 1:
+            return None
         (a, b), (c, d) = self.out_factors, self.in_factors
         batch = x.shape[0]
         grouped = x.reshape(batch * c, d, *x.shape[2:])
@@ -185,11 +183,11 @@ class LoKr(Adapter):
         else:
             hidden = g.conv(grouped, self.lokr_w2_b.reshape(-1, d, *g.kernel))
         hidden = hidden.reshape(batch, c, *hidden.shape[1:])
-        mixed = torch.einsum("ac,nc...->na...", self.w1(draw), hidden)
+        mixed = torch.einsum("ac,nc...->na...", self.w1(draw) * self.scale, hidden)
         if not self.w2_is_full:
             up = self._w2_out(draw)
             mixed = torch.einsum("br,nar...->nab...", up.t() if self.tucker else up, mixed)
-        return mixed.reshape(batch, a * b, *mixed.shape[3:]) * self.scale
+        return mixed.reshape(batch, a * b, *mixed.shape[3:])
 
     def bypass_flops(self, tokens: int) -> float:
         g = self.geometry

@@ -62,21 +62,23 @@ class LoRA(Adapter):
             return tucker_rebuild(mid, up.t(), down.flatten(1)) * scale
         return (up @ down.flatten(1)).reshape(self.geometry.weight_shape) * scale
 
-    def bypass(self, x: Tensor, draw: Any = None) -> Tensor | None:
+    def bypass_parts(self, x: Tensor, draw: Any = None) -> tuple[Tensor, Tensor, float]:
+        up, _, down, scale = self.factors(draw)
+        x = self.input_dropout(x)
+        hidden = F.embedding(x, down.t()) if self.geometry.kind == "embedding" else F.linear(x, down)
+        return hidden, up, scale
+
+    def conv_bypass(self, x: Tensor, draw: Any = None) -> Tensor | None:
         up, mid, down, scale = self.factors(draw)
         g = self.geometry
-        x = self.input_dropout(x)
-        if g.kind in ("linear", "hf_conv1d"):
-            return F.linear(F.linear(x, down), up) * scale
-        if g.kind == "embedding":
-            return F.linear(F.embedding(x, down.t()), up) * scale
         if g.groups != 1:
             return None
+        x = self.input_dropout(x)
         if mid is None:
             hidden = g.conv(x, down)
         else:
             hidden = g.conv(g.pointwise(g.pad_input(x), down.flatten(1)), mid, padded=True)
-        return g.pointwise(hidden, up) * scale
+        return g.pointwise(hidden, up * scale)
 
     def bypass_flops(self, tokens: int) -> float:
         g = self.geometry

@@ -8,7 +8,6 @@ nothing new.
 from __future__ import annotations
 
 import copy
-from typing import Any
 
 import torch
 from torch import nn
@@ -25,16 +24,10 @@ class ScalarMixin:
 
     scalar: nn.Parameter
 
-    def delta_weight(self, base_weight: torch.Tensor, draw: Any = None) -> torch.Tensor:
-        return super().delta_weight(base_weight, draw) * self.scalar
-
-    def bypass(self, x: torch.Tensor, draw: Any = None) -> torch.Tensor | None:
-        out = super().bypass(x, draw)
-        return None if out is None else out * self.scalar
-
-    def delta_bias(self) -> torch.Tensor | None:
-        bias = super().delta_bias()
-        return None if bias is None else bias * self.scalar
+    @property
+    def scale(self) -> torch.Tensor:
+        """alpha / r times the trainable scalar: every path (bypass, rebuild, merge, export) reads it."""
+        return super().scale * self.scalar
 
 
 _SCALED_CLASSES: dict[type, type] = {}
