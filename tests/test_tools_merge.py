@@ -168,3 +168,30 @@ def test_extract_then_merge_reproduces_a_tuned_pipeline_folder(tmp_path) -> None
             else:
                 torch.testing.assert_close(merged[key], tuned[key], rtol=1e-5, atol=1e-5, msg=key)
     assert (out / "unet" / "config.json").read_text() == (tmp_path / "base" / "unet" / "config.json").read_text()
+
+
+def test_sharded_folder_keeps_its_shards_and_index(tmp_path) -> None:
+    unet = tiny_unet()
+    unet.save_pretrained(tmp_path / "base", safe_serialization=True, max_shard_size="200KB")
+    shards = sorted(p.name for p in (tmp_path / "base").glob("*.safetensors"))
+    assert len(shards) > 1
+    torch.manual_seed(4)
+    config = bl.LoraConfig(r=2, alpha=2, target_modules=["to_q", "conv1", "proj_in"], init_weights=False)
+    wrapped = bl.get_peft_model(tiny_unet(), config)
+    wrapped.save_pretrained(str(tmp_path / "a.safetensors"), prefix="lora_unet")
+    out = tmp_path / "merged"
+    assert (
+        main(["merge", str(tmp_path / "base"), str(tmp_path / "a.safetensors"), "--out", str(out), "--dtype", "fp16"])
+        == 0
+    )
+    assert sorted(p.name for p in out.glob("*.safetensors")) == shards
+    index = json.loads((out / "diffusion_pytorch_model.safetensors.index.json").read_text())
+    original = json.loads((tmp_path / "base" / "diffusion_pytorch_model.safetensors.index.json").read_text())
+    assert index["weight_map"] == original["weight_map"]
+    merged = {k: v for shard in shards for k, v in load_file(out / shard).items()}
+    assert index["metadata"]["total_size"] == sum(v.numel() * v.element_size() for v in merged.values())
+    reference = wrapped.merge_and_unload().state_dict()  # the library's own merge, on the real UNet
+    assert set(merged) == set(reference)
+    for key, value in merged.items():
+        assert value.dtype == torch.float16
+        torch.testing.assert_close(value, reference[key].half(), rtol=1e-3, atol=1e-3, msg=key)

@@ -184,20 +184,19 @@ def extract(
     return report
 
 
-def _load_delta(module: Module, tuned: Module, reader: TensorReader, device: torch.device) -> tuple[Tensor, Tensor]:
-    """(ΔW canonical, W_base canonical) in the working dtype on ``device``."""
-    work = torch.float64 if torch.float64 in (module.weight.dtype, tuned.weight.dtype) else torch.float32
-    geometry = module.geometry
-    base = canonical(reader.get(module.weight), geometry).to(device, work)
-    delta = canonical(reader.get(tuned.weight), geometry).to(device, work) - base
-    return delta, base
+def _max_abs(tensor: Tensor) -> float:
+    """max |x| without an |x| temporary (a model-sized pass allocates nothing)."""
+    if not tensor.numel():
+        return 0.0
+    low, high = tensor.aminmax()
+    return max(-float(low), float(high))
 
 
 def _changed(delta: Tensor | None, reference: Tensor | None, min_diff: float) -> bool:
     if delta is None:
         return False
-    scale = float(reference.abs().max()) if reference is not None and reference.numel() else 0.0
-    return float(delta.abs().max()) > min_diff * max(scale, torch.finfo(delta.dtype).tiny)
+    scale = _max_abs(reference) if reference is not None else 0.0
+    return _max_abs(delta) > min_diff * max(scale, torch.finfo(delta.dtype).tiny)
 
 
 def _extract_layer(
@@ -205,11 +204,19 @@ def _extract_layer(
 ) -> tuple[LayerReport, Adapter | None]:
     g = module.geometry
     report = LayerReport(module.name, g.weight_shape, "unchanged")
-    delta, base = _load_delta(module, tuned, reader, device)
-    bias_delta = base_bias = None
-    if module.bias is not None:
-        base_bias = reader.get(module.bias).to(device, delta.dtype)
-        bias_delta = reader.get(tuned.bias).to(device, delta.dtype) - base_bias
+    base_weight, tuned_weight = reader.get(module.weight), reader.get(tuned.weight)
+    base_bias = None if module.bias is None else reader.get(module.bias)
+    tuned_bias = None if module.bias is None else reader.get(tuned.bias)
+    if torch.equal(base_weight, tuned_weight) and (base_bias is None or torch.equal(base_bias, tuned_bias)):
+        return report, None  # bitwise equal: no need to look closer
+    work = torch.float64 if torch.float64 in (base_weight.dtype, tuned_weight.dtype) else torch.float32
+    base = canonical(base_weight, g).to(device, work)
+    delta = canonical(tuned_weight, g).to(device, work) - base
+    del tuned_weight
+    bias_delta = None
+    if base_bias is not None:
+        base_bias = base_bias.to(device, work)
+        bias_delta = tuned_bias.to(device, work) - base_bias
     weight_changed = _changed(delta, base, options.min_diff)
     bias_changed = _changed(bias_delta, base_bias, options.min_diff)
     if not (weight_changed or bias_changed):
@@ -232,9 +239,9 @@ def _extract_layer(
         adapter = _lokr(module, delta, options)
     adapter.to(device)
     with torch.no_grad():
-        rebuilt = adapter.delta_weight(base.to(adapter.param_dtype))
+        rebuilt = adapter.delta_weight(base.to(adapter.param_dtype))  # may be a parameter itself (Full)
         norm = float(delta.norm())
-        report.error = float((rebuilt - delta).norm()) / norm if norm > 0 else 0.0
+        report.error = float(torch.dist(rebuilt, delta.to(rebuilt.dtype))) / norm if norm > 0 else 0.0
     report.status = "extracted"
     report.algorithm = adapter.algorithm
     report.params = sum(p.numel() for p in adapter.parameters())
