@@ -114,6 +114,12 @@ def test_pipeline_component_to_peft_folder_loads_in_the_real_unet(tmp_path) -> N
     sample, t, hidden = torch.randn(1, 4, 8, 8), torch.tensor([5]), torch.randn(1, 5, 32)
     with torch.no_grad():
         torch.testing.assert_close(reloaded(sample, t, hidden).sample, wrapped(sample, t, hidden).sample)
+    # merging the PEFT folder into the whole pipeline finds its component (the UNet) by itself
+    assert main(["merge", str(tmp_path / "pipe"), str(folder), "--out", str(tmp_path / "merged")]) == 0
+    merged = load_file(tmp_path / "merged" / "unet" / "diffusion_pytorch_model.safetensors")
+    reference = wrapped.merge_and_unload().state_dict()
+    for key, value in merged.items():
+        torch.testing.assert_close(value, reference[key], rtol=1e-5, atol=1e-6, msg=key)
     # a file for the UNet and the text encoder cannot become one PEFT folder
     mixed = {**load_file(single), "lora_te_text_model_encoder_layers_0_mlp_fc1.diff": torch.zeros(37, 32)}
     save_file(mixed, str(tmp_path / "mixed.safetensors"))

@@ -249,3 +249,24 @@ def test_sd_single_file_keys_and_subprocess(tmp_path) -> None:
     assert "extracted 1 layer(s)" in result.stdout
     keys = {k.partition(".")[0] for k in load_file(tmp_path / "a.safetensors")}
     assert keys == {"lora_unet_input_blocks_1_1_proj_in"}
+
+
+def test_conv1d_conv3d_and_linear_named_like_an_embedder(tmp_path) -> None:
+    g = torch.Generator().manual_seed(10)
+    base = {
+        "c1.weight": torch.randn(16, 8, 3, generator=g),
+        "c3.weight": torch.randn(8, 4, 3, 3, 3, generator=g),
+        "context_embedder.weight": torch.randn(24, 12, generator=g),  # a Linear, not an embedding table
+    }
+    tuned = {
+        "c1.weight": base["c1.weight"] + low_rank(16, 24, 2, g).reshape(16, 8, 3),
+        "c3.weight": base["c3.weight"] + low_rank(8, 108, 2, g).reshape(8, 4, 3, 3, 3),
+        "context_embedder.weight": base["context_embedder.weight"] + low_rank(24, 12, 2, g),
+    }
+    save_state(base, tmp_path / "b.safetensors"), save_state(tuned, tmp_path / "t.safetensors")
+    paths = [str(tmp_path / name) for name in ("b.safetensors", "t.safetensors", "a.safetensors")]
+    assert main(["extract", *paths, "--linear-dim", "2", "--conv-dim", "2"]) == 0
+    grouped = _check_recovered(tmp_path / "a.safetensors", base, tuned, ["c1", "c3", "context_embedder"])
+    assert grouped["lycoris_c1"]["lora_down.weight"].shape == (2, 8, 3)
+    assert grouped["lycoris_c3"]["lora_up.weight"].shape == (8, 2, 1, 1, 1)
+    assert grouped["lycoris_context_embedder"]["lora_down.weight"].shape == (2, 12)

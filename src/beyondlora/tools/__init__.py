@@ -1,1 +1,11 @@
-"""Adapter tools: conversion between formats (extract, merge, resize and inspect arrive with the tools issue)."""
+"""Adapter tools, each behind a ``beyondlora`` subcommand (see README.md in this folder).
+
+- :mod:`.extract` — tuned − base as a LoCon (SVD) or LoKr (nearest Kronecker product) file;
+- :mod:`.merge` — adapters baked into a model, written in the model's format;
+- :mod:`.resize` — LoRA / LoCon / DyLoRA ranks cut by SVD;
+- :mod:`.convert` / :mod:`.convert_files` — single file ⇄ PEFT folder ⇄ diffusers' LoRA layout;
+- :mod:`.inspect` — what an adapter file holds;
+
+on top of :mod:`.checkpoints` (models read header-first, tensor by tensor), :mod:`.adapters` (adapter files
+read against a real or inferred model) and :mod:`.lowrank` (the SVD / Tucker / Kronecker math).
+"""

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,6 +69,7 @@ SD_COMPONENTS = {
 }
 #: diffusers subfolder → component root
 DIFFUSERS_COMPONENTS = {"unet": "unet", "transformer": "transformer", "text_encoder": "te", "text_encoder_2": "te2"}
+_EMBEDDING_NAME = re.compile(r"(.*_)?embeddings?|embed_tokens|wte|wpe")
 TEXT_ENCODER_PREFIXES = ("lora_te", "lora_te1", "lora_te2")
 #: children of a CLIP text model that checkpoints (and UIs' keys) put under ``text_model``; transformers 5
 #: saves them without that level
@@ -112,8 +114,10 @@ class Module:
 
     @property
     def is_embedding(self) -> bool:
+        """A 2-D weight named like an embedding table (``token_embedding``, ``word_embeddings``,
+        ``embed_tokens``, ``wte``); ``context_embedder`` and ``time_embedding.linear_1`` stay linear."""
         last = self.name.rsplit(".", 1)[-1].lower()
-        return len(self.weight.shape) == 2 and ("embed" in last or last in ("wte", "wpe"))
+        return len(self.weight.shape) == 2 and _EMBEDDING_NAME.fullmatch(last) is not None
 
     @property
     def geometry(self) -> LayerGeometry:
