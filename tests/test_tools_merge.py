@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import beyondlora as bl
 from beyondlora.cli import main
@@ -195,3 +195,22 @@ def test_sharded_folder_keeps_its_shards_and_index(tmp_path) -> None:
     for key, value in merged.items():
         assert value.dtype == torch.float16
         torch.testing.assert_close(value, reference[key].half(), rtol=1e-3, atol=1e-3, msg=key)
+
+
+def test_weight_and_bias_in_different_shards(tmp_path) -> None:
+    state = {k: v.contiguous() for k, v in planted_model().state_dict().items()}
+    (tmp_path / "base").mkdir()
+    save_file(
+        {k: v for k, v in state.items() if k != "lin.bias"}, str(tmp_path / "base" / "model-00001-of-00002.safetensors")
+    )
+    save_file({"lin.bias": state["lin.bias"]}, str(tmp_path / "base" / "model-00002-of-00002.safetensors"))
+    adapter = tmp_path / "full.safetensors"
+    _save_adapter("full", adapter)
+    assert main(["merge", str(tmp_path / "base"), str(adapter), "--out", str(tmp_path / "out")]) == 0
+    merged = {
+        **load_file(tmp_path / "out" / "model-00001-of-00002.safetensors"),
+        **load_file(tmp_path / "out" / "model-00002-of-00002.safetensors"),
+    }
+    expected = _expected(state, [(adapter, 1.0)])
+    _assert_merged(merged, expected, state, _touched([adapter]))
+    assert not torch.equal(merged["lin.bias"], state["lin.bias"])  # the bias delta reached the other shard

@@ -236,6 +236,8 @@ class Checkpoint:
 
     def _module_table(self) -> dict[str, Module]:
         table: dict[str, Module] = {}
+        # shards of one component: a module's bias may sit in another file than its weight
+        everywhere = {(c.root, key): info for f in self.files for key, info in f.tensors.items() for c in f.components}
         for model_file in self.files:
             for key, info in model_file.tensors.items():
                 component = model_file.component_of(key)
@@ -246,7 +248,7 @@ class Checkpoint:
                 name = module_name(component, key[len(component.key_prefix) : -len(".weight")])
                 if name in table:
                     raise ValueError(f"{self.path}: module {name!r} appears in two files")
-                bias = model_file.tensors.get(key[: -len("weight")] + "bias")
+                bias = everywhere.get((component.root, key[: -len("weight")] + "bias"))
                 table[name] = Module(name, info, bias, component)
         return table
 
@@ -259,7 +261,9 @@ class Checkpoint:
         if param not in ("weight", "bias"):
             return None
         module = self.modules.get(module_name(component, stem[len(component.key_prefix) :]))
-        return module if module is not None and module.weight.file == model_file.path else None
+        info = None if module is None else module.weight if param == "weight" else module.bias
+        # a shard may hold a module's weight and another its bias
+        return module if info is not None and info.file == model_file.path and info.key == key else None
 
     def other_files(self) -> list[Path]:
         """Files of a folder checkpoint that are not weights read here (configs, tokenizers, variants)."""
