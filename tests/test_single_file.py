@@ -222,3 +222,16 @@ def test_truncated_single_file(tmp_path) -> None:
     with pytest.raises(ValueError, match=f"{path.name} is not a readable safetensors file"):
         bl.PeftModel.from_pretrained(target, path)
     assert not any(isinstance(m, bl.AdapterLayer) for m in target.modules())
+
+
+def test_unknown_tensors_in_a_module_are_an_error(tmp_path) -> None:
+    """A model file (``x.weight`` + ``x.bias``) must not pass for an (IA)³ adapter, nor stray tensors be ignored."""
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6))
+    path = tmp_path / "not_an_adapter.safetensors"
+    save_file({"lycoris_0.weight": torch.randn(6, 4), "lycoris_0.bias": torch.randn(6)}, str(path))
+    with pytest.raises(ValueError, match=r"\['bias'\] are not part of a ia3 adapter"):
+        bl.PeftModel.from_pretrained(model, path)
+    save_file({"lycoris_0.diff": torch.randn(6, 4), "lycoris_0.extra": torch.zeros(1)}, str(path))
+    with pytest.raises(ValueError, match=r"\['extra'\] are not part of a full adapter"):
+        bl.PeftModel.from_pretrained(model, path)
+    assert type(model[0]) is torch.nn.Linear

@@ -123,8 +123,17 @@ def save_folder(model: nn.Module, directory: str | Path, config: AdapterConfig, 
             raise FormatError(
                 f"cannot write adapter {adapter_name!r} as a PEFT folder: {error}; save to a .safetensors file"
             ) from None
-    elif config.algorithm in ("full", "norm"):
-        config_data = config.to_dict()
+    elif len({a.algorithm for a in adapters.values()}) == 1 and next(iter(adapters.values())).algorithm in (
+        "full",
+        "norm",
+    ):
+        algorithm = next(iter(adapters.values())).algorithm
+        config_data = {
+            "peft_type": algorithm.upper(),
+            "target_modules": _exact(list(adapters)),
+            "modules_to_save": config.modules_to_save,
+            "inference_mode": config.inference_mode,
+        }
         for name, adapter in adapters.items():
             tensors.update({f"{KEY_PREFIX}{name}.{k}": v for k, v in export_tensors(adapter).items()})
     else:

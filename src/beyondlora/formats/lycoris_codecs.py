@@ -24,6 +24,17 @@ from ..ops.geometry import LayerGeometry
 TRAINING_OPTIONS = ("rank_dropout", "rank_dropout_scale", "module_dropout", "block_size", "dropout", "decompose_factor")
 
 
+#: the tensor names each algorithm's module may carry in a single file (besides ``alpha`` and ``dora_scale``)
+FILE_TENSORS: dict[str, set[str]] = {
+    "lora": {"lora_down.weight", "lora_up.weight", "lora_mid.weight"},
+    "loha": {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2"},
+    "lokr": {"lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2"},
+    "ia3": {"weight", "on_input"},
+    "full": {"diff", "diff_b"},
+    "norm": {"w_norm", "b_norm"},
+}
+
+
 class FormatError(ValueError):
     """A module's tensors cannot be read or written in the requested format."""
 
@@ -142,6 +153,9 @@ def import_adapter(
     instead of the UIs' 1.
     """
     algorithm = detect_algorithm(params, where)
+    unknown = sorted(set(params) - FILE_TENSORS[algorithm] - {"alpha", "dora_scale"})
+    if unknown:
+        raise FormatError(f"{where}: tensor(s) {unknown} are not part of a {algorithm} adapter")
     try:
         state, options = _read_state(algorithm, params, geometry, where)
     except KeyError as missing:

@@ -14,32 +14,18 @@ converts to a single file without a base (its keys carry the module paths); writ
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import torch
 
-from ..config import FullConfig, NormConfig
 from ..formats.single_file import is_single_file, read_metadata
 from ..formats.tensors import check_finite, write_tensors
-from ..inject import adapter_layers
-from ..model import PeftModel
 from .adapters import adapter_kind, load_adapter, readable_file, renamed_metadata, single_file_tensors
 from .checkpoints import Checkpoint, skeleton
 from .convert import convert_adapter
 from .diffusers_layout import METADATA_KEY, from_adapters
 
 _PRECISE = ("alpha", "on_input")
-
-
-def _full_or_norm_folder(model, source: Path, destination: Path, algorithm: str, dtype: torch.dtype | None) -> None:
-    """A single file of Full (or Norm) modules as a FULL (NORM) folder: the folder writer needs that
-    config, which a single file does not carry; its targets are exactly the file's modules."""
-    wrapper = PeftModel.from_pretrained(model, source)
-    names = [name for name, _ in adapter_layers(model)]
-    pattern = "^(?:" + "|".join(re.escape(n) for n in sorted(names)) + ")$"
-    wrapper.peft_config["default"] = (FullConfig if algorithm == "full" else NormConfig)(target_modules=pattern)
-    wrapper.save_pretrained(destination, dtype=dtype)
 
 
 def _cast(tensors: dict[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
@@ -100,11 +86,7 @@ def convert_file(
         root = roots[0]
         modules = [m for m in checkpoint.modules.values() if m.component.root == root]
         model, model_prefix = skeleton(modules, strip=root), modules[0].component.prefix
-    algorithms = {adapter.algorithm for adapter in loaded.adapters.values()}
     with readable_file(source, source_kind) as (readable, kind):
-        if kind != "peft_folder" and not to_file and algorithms in ({"full"}, {"norm"}):
-            _full_or_norm_folder(model, readable, destination, algorithms.pop(), dtype)
-        else:
-            convert_adapter(model, readable, destination, prefix=prefix or model_prefix, dtype=dtype)
+        convert_adapter(model, readable, destination, prefix=prefix or model_prefix, dtype=dtype)
     kind = "single file" if to_file else "PEFT folder"
     return f"converted {len(loaded.adapters)} module(s) to the {kind} {destination}"
