@@ -208,6 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: 1)")
     demo.set_defaults(handler=_demo)
     _add_tools(commands)
+    from .training.command import add_train_parser
+
+    add_train_parser(commands)
     return parser
 
 

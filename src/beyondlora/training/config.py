@@ -1,0 +1,269 @@
+"""The training configuration: one dataclass whose every field is a TOML key and a ``--flag``.
+
+Precedence: defaults < the TOML file < flags given on the command line.  :meth:`TrainConfig.validate`
+checks everything that can be checked without loading a model, so a bad option fails in a second.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomllib
+
+ALGOS = ("lokr", "loha", "lora", "locon", "ia3", "dylora", "full")
+PRESETS = ("attn", "attn-mlp", "full")
+OPTIMIZERS = ("adamw", "adamw8bit", "prodigy")
+SCHEDULES = ("constant", "cosine", "linear")
+PRECISIONS = ("no", "fp16", "bf16")
+PREDICTIONS = ("epsilon", "v_prediction")
+SAVE_DTYPES = ("fp32", "fp16", "bf16")
+
+
+class TrainConfigError(ValueError):
+    """A bad or contradictory training option (raised before any heavy work)."""
+
+
+@dataclass
+class TrainConfig:
+    """Every option of ``beyondlora train`` (the defaults run the built-in offline demo).
+
+    Attributes (the help text of each flag is in its field's ``metadata``).
+    """
+
+    pretrained_model: str = field(
+        default="demo",
+        metadata={"help": "'demo', 'tiny-sd', a diffusers folder or a single-file SD checkpoint (.safetensors)"},
+    )
+    train_data_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "images with same-name .txt captions (kohya layout, N_name repeat folders) or an "
+            "imagefolder with metadata.jsonl; default: the demo concept"
+        },
+    )
+    output_dir: str | None = field(
+        default=None, metadata={"help": "where everything is written (default ./output/<timestamp>)"}
+    )
+    resume: bool = field(default=False, metadata={"help": "continue from the latest checkpoint in --output-dir"})
+    # network
+    algo: str = field(default="lokr", metadata={"help": "/".join(ALGOS)})
+    rank: int = field(default=8, metadata={"help": "rank (LoKr: of the decomposed factor)"})
+    alpha: float | None = field(default=None, metadata={"help": "alpha (default: rank)"})
+    conv_rank: int | None = field(default=None, metadata={"help": "rank of 3×3 convs (preset 'full'; default: rank)"})
+    conv_alpha: float | None = field(default=None, metadata={"help": "alpha of 3×3 convs (default: conv rank)"})
+    factor: int = field(default=-1, metadata={"help": "LoKr factor (-1: balanced)"})
+    preset: str = field(default="attn-mlp", metadata={"help": "/".join(PRESETS)})
+    use_dora: bool = field(default=False, metadata={"help": "DoRA weight decomposition"})
+    train_text_encoder: bool = field(default=False, metadata={"help": "also adapt the text encoder(s)"})
+    # data
+    resolution: int | None = field(default=None, metadata={"help": "training side in pixels (default: the model's)"})
+    batch_size: int = field(default=8, metadata={"help": "images per step per process"})
+    enable_bucket: bool = field(default=True, metadata={"help": "aspect-ratio bucketing"})
+    random_flip: bool = field(default=False, metadata={"help": "mirror images at random"})
+    random_crop: bool = field(
+        default=False, metadata={"help": "random instead of centre crops (not with latent caching)"}
+    )
+    shuffle_caption: bool = field(default=False, metadata={"help": "shuffle comma-separated caption tags"})
+    keep_tokens: int = field(default=0, metadata={"help": "leading tags kept in place when shuffling"})
+    caption_dropout: float = field(default=0.0, metadata={"help": "probability of an empty caption"})
+    cache_latents: bool = field(default=True, metadata={"help": "encode every image once, in memory"})
+    cache_latents_to_disk: bool = field(default=False, metadata={"help": "also keep the latent cache on disk"})
+    # optimisation
+    max_steps: int = field(default=150, metadata={"help": "optimizer steps"})
+    learning_rate: float = field(default=3e-3, metadata={"help": "peak learning rate"})
+    optimizer: str = field(default="adamw", metadata={"help": "/".join(OPTIMIZERS)})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    lr_scheduler: str = field(default="constant", metadata={"help": "/".join(SCHEDULES)})
+    warmup_steps: int = field(default=0, metadata={"help": "linear warm-up steps"})
+    gradient_accumulation: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping (0: off)"})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations (less memory)"})
+    mixed_precision: str = field(default="no", metadata={"help": "/".join(PRECISIONS) + " (fp16/bf16 on GPU)"})
+    noise_offset: float = field(default=0.0, metadata={"help": "noise offset"})
+    min_snr_gamma: float | None = field(default=None, metadata={"help": "min-SNR-γ loss weighting"})
+    prediction_type: str | None = field(default=None, metadata={"help": "epsilon/v_prediction (default: the model's)"})
+    seed: int = field(default=0, metadata={"help": "seed of everything random"})
+    # outputs
+    save_every: int = field(default=50, metadata={"help": "checkpoint every N steps (0: only at the end)"})
+    keep_checkpoints: int = field(default=2, metadata={"help": "how many checkpoints to keep"})
+    sample_every: int = field(default=0, metadata={"help": "sample grid every N steps (0: never)"})
+    sample_prompts: list[str] | None = field(
+        default=None, metadata={"help": "prompts of samples and the before/after grid"}
+    )
+    sample_seeds: list[int] = field(
+        default_factory=lambda: [0, 1, 2, 3], metadata={"help": "seeds of the sample grid rows"}
+    )
+    sample_steps: int = field(default=20, metadata={"help": "DDIM steps per sample"})
+    guidance_scale: float = field(default=3.0, metadata={"help": "classifier-free guidance"})
+    save_precision: str = field(default="fp32", metadata={"help": "/".join(SAVE_DTYPES) + " of the adapter file"})
+    threads: int | None = field(default=None, metadata={"help": "torch CPU threads"})
+
+    # --- loading -----------------------------------------------------------------------------
+    @classmethod
+    def from_toml(cls, path: str | Path) -> dict[str, Any]:
+        """The options in a TOML file (a flat table, or under ``[train]``); unknown keys are an error."""
+        path = Path(path)
+        if not path.is_file():
+            raise TrainConfigError(f"config file {path} does not exist")
+        try:
+            data = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as error:
+            raise TrainConfigError(f"{path} is not valid TOML: {error}") from None
+        data = data.get("train", data)
+        data = {key.replace("-", "_"): value for key, value in data.items()}
+        unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise TrainConfigError(f"{path}: unknown option(s): {', '.join(unknown)}")
+        return data
+
+    @classmethod
+    def from_sources(cls, toml_path: str | None, flags: dict[str, Any]) -> TrainConfig:
+        values = cls.from_toml(toml_path) if toml_path else {}
+        values.update({k: v for k, v in flags.items() if v is not None})
+        try:
+            config = cls(**values)
+        except TypeError as error:
+            raise TrainConfigError(str(error)) from None
+        config.check_types()
+        return config
+
+    def check_types(self) -> None:
+        for f in dataclasses.fields(self):
+            value, kinds = getattr(self, f.name), _base_types(f.type)
+            if value is None and type(None) in kinds:
+                continue
+            if float in kinds and isinstance(value, int) and not isinstance(value, bool):
+                setattr(self, f.name, float(value))
+                continue
+            if not any(_is_instance(value, kind) for kind in kinds if kind is not type(None)):
+                raise TrainConfigError(f"option {f.name} must be {f.type}, got {value!r}")
+
+    # --- checks ------------------------------------------------------------------------------
+    def validate(self, cuda: bool) -> None:
+        """Every check that needs no model: bad values and options that contradict each other."""
+        choices = {
+            "algo": ALGOS,
+            "preset": PRESETS,
+            "optimizer": OPTIMIZERS,
+            "lr_scheduler": SCHEDULES,
+            "mixed_precision": PRECISIONS,
+            "save_precision": SAVE_DTYPES,
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise TrainConfigError(
+                    f"--{_flag(name)} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}"
+                )
+        if self.prediction_type not in (None, *PREDICTIONS):
+            raise TrainConfigError(f"--prediction-type must be epsilon or v_prediction, got {self.prediction_type!r}")
+        positive = ("rank", "batch_size", "max_steps", "gradient_accumulation", "sample_steps", "keep_checkpoints")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise TrainConfigError(f"--{_flag(name)} must be at least 1, got {getattr(self, name)}")
+        for name in (
+            "save_every",
+            "sample_every",
+            "warmup_steps",
+            "keep_tokens",
+            "noise_offset",
+            "weight_decay",
+            "max_grad_norm",
+        ):
+            if getattr(self, name) < 0:
+                raise TrainConfigError(f"--{_flag(name)} must not be negative, got {getattr(self, name)}")
+        if self.conv_rank is not None and self.conv_rank < 1:
+            raise TrainConfigError(f"--conv-rank must be at least 1, got {self.conv_rank}")
+        if not self.learning_rate > 0:
+            raise TrainConfigError(f"--learning-rate must be positive, got {self.learning_rate}")
+        if not 0.0 <= self.caption_dropout < 1.0:
+            raise TrainConfigError(f"--caption-dropout must be in [0, 1), got {self.caption_dropout}")
+        if self.min_snr_gamma is not None and self.min_snr_gamma <= 0:
+            raise TrainConfigError(f"--min-snr-gamma must be positive, got {self.min_snr_gamma}")
+        if self.warmup_steps > self.max_steps:
+            raise TrainConfigError(f"--warmup-steps ({self.warmup_steps}) exceeds --max-steps ({self.max_steps})")
+        if self.resume and self.output_dir is None:
+            raise TrainConfigError("--resume needs the --output-dir of the run to continue")
+        if self.random_crop and self.cache_latents:
+            raise TrainConfigError(
+                "--random-crop contradicts --cache-latents (cached latents have one crop); pass --no-cache-latents"
+            )
+        if self.cache_latents_to_disk and not self.cache_latents:
+            raise TrainConfigError("--cache-latents-to-disk contradicts --no-cache-latents")
+        if self.use_dora and self.algo in ("ia3", "full"):
+            raise TrainConfigError(f"--use-dora does not apply to --algo {self.algo}")
+        if (self.conv_rank is not None or self.conv_alpha is not None) and self.preset != "full":
+            raise TrainConfigError("--conv-rank/--conv-alpha need --preset full (the other presets adapt no 3×3 conv)")
+        if self.mixed_precision != "no" and not cuda:
+            raise TrainConfigError(f"--mixed-precision {self.mixed_precision} needs a GPU; on CPU use 'no'")
+        modules = {"adamw8bit": "bitsandbytes", "prodigy": "prodigyopt"}
+        if self.optimizer in modules:
+            import importlib.util
+
+            if importlib.util.find_spec(modules[self.optimizer]) is None:
+                raise TrainConfigError(f"--optimizer {self.optimizer} needs the {modules[self.optimizer]} package")
+        if self.sample_prompts is not None and not self.sample_prompts:
+            raise TrainConfigError("--sample-prompts is empty")
+
+    # --- writing -----------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_toml(self) -> str:
+        """The configuration as TOML (options that are unset are left out, as TOML has no null)."""
+        lines = ["# the effective configuration of this run: beyondlora train config.toml reruns it"]
+        for key, value in self.to_dict().items():
+            if value is not None:
+                lines.append(f"{key} = {json.dumps(value)}")
+        return "\n".join(lines) + "\n"
+
+
+def _flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _base_types(annotation: Any) -> tuple[Any, ...]:
+    hint = eval(annotation, {"list": list}) if isinstance(annotation, str) else annotation  # noqa: S307
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        return typing.get_args(hint)
+    return (hint,)
+
+
+def _is_instance(value: Any, kind: Any) -> bool:
+    origin = typing.get_origin(kind)
+    if origin is list:
+        (item,) = typing.get_args(kind)
+        return isinstance(value, list) and all(_is_instance(v, item) for v in value)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, kind)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """One ``--flag`` per field (``--x/--no-x`` for booleans); defaults are None so TOML values stay."""
+    parser.add_argument("config", nargs="?", help="a TOML file of options (flags override it)")
+    for f in dataclasses.fields(TrainConfig):
+        kinds = [k for k in _base_types(f.type) if k is not type(None)]
+        kind = kinds[0]
+        help_text = f.metadata.get("help", "")
+        flag = f"--{_flag(f.name)}"
+        if kind is bool:
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        elif typing.get_origin(kind) is list:
+            (item,) = typing.get_args(kind)
+            parser.add_argument(flag, dest=f.name, type=item, nargs="+", default=None, help=help_text)
+        else:
+            parser.add_argument(flag, dest=f.name, type=kind, default=None, help=help_text)
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    flags = {f.name: getattr(args, f.name, None) for f in dataclasses.fields(TrainConfig)}
+    return TrainConfig.from_sources(args.config, flags)

@@ -1,0 +1,346 @@
+"""``beyondlora train``: fine-tune a Stable Diffusion UNet (and optionally its text encoder) with any
+adapter algorithm, from one CPU to several processes under ``torchrun`` / ``accelerate launch``.
+
+Every random draw is a function of (seed, step) or restored from a checkpoint, so a run of N steps and a
+run stopped at any checkpoint and resumed produce the same adapter.  Only the main process writes files.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .checkpoint import MetricsLog, checkpoint_dirs, load_checkpoint, save_checkpoint
+from .config import TrainConfig, TrainConfigError
+from .data import BucketDataset, LatentCache, batch_generator, load_pixels, process_caption, scan_dataset
+from .distributed import Dist
+from .models import check_model_path, load_base_model
+from .network import adapter_config
+from .outputs import finish_run, prepare_output_dir, sample_grid
+
+INTERRUPTED = 130
+
+
+class NonFiniteLossError(ValueError):
+    """The loss became NaN or infinite; the run stops and keeps its last good checkpoint."""
+
+
+def _lr_lambda(config: TrainConfig) -> Callable[[int], float]:
+    def factor(step: int) -> float:
+        if step < config.warmup_steps:
+            return (step + 1) / (config.warmup_steps + 1)
+        progress = (step - config.warmup_steps) / max(1, config.max_steps - config.warmup_steps)
+        if config.lr_scheduler == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * progress))
+        if config.lr_scheduler == "linear":
+            return max(0.0, 1 - progress)
+        return 1.0
+
+    return factor
+
+
+def _optimizer(config: TrainConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    if config.optimizer == "adamw8bit":
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+    if config.optimizer == "prodigy":
+        import prodigyopt
+
+        return prodigyopt.Prodigy(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+    return torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+
+
+class _Stop:
+    """SIGINT / SIGTERM set a flag; the loop checkpoints and exits at the end of the current step."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _Stop:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def _handle(self, sig: int, frame: Any) -> None:
+        self.signal = sig
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+class Trainer:
+    """One training run; :meth:`run` returns the process exit status (0 done, 130 interrupted)."""
+
+    def __init__(self, config: TrainConfig, echo: Callable[[str], None] = print) -> None:
+        self.config, self.echo = config, echo
+        self.dist = Dist.from_environment()
+        config.validate(cuda=self.dist.device.type == "cuda")
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        torch.set_flush_denormal(True)
+        check_model_path(config.pretrained_model)
+        if config.train_data_dir is None and config.pretrained_model != "demo":
+            raise TrainConfigError("--train-data-dir is required unless --pretrained-model is 'demo'")
+        if config.train_data_dir is not None:
+            scan_dataset(config.train_data_dir)  # every data error before the model loads
+        self.output_dir = prepare_output_dir(config, self.dist)
+        if not config.resume and checkpoint_dirs(self.output_dir):
+            raise TrainConfigError(
+                f"{self.output_dir} already has checkpoints: pass --resume to continue that "
+                "run or choose another --output-dir"
+            )
+
+    # --- setup ---------------------------------------------------------------------------------
+    def _setup(self) -> None:
+        from ..model import get_peft_model
+
+        config = self.config
+        data_dir = config.train_data_dir
+        if data_dir is None:
+            from .demo_model import write_concept_dataset
+
+            data_dir = str(self.output_dir / "concept_data")
+            if self.dist.is_main:
+                write_concept_dataset(data_dir)
+            self.dist.barrier()
+        items = scan_dataset(data_dir)
+        self.base = load_base_model(config.pretrained_model, self.dist.device)
+        resolution = config.resolution or self.base.resolution
+        step = 8 * self.base.scale_factor
+        if resolution % step:
+            raise TrainConfigError(f"--resolution must be a multiple of {step} for this model, got {resolution}")
+        if config.prediction_type is not None:
+            self.base.scheduler.register_to_config(prediction_type=config.prediction_type)
+        self.dataset = BucketDataset(items, resolution, step, config.enable_bucket)
+        torch.manual_seed(config.seed)
+        self.unet = get_peft_model(self.base.unet, adapter_config(config, "unet"))
+        self.text_encoder = None
+        if config.train_text_encoder:
+            self.text_encoder = get_peft_model(self.base.text_encoder, adapter_config(config, "text_encoder"))
+            self.text_encoder.train()
+        self.unet.train()
+        if config.gradient_checkpointing:
+            self.base.unet.enable_gradient_checkpointing()
+        self.trainable = {f"unet.{n}": p for n, p in self.base.unet.named_parameters() if p.requires_grad}
+        if self.text_encoder is not None:
+            self.trainable.update(
+                {f"te.{n}": p for n, p in self.base.text_encoder.named_parameters() if p.requires_grad}
+            )
+        if not self.trainable:
+            raise TrainConfigError("the chosen --algo and --preset adapt no layer of this model")
+        self.dist.broadcast_parameters(list(self.trainable.values()))
+        self.optimizer = _optimizer(config, list(self.trainable.values()))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(config))
+        self.cache = None
+        if config.cache_latents:
+            disk = self.output_dir / "latent_cache.safetensors" if config.cache_latents_to_disk else None
+            self.cache = LatentCache(
+                self.dataset, self.base.encode, config.random_flip, disk if self.dist.is_main else None
+            )
+        self.embeddings: dict[str, torch.Tensor] = {}
+        self.global_batch = config.batch_size * self.dist.world
+        self.batches_per_epoch = len(self.dataset.epoch_batches(config.seed, 0, self.global_batch))
+        self.scaler = torch.amp.GradScaler() if config.mixed_precision == "fp16" else None
+
+    # --- one step ------------------------------------------------------------------------------
+    def _text(self, captions: list[str]) -> torch.Tensor:
+        from .sampling import encode_prompts
+
+        if self.text_encoder is not None:
+            tokens = self.base.tokenizer(
+                captions,
+                padding="max_length",
+                truncation=True,
+                max_length=self.base.tokenizer.model_max_length,
+                return_tensors="pt",
+            )
+            return self.text_encoder(tokens.input_ids.to(self.dist.device))[0]
+        missing = [c for c in dict.fromkeys(captions) if c not in self.embeddings]
+        if missing:
+            self.embeddings.update(
+                zip(missing, encode_prompts(self.base.text_encoder, self.base.tokenizer, missing), strict=True)
+            )
+        return torch.stack([self.embeddings[c] for c in captions])
+
+    def _batch(self, position: int) -> tuple[torch.Tensor, list[str]]:
+        config = self.config
+        epoch, index = divmod(position, self.batches_per_epoch)
+        members = self.dataset.epoch_batches(config.seed, epoch, self.global_batch)[index]
+        generator = batch_generator(config.seed, epoch, index)
+        flips = (torch.rand(len(members), generator=generator) < 0.5).tolist()
+        crops = torch.rand(len(members), 2, generator=generator).tolist()
+        captions = [
+            process_caption(
+                self.dataset.items[m].caption,
+                config.shuffle_caption,
+                config.keep_tokens,
+                config.caption_dropout,
+                generator,
+            )
+            for m in members
+        ]
+        mine = range(self.dist.rank * config.batch_size, (self.dist.rank + 1) * config.batch_size)
+        latents = []
+        for i in mine:
+            flip = config.random_flip and flips[i]
+            if self.cache is not None:
+                latents.append(self.cache.get(members[i], flip))
+                continue
+            crop = tuple(crops[i]) if config.random_crop else (0.5, 0.5)
+            pixels = load_pixels(self.dataset.items[members[i]], self.dataset.bucket_of[members[i]], crop)
+            latents.append(self.base.encode((pixels.flip(-1) if flip else pixels)[None])[0].float())
+        return torch.stack(latents).to(self.dist.device), [captions[i] for i in mine]
+
+    def _loss(self, step: int, micro: int, latents: torch.Tensor, captions: list[str]) -> torch.Tensor:
+        config, scheduler = self.config, self.base.scheduler
+        generator = torch.Generator().manual_seed(
+            ((config.seed * 1_000_003 + step) * 97 + micro) * 131 + self.dist.rank
+        )
+        noise = torch.randn(latents.shape, generator=generator)
+        if config.noise_offset:
+            noise = noise + config.noise_offset * torch.randn(latents.shape[:2] + (1, 1), generator=generator)
+        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator)
+        noise, timesteps = noise.to(latents.device), timesteps.to(latents.device)
+        noisy = scheduler.add_noise(latents, noise, timesteps)
+        prediction = scheduler.config.prediction_type
+        target = noise if prediction == "epsilon" else scheduler.get_velocity(latents, noise, timesteps)
+        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision)
+        autocast = torch.autocast(latents.device.type, dtype=dtype) if dtype else nullcontext()
+        with autocast:
+            states = self._text(captions)
+            output = self.unet(noisy, timesteps, encoder_hidden_states=states).sample
+        losses = F.mse_loss(output.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+        if config.min_snr_gamma is not None:
+            alphas = scheduler.alphas_cumprod.to(latents.device)[timesteps]
+            snr = alphas / (1 - alphas)
+            clipped = torch.clamp(snr, max=config.min_snr_gamma)
+            losses = losses * (clipped / snr if prediction == "epsilon" else clipped / (snr + 1))
+        return losses.mean()
+
+    def _save(self, step: int) -> None:
+        if self.dist.is_main:
+            save_checkpoint(
+                self.output_dir,
+                step,
+                self.trainable,
+                self.optimizer,
+                self.scheduler,
+                step * self.config.gradient_accumulation,
+                self.config.keep_checkpoints,
+            )
+        self.dist.barrier()
+
+    # --- the run -------------------------------------------------------------------------------
+    def run(self) -> int:
+        from tqdm.auto import tqdm
+
+        config = self.config
+        started = time.perf_counter()
+        self._setup()
+        start = 0
+        if config.resume:
+            start, _ = load_checkpoint(self.output_dir, self.trainable, self.optimizer, self.scheduler)
+            self.echo(f"resuming {self.output_dir} from step {start}")
+        metrics = MetricsLog(self.output_dir / "metrics.jsonl", start) if self.dist.is_main else None
+        writer = self._tensorboard()
+        bar = tqdm(total=config.max_steps, initial=start, disable=not self.dist.is_main, desc="training")
+        params = list(self.trainable.values())
+        status = 0
+        with _Stop() as stop:
+            for step in range(start, config.max_steps):
+                total = 0.0
+                for micro in range(config.gradient_accumulation):
+                    latents, captions = self._batch(step * config.gradient_accumulation + micro)
+                    loss = self._loss(step, micro, latents, captions) / config.gradient_accumulation
+                    (self.scaler.scale(loss) if self.scaler else loss).backward()
+                    total += loss.item()
+                total = self.dist.mean(total)
+                if not math.isfinite(total):
+                    bar.close()
+                    kept = checkpoint_dirs(self.output_dir)
+                    raise NonFiniteLossError(
+                        f"the loss became {total} at step {step + 1}; stopped. The last good "
+                        f"checkpoint is {kept[-1] if kept else 'none (none was saved yet)'}"
+                    )
+                self.dist.average_gradients(params)
+                if self.scaler:
+                    self.scaler.unscale_(self.optimizer)
+                if config.max_grad_norm:
+                    torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+                lr = self.scheduler.get_last_lr()[0]
+                if self.scaler:
+                    self.scaler.step(self.optimizer)
+                    self.scaler.update()
+                else:
+                    self.optimizer.step()
+                self.scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                done = step + 1
+                if metrics is not None:
+                    metrics.write(
+                        {
+                            "step": done,
+                            "loss": total,
+                            "lr": lr,
+                            "epoch": step // max(1, self.batches_per_epoch),
+                            "time": round(time.perf_counter() - started, 3),
+                        }
+                    )
+                if writer is not None:
+                    writer.add_scalar("loss", total, done)
+                    writer.add_scalar("lr", lr, done)
+                bar.set_postfix(loss=f"{total:.4f}", lr=f"{lr:.2e}")
+                bar.update(1)
+                if config.save_every and done % config.save_every == 0 and done < config.max_steps:
+                    self._save(done)
+                if config.sample_every and done % config.sample_every == 0 and self.dist.is_main:
+                    sample_grid(self, self.output_dir / "samples" / f"step-{done:06d}.png")
+                if self.dist.any(stop.signal is not None):
+                    self._save(done)
+                    bar.close()
+                    self.echo(f"interrupted at step {done}: checkpoint saved; rerun with --resume to continue")
+                    return INTERRUPTED
+            bar.close()
+            self._save(config.max_steps)
+        if self.dist.is_main:
+            finish_run(self, metrics, time.perf_counter() - started)
+        if writer is not None:
+            writer.close()
+        self.dist.barrier()
+        return status
+
+    def _tensorboard(self) -> Any:
+        if not self.dist.is_main:
+            return None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            return None
+        return SummaryWriter(str(self.output_dir / "tensorboard"))
+
+
+def train(config: TrainConfig, echo: Callable[[str], None] = print) -> int:
+    """Run ``config``; returns the exit status (0, or 130 when interrupted after saving a checkpoint)."""
+    trainer = Trainer(config, echo)
+    try:
+        return trainer.run()
+    finally:
+        trainer.dist.close()
+
+
+def default_output_dir() -> Path:
+    return Path("output") / time.strftime("%Y%m%d-%H%M%S")
