@@ -205,15 +205,24 @@ class Trainer:
             latents.append(self.base.encode((pixels.flip(-1) if flip else pixels)[None])[0].float())
         return torch.stack(latents).to(self.dist.device), [captions[i] for i in mine]
 
+    def _noise(self, step: int, micro: int, shape: torch.Size) -> tuple[torch.Tensor, torch.Tensor]:
+        """Noise and timesteps, drawn per sample from (seed, step, micro-batch, global sample index): the
+        same for a batch of 2B in one process as for B in each of two."""
+        config, noises, timesteps = self.config, [], []
+        for i in range(shape[0]):
+            index = self.dist.rank * shape[0] + i
+            generator = torch.Generator().manual_seed(((config.seed * 1_000_003 + step) * 97 + micro) * 4099 + index)
+            noise = torch.randn(shape[1:], generator=generator)
+            if config.noise_offset:
+                noise = noise + config.noise_offset * torch.randn((shape[1], 1, 1), generator=generator)
+            noises.append(noise)
+            num = self.base.scheduler.config.num_train_timesteps
+            timesteps.append(torch.randint(0, num, (), generator=generator))
+        return torch.stack(noises), torch.stack(timesteps)
+
     def _loss(self, step: int, micro: int, latents: torch.Tensor, captions: list[str]) -> torch.Tensor:
         config, scheduler = self.config, self.base.scheduler
-        generator = torch.Generator().manual_seed(
-            ((config.seed * 1_000_003 + step) * 97 + micro) * 131 + self.dist.rank
-        )
-        noise = torch.randn(latents.shape, generator=generator)
-        if config.noise_offset:
-            noise = noise + config.noise_offset * torch.randn(latents.shape[:2] + (1, 1), generator=generator)
-        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator)
+        noise, timesteps = self._noise(step, micro, latents.shape)
         noise, timesteps = noise.to(latents.device), timesteps.to(latents.device)
         noisy = scheduler.add_noise(latents, noise, timesteps)
         prediction = scheduler.config.prediction_type
