@@ -114,8 +114,8 @@ def test_unreadable_image_is_skipped_by_name(tmp_path: Path) -> None:
 
 
 def test_wrong_kinds_of_base_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from safetensors.torch import save_file
     import torch
+    from safetensors.torch import save_file
 
     data = make_dataset(tmp_path / "data")
     common = ["--train-data-dir", str(data), "--output-dir", str(tmp_path / "out")]
