@@ -129,8 +129,10 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(
 
 
 def test_existing_run_needs_resume(reference: Path, data: Path) -> None:
+    before = (reference / "config.toml").read_text()
     with pytest.raises(ValueError, match="already has checkpoints: pass --resume"):
-        train(options(data, reference))
+        train(options(data, reference, max_steps=9))
+    assert (reference / "config.toml").read_text() == before  # the run's record is left alone
 
 
 @pytest.mark.parametrize(

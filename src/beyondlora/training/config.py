@@ -15,7 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import tomllib
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib  # type: ignore[no-redef]
+
 
 ALGOS = ("lokr", "loha", "lora", "locon", "ia3", "dylora", "full")
 PRESETS = ("attn", "attn-mlp", "full")

@@ -88,6 +88,15 @@ class Trainer:
     def __init__(self, config: TrainConfig, echo: Callable[[str], None] = print) -> None:
         self.config, self.echo = config, echo
         self.dist = Dist.from_environment()
+        try:
+            self._check()
+        except BaseException:
+            self.dist.close()
+            raise
+
+    def _check(self) -> None:
+        """Every check that needs no model; creates the output folder."""
+        config = self.config
         config.validate(cuda=self.dist.device.type == "cuda")
         if config.threads:
             torch.set_num_threads(config.threads)
@@ -97,12 +106,12 @@ class Trainer:
             raise TrainConfigError("--train-data-dir is required unless --pretrained-model is 'demo'")
         if config.train_data_dir is not None:
             scan_dataset(config.train_data_dir)  # every data error before the model loads
-        self.output_dir = prepare_output_dir(config, self.dist)
-        if not config.resume and checkpoint_dirs(self.output_dir):
+        if config.output_dir and not config.resume and checkpoint_dirs(Path(config.output_dir)):
             raise TrainConfigError(
-                f"{self.output_dir} already has checkpoints: pass --resume to continue that "
+                f"{config.output_dir} already has checkpoints: pass --resume to continue that "
                 "run or choose another --output-dir"
             )
+        self.output_dir = prepare_output_dir(config, self.dist)
 
     # --- setup ---------------------------------------------------------------------------------
     def _setup(self) -> None:
