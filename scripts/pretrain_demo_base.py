@@ -36,13 +36,20 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--out", type=Path, default=WEIGHTS.parent)
+    parser.add_argument("--init", type=Path, default=None, help="continue from these weights (a demo_base file)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the examples and the noise")
     args = parser.parse_args()
     torch.set_num_threads(1)
     torch.set_flush_denormal(True)
-    torch.manual_seed(0)
+    torch.manual_seed(args.seed)
     unet, text_encoder, tokenizer, scheduler = build_demo_models()
+    if args.init is not None:
+        from safetensors.torch import load_file
+
+        state = load_file(str(args.init))
+        unet.load_state_dict({k[5:]: v.float() for k, v in state.items() if k.startswith("unet.")})
     codec = PixelCodec()
-    images, prompts = base_examples(4096, seed=0)
+    images, prompts = base_examples(4096, seed=args.seed)
     pixels = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2) * 2 - 1
     latents = codec.encode(pixels)
     vocabulary = sorted(set(prompts)) + [""]

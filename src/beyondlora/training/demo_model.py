@@ -160,5 +160,5 @@ def load_demo_models() -> tuple[Any, Any, Any, Any]:
     unet, text_encoder, tokenizer, scheduler = build_demo_models()
     state = load_file(str(WEIGHTS))
     unet.load_state_dict({k[5:]: v.float() for k, v in state.items() if k.startswith("unet.")})
-    text_encoder.load_state_dict({k[3:]: v.float() for k, v in state.items() if k.startswith("te.")}, strict=False)
+    text_encoder.load_state_dict({k[3:]: v.float() for k, v in state.items() if k.startswith("te.")})
     return unet.eval(), text_encoder.eval(), tokenizer, scheduler

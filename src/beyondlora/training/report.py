@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 import torch
@@ -25,7 +26,7 @@ def save_grid(
     path: str | Path,
     labels: list[str] | None = None,
     row_labels: list[str] | None = None,
-    cell: int = 64,
+    cell: int = 80,
 ) -> Path:
     """Write rows of images (each (N, 3, H, W) in [0, 1]) as one PNG, with column and row labels."""
     from PIL import Image, ImageDraw
@@ -34,12 +35,15 @@ def save_grid(
     height, width = rows[0].shape[-2:]
     scale = max(1, cell // max(height, width))
     cw, ch = width * scale, height * scale
-    top = 14 if labels else 0
+    width_chars = max(4, cw // 6)
+    wrapped = [textwrap.wrap(label, width_chars)[:2] or [""] for label in labels or []]
+    top = 12 * max(len(lines) for lines in wrapped) + 2 if wrapped else 0
     left = 60 if row_labels else 0
     sheet = Image.new("RGB", (left + columns * (cw + 2), top + len(rows) * (ch + 2)), _BACKGROUND)
     draw = ImageDraw.Draw(sheet)
-    for c, label in enumerate(labels or []):
-        draw.text((left + c * (cw + 2) + 1, 1), label[: max(4, cw // 6)], fill=_INK)
+    for c, lines in enumerate(wrapped):
+        for number, line in enumerate(lines):
+            draw.text((left + c * (cw + 2) + 1, 1 + 12 * number), line, fill=_INK)
     for r, row in enumerate(rows):
         if row_labels:
             draw.text((2, top + r * (ch + 2) + ch // 2 - 5), row_labels[r], fill=_INK)
