@@ -22,9 +22,11 @@ and, unless ``--no-unet``, the time to wrap an SD-1.5-sized ``diffusers.UNet2DCo
 on all its 282 Linear/Conv2d layers and to merge and unload it again, per library.
 
 All variants of a workload are built first and then timed round-robin (shuffled order each round), so drift
-from other processes on the machine hits every variant alike.  Before timing, every variant's output is
-checked against beyondlora's on a bias-free copy of the base model (so all libraries' adapters compute the
-same function, not just similar-sized ones).
+from other processes on the machine hits every variant alike.  Each repetition records this thread's CPU
+time (``time.thread_time``, the primary measure: on a shared machine it leaves out the time other processes
+held the core) and the wall-clock time; overheads come with the standard error of the ratio of medians.
+Before timing, every variant's output is checked against beyondlora's on a bias-free copy of the base model
+(so all libraries' adapters compute the same function, not just similar-sized ones).
 
 Run:  python benchmarks/bench_step.py [--quick] [--no-unet] [--output results.md]
 """
@@ -43,6 +45,7 @@ import platform
 import random
 import re
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -68,6 +71,7 @@ _lycoris_logger.setLevel(logging.ERROR)
 
 ALGOS = ("lora", "lokr", "loha", "ia3")
 LIBS = ("beyondlora", "peft", "lycoris", "lycoris-bypass")
+DEFAULT_LIBS = ("beyondlora", "peft", "lycoris-bypass")  # LyCORIS' default (rebuild) mode: --libs …,lycoris
 RANK, ALPHA = 8, 8
 TARGETS = {"lora": 5.0, "ia3": 5.0, "lokr": 10.0, "loha": 20.0}  # beyondlora training-step overhead targets, %
 
@@ -121,9 +125,32 @@ class Workload:
     targets: list[str]
 
 
+class Single(nn.Module):
+    """One layer on its own (the per-layer diagnostic workloads)."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(x)
+
+
 def workloads(quick: bool) -> list[Workload]:
+    """``linears`` and ``convs`` run by default; the single-layer ones are for diagnosis (``--workloads``)."""
     width, hidden, tokens = (192, 768, 128) if quick else (768, 3072, 1024)
     channels, side = (64, 16) if quick else (320, 32)
+    tokens_in = (1, tokens, width)
+    singles = [
+        ("q", f"one Linear {width}→{width} on 1×{tokens}×{width}", lambda: nn.Linear(width, width),
+         tokens_in, (1, 16, width)),
+        ("fc1", f"one Linear {width}→{hidden} on 1×{tokens}×{width}", lambda: nn.Linear(width, hidden),
+         tokens_in, (1, 16, width)),
+        ("fc2", f"one Linear {hidden}→{width} on 1×{tokens}×{hidden}", lambda: nn.Linear(hidden, width),
+         (1, tokens, hidden), (1, 16, hidden)),
+        ("conv", f"one Conv2d({channels}, {channels}, 3, padding=1) on 1×{channels}×{side}×{side}",
+         lambda: nn.Conv2d(channels, channels, 3, padding=1), (1, channels, side, side), (1, channels, 6, 6)),
+    ]  # fmt: skip
     return [
         Workload(
             "linears",
@@ -141,6 +168,9 @@ def workloads(quick: bool) -> list[Workload]:
             (1, channels, 6, 6),
             ["conv1", "conv2"],
         ),
+    ] + [
+        Workload(name, desc, lambda make=make: Single(make()), shape, check, ["layer"])
+        for name, desc, make, shape, check in singles
     ]
 
 
@@ -148,14 +178,26 @@ def workloads(quick: bool) -> list[Workload]:
 # building the variants
 # --------------------------------------------------------------------------------------------------
 @dataclass
+class Timings:
+    """Per-repetition seconds: this thread's CPU time (the primary measure) and wall-clock time.
+
+    On a shared machine the wall clock also counts the time other processes held the core; the thread's
+    CPU time does not, so it is far less noisy (cache and memory-bandwidth sharing still show in both).
+    """
+
+    cpu: list[float] = field(default_factory=list)
+    wall: list[float] = field(default_factory=list)
+
+
+@dataclass
 class Variant:
     lib: str  # "base", one of LIBS, or "beyondlora-merged" / "beyondlora[bypass]" / "beyondlora[combined]"
     algo: str | None
     model: nn.Module
     trainable: list[nn.Parameter]
     net: Any = None  # the LycorisNetwork
-    times: list[float] = field(default_factory=list)
-    infer_times: list[float] = field(default_factory=list)
+    train: Timings = field(default_factory=lambda: Timings())
+    infer: Timings = field(default_factory=lambda: Timings())
     saved_bytes: int = 0
     paths: str = ""  # beyondlora only: which path the layers took (training / inference)
 
@@ -365,39 +407,41 @@ def bl_paths(variant: Variant, x: torch.Tensor, grad: bool) -> str:
     return "bypass" if n == len(choices) else "combined" if n == 0 else f"{n}/{len(choices)} bypass"
 
 
-def train_step(variant: Variant, x: torch.Tensor) -> float:
-    start = time.perf_counter()
+def train_step(variant: Variant, x: torch.Tensor) -> tuple[float, float]:
+    cpu, wall = time.thread_time(), time.perf_counter()
     variant.model(x).sum().backward()
-    elapsed = time.perf_counter() - start
+    cpu, wall = time.thread_time() - cpu, time.perf_counter() - wall
     x.grad = None
     for p in variant.trainable:
         p.grad = None
-    return elapsed
+    return cpu, wall
 
 
-def infer_step(variant: Variant, x: torch.Tensor) -> float:
+def infer_step(variant: Variant, x: torch.Tensor) -> tuple[float, float]:
     with torch.no_grad():
-        start = time.perf_counter()
+        cpu, wall = time.thread_time(), time.perf_counter()
         variant.model(x)
-        return time.perf_counter() - start
+        return time.thread_time() - cpu, time.perf_counter() - wall
 
 
 def round_robin(
     variants: list[Variant],
-    run: Callable[[Variant, torch.Tensor], float],
+    run: Callable[[Variant, torch.Tensor], tuple[float, float]],
     x: torch.Tensor,
     warmup: int,
     reps: int,
     attr: str,
 ) -> None:
+    """``warmup + reps`` rounds; each round runs every variant once, in a freshly shuffled order."""
     rng = random.Random(0)
     for round_ in range(warmup + reps):
         order = list(variants)
         rng.shuffle(order)
         for variant in order:
-            elapsed = run(variant, x)
+            cpu, wall = run(variant, x)
             if round_ >= warmup:
-                getattr(variant, attr).append(elapsed)
+                getattr(variant, attr).cpu.append(cpu)
+                getattr(variant, attr).wall.append(wall)
         gc.collect()
 
 
@@ -412,10 +456,23 @@ def iqr(xs: list[float]) -> float:
     return q[2] - q[0]
 
 
+def rel_se(xs: list[float]) -> float:
+    """Relative standard error of the median (normal approximation, σ estimated from the IQR)."""
+    if len(xs) < 4:
+        return math.nan
+    return 1.2533 * (iqr(xs) / 1.349) / math.sqrt(len(xs)) / median(xs)
+
+
+def ratio(a: list[float], b: list[float]) -> tuple[float, float]:
+    """``median(a) / median(b)`` and its standard error."""
+    r = median(a) / median(b)
+    return r, r * math.hypot(rel_se(a), rel_se(b))
+
+
 # --------------------------------------------------------------------------------------------------
 # the UNet: wrap and merge_and_unload
 # --------------------------------------------------------------------------------------------------
-def unet_bench(quick: bool, libs: tuple[str, ...]) -> tuple[list[str], dict[str, Any]]:
+def unet_bench(quick: bool, libs: tuple[str, ...], rounds: int) -> tuple[list[str], dict[str, Any]]:
     from diffusers import UNet2DConditionModel
 
     start = time.perf_counter()
@@ -434,47 +491,72 @@ def unet_bench(quick: bool, libs: tuple[str, ...]) -> tuple[list[str], dict[str,
     suffixes = sorted({".".join(n.split(".")[-2:]) if n.split(".")[-1].isdigit() else n.split(".")[-1] for n in layers})
     n_params = sum(p.numel() for p in unet.parameters())
     info = {"build_s": build_s, "params": n_params, "layers": len(layers), "suffixes": suffixes}
-    rows = []
-    # One UNet serves every library: merge_and_unload hands back plain torch modules (with changed, still
-    # random weights), which the next library wraps.  A deepcopy of 3.5 GB is avoided.
-    for lib in [lib for lib in ("beyondlora", "peft", "lycoris") if lib in libs or lib == "beyondlora"]:
-        gc.collect()
-        torch.manual_seed(0)
-        start = time.perf_counter()
-        variant = wrap(lib, "lokr", unet, suffixes)
-        wrap_s = time.perf_counter() - start
-        n_adapted = len({layer for layer, _ in adapter_params(variant)})
-        with torch.no_grad():  # LyCORIS starts with one zero factor: make every factor non-zero
-            for p in variant.trainable:
-                if torch.count_nonzero(p) == 0:
-                    p.normal_(0.0, 0.01)
-        start = time.perf_counter()
-        if lib == "lycoris":
-            variant.net.merge_to(1.0)
-            variant.net.restore()
-            unet = variant.model
-        else:
-            unet = variant.model.merge_and_unload()
-        merge_s = time.perf_counter() - start
-        leftovers = [
-            n
-            for n, m in unet.named_modules()
-            if isinstance(m, bl.AdapterLayer)
-            or type(m).__module__.startswith("peft.")
-            or getattr(vars(m).get("forward"), "__self__", m) is not m
-        ]
-        if leftovers:
-            raise RuntimeError(f"{lib}: adapter modules left after merging: {leftovers[:3]}")
-        rows.append(f"| {lib} | {n_adapted} | {wrap_s:.2f} | {merge_s:.2f} |")
-        del variant
+    names = ["beyondlora"] + [lib for lib in ("peft", "lycoris") if lib in libs or f"{lib}-bypass" in libs]
+    wrap_times: dict[str, Timings] = {lib: Timings() for lib in names}
+    merge_times: dict[str, Timings] = {lib: Timings() for lib in names}
+    adapted: dict[str, int] = {}
+    # One UNet serves every library and round: merge_and_unload hands back plain torch modules (with changed,
+    # still random weights), which the next library wraps.  No 3.5 GB deepcopy, no rebuild.
+    for _ in range(rounds):
+        for lib in names:
+            gc.collect()
+            torch.manual_seed(0)
+            cpu, wall = time.thread_time(), time.perf_counter()
+            variant = wrap(lib, "lokr", unet, suffixes)
+            wrap_times[lib].cpu.append(time.thread_time() - cpu)
+            wrap_times[lib].wall.append(time.perf_counter() - wall)
+            adapted[lib] = len({layer for layer, _ in adapter_params(variant)})
+            with torch.no_grad():  # LyCORIS starts with one zero factor: make every factor non-zero
+                for p in variant.trainable:
+                    if torch.count_nonzero(p) == 0:
+                        p.normal_(0.0, 0.01)
+            cpu, wall = time.thread_time(), time.perf_counter()
+            if lib == "lycoris":  # LyCORIS' merge_and_unload: merge into the weights, then unhook the forwards
+                variant.net.merge_to(1.0)
+                variant.net.restore()
+                unet = variant.model
+            else:
+                unet = variant.model.merge_and_unload()
+            merge_times[lib].cpu.append(time.thread_time() - cpu)
+            merge_times[lib].wall.append(time.perf_counter() - wall)
+            leftovers = [
+                n
+                for n, m in unet.named_modules()
+                if isinstance(m, bl.AdapterLayer)
+                or type(m).__module__.startswith("peft.")
+                or getattr(vars(m).get("forward"), "__self__", m) is not m
+            ]
+            if leftovers:
+                raise RuntimeError(f"{lib}: adapter modules left after merging: {leftovers[:3]}")
+            del variant
+
+    def cell(t: Timings) -> str:
+        return f"{min(t.cpu):.2f} / {min(t.wall):.2f}"
+
+    rows = [f"| {lib} | {adapted[lib]} | {cell(wrap_times[lib])} | {cell(merge_times[lib])} |" for lib in names]
     return rows, info
 
 
 # --------------------------------------------------------------------------------------------------
 # main
 # --------------------------------------------------------------------------------------------------
-def fmt_pct(value: float) -> str:
-    return "—" if math.isnan(value) else f"{value:+.1f}%"
+def overhead(a: list[float], base: list[float]) -> tuple[float, float]:
+    """``100 · (median(a) / median(base) − 1)`` and its standard error, in %."""
+    r, se = ratio(a, base)
+    return 100 * (r - 1), 100 * se
+
+
+def fmt_pct(value: float, se: float | None = None) -> str:
+    if math.isnan(value):
+        return "—"
+    return f"{value:+.1f}%" + ("" if se is None or math.isnan(se) else f" ±{se:.1f}")
+
+
+def judge(value: float, se: float, limit: float) -> str:
+    """``value`` ≤ ``limit``?  Differences inside two standard errors are called out as noise."""
+    if value <= limit:
+        return "met" if value + 2 * se <= limit or math.isnan(se) else "met (within noise)"
+    return "MISSED" if value - 2 * se > limit or math.isnan(se) else "MISSED (within noise)"
 
 
 def env_lines() -> list[str]:
@@ -492,8 +574,17 @@ def env_lines() -> list[str]:
         except PackageNotFoundError:
             return "?"
 
+    revision = "?"
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        revision = subprocess.run(
+            ["git", "describe", "--always", "--dirty"],
+            cwd=os.path.dirname(os.path.abspath(__file__)),
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
     return [
-        f"date: {datetime.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M %Z')}",
+        f"date: {datetime.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M %Z')}, git {revision}",
         f"cpu: {cpu}, {os.cpu_count()} cores visible; torch.set_num_threads(1), set_flush_denormal(True)",
         f"python {platform.python_version()}, torch {torch.__version__}, beyondlora {bl.__version__}, "
         f"peft {ver('peft')}, lycoris-lora {ver('lycoris-lora')}, diffusers {ver('diffusers')}",
@@ -505,11 +596,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="smoke run: small sizes, few repetitions")
     parser.add_argument("--no-unet", action="store_true", help="skip the SD-1.5 UNet wrap/merge timing")
     parser.add_argument("--reps", type=int, help="timed training steps per variant (default 15; quick 3)")
-    parser.add_argument("--warmup", type=int, help="untimed rounds first (default 3; quick 1)")
+    parser.add_argument("--warmup", type=int, help="untimed training rounds first (default 3; quick 1)")
     parser.add_argument("--infer-reps", type=int, help="timed inference forwards per variant (default 10; quick 3)")
+    parser.add_argument("--unet-rounds", type=int, default=2, help="wrap+merge rounds per library (default 2)")
     parser.add_argument("--algos", default=",".join(ALGOS), help="comma-separated subset of " + ",".join(ALGOS))
-    parser.add_argument("--libs", default=",".join(LIBS), help="comma-separated subset of " + ",".join(LIBS))
-    parser.add_argument("--workloads", default="linears,convs", help="comma-separated subset of linears,convs")
+    parser.add_argument(
+        "--libs",
+        default=",".join(DEFAULT_LIBS),
+        help=f"comma-separated subset of {','.join(LIBS)} (default {','.join(DEFAULT_LIBS)}; "
+        "'lycoris' is LyCORIS' default rebuild mode, about 2.3x the base step, off to stay under 10 minutes)",
+    )
+    parser.add_argument(
+        "--workloads",
+        default="linears,convs",
+        help="comma-separated subset of linears,convs and the single layers q,fc1,fc2,conv (diagnosis)",
+    )
     parser.add_argument(
         "--extra-modes", action="store_true", help="also time beyondlora with forward_mode bypass and combined"
     )
@@ -521,15 +622,15 @@ def main(argv: list[str] | None = None) -> int:
     reps = args.reps or (3 if args.quick else 15)
     warmup = args.warmup if args.warmup is not None else (1 if args.quick else 3)
     infer_reps = args.infer_reps or (3 if args.quick else 10)
-    infer_warmup = 1 if args.quick else 2
+    infer_warmup = 1  # the training rounds have warmed everything up already
     algos = tuple(a for a in args.algos.split(",") if a)
     libs = tuple(dict.fromkeys(["beyondlora", *[lib for lib in args.libs.split(",") if lib]]))
-    for a in algos:
-        if a not in ALGOS:
-            parser.error(f"unknown algorithm {a}")
-    for lib in libs:
-        if lib not in LIBS:
-            parser.error(f"unknown library {lib}")
+    known = {w.name: w for w in workloads(args.quick)}
+    chosen = [w for w in args.workloads.split(",") if w]
+    for name, allowed, what in ((algos, ALGOS, "algorithm"), (libs, LIBS, "library"), (chosen, known, "workload")):
+        for item in name:
+            if item not in allowed:
+                parser.error(f"unknown {what} {item!r}")
 
     t_start = time.perf_counter()
     report: list[str] = []
@@ -539,17 +640,19 @@ def main(argv: list[str] | None = None) -> int:
         print(line, flush=True)
 
     command = "python benchmarks/bench_step.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    emit(f"command: `{command.strip()}`")
+    emit(f"command: `{command.strip()}`  ")
     for line in env_lines():
         emit(line + "  ")
-    emit(f"training: {warmup} warm-up + {reps} timed rounds; inference: {infer_warmup} + {infer_reps}; medians")
-    emit()
+    emit(
+        f"training: {warmup} warm-up + {reps} timed rounds, inference: {infer_warmup} + {infer_reps}; "
+        "all variants of a workload timed round-robin in a shuffled order. Times are this thread's CPU time "
+        "(medians; wall-clock overheads alongside), ± is the standard error of the overhead"
+    )
     verdicts: list[str] = []
-    for wl in [w for w in workloads(args.quick) if w.name in args.workloads.split(",")]:
+    for wl in (known[name] for name in chosen):
         torch.manual_seed(0)
         base = wl.make_base()
-        for line in check_equal(wl, algos, libs, base):
-            emit(f"- check {line}")
+        checks = check_equal(wl, algos, libs, base)
         variants = build_variants(wl, algos, libs, base, args.extra_modes)
         x = torch.randn(wl.input_shape, requires_grad=True)
         for v in variants:
@@ -558,7 +661,7 @@ def main(argv: list[str] | None = None) -> int:
                 v.paths = f"{bl_paths(v, x, True)} / {bl_paths(v, x, False)}"
         for v in variants:
             v.model.train()
-        round_robin(variants, train_step, x, warmup, reps, "times")
+        round_robin(variants, train_step, x, warmup, reps, "train")
 
         merged = []
         for v in variants:
@@ -566,75 +669,78 @@ def main(argv: list[str] | None = None) -> int:
             if v.lib == "beyondlora":
                 m = copy.deepcopy(v.model).merge_and_unload().eval()
                 merged.append(Variant("beyondlora-merged", v.algo, m, []))
-        round_robin(variants + merged, infer_step, x.detach(), infer_warmup, infer_reps, "infer_times")
+        round_robin(variants + merged, infer_step, x.detach(), infer_warmup, infer_reps, "infer")
 
         base_v = variants[0]
-        t_base, i_base = median(base_v.times), median(base_v.infer_times)
         merged_by_algo = {m.algo: m for m in merged}
-        lora_saved = {v.lib: v.saved_bytes for v in variants if v.algo == "lora"}
         emit()
         emit(f"### {wl.name}: {wl.description}")
         emit()
+        for line in checks:
+            emit(f"- same function as beyondlora: {line}")
+        emit()
         emit(
-            "| algorithm | library | train step ms (IQR) | train overhead | saved for backward MB "
-            "| inference ms | inference overhead | merged inference overhead | beyondlora path (train / infer) |"
+            "| algorithm | library | train step ms, median (IQR) | train overhead ± s.e. | train overhead, wall "
+            "| saved for backward MB | inference ms | inference overhead | merged inference overhead "
+            "| beyondlora path (train / infer) |"
         )
-        emit("|---|---|---|---|---|---|---|---|---|")
+        emit("|---|---|---|---|---|---|---|---|---|---|")
         emit(
-            f"| — | base (frozen) | {t_base * 1e3:.1f} ({iqr(base_v.times) * 1e3:.1f}) | — "
-            f"| {base_v.saved_bytes / 2**20:.2f} | {i_base * 1e3:.1f} | — | — | |"
+            f"| — | base (frozen) | {median(base_v.train.cpu) * 1e3:.1f} ({iqr(base_v.train.cpu) * 1e3:.1f}) | — | — "
+            f"| {base_v.saved_bytes / 2**20:.2f} | {median(base_v.infer.cpu) * 1e3:.1f} | — | — | |"
         )
         by_key = {v.key: v for v in variants}
         for algo in algos:
             for v in [v for v in variants if v.algo == algo]:
-                t, i = median(v.times), median(v.infer_times)
                 m = merged_by_algo.get(algo) if v.lib == "beyondlora" else None
-                merged_cell = fmt_pct(100 * (median(m.infer_times) / i_base - 1)) if m else ""
+                merged_cell = fmt_pct(*overhead(m.infer.cpu, base_v.infer.cpu)) if m else ""
                 name = f"**{v.lib}**" if v.lib == "beyondlora" else v.lib
                 emit(
-                    f"| {algo} | {name} | {t * 1e3:.1f} ({iqr(v.times) * 1e3:.1f}) | {fmt_pct(100 * (t / t_base - 1))} "
-                    f"| {v.saved_bytes / 2**20:.2f} | {i * 1e3:.1f} | {fmt_pct(100 * (i / i_base - 1))} "
+                    f"| {algo} | {name} | {median(v.train.cpu) * 1e3:.1f} ({iqr(v.train.cpu) * 1e3:.1f}) "
+                    f"| {fmt_pct(*overhead(v.train.cpu, base_v.train.cpu))} "
+                    f"| {fmt_pct(overhead(v.train.wall, base_v.train.wall)[0])} | {v.saved_bytes / 2**20:.2f} "
+                    f"| {median(v.infer.cpu) * 1e3:.1f} | {fmt_pct(*overhead(v.infer.cpu, base_v.infer.cpu))} "
                     f"| {merged_cell} | {v.paths} |"
                 )
             ours = by_key[("beyondlora", algo)]
-            ovh = 100 * (median(ours.times) / t_base - 1)
-            target = TARGETS[algo]
+            ovh, se = overhead(ours.train.cpu, base_v.train.cpu)
             verdicts.append(
-                f"{wl.name}/{algo}: beyondlora training overhead {ovh:+.1f}% "
-                f"(target ≤ {target:.0f}%: {'met' if ovh <= target else 'MISSED'})"
+                f"{wl.name}/{algo}: training overhead {fmt_pct(ovh, se)}, target ≤ {TARGETS[algo]:.0f}%: "
+                f"{judge(ovh, se, TARGETS[algo])}"
             )
             for other in ("peft", "lycoris-bypass", "lycoris"):
-                if (other, algo) in by_key:
-                    theirs = median(by_key[(other, algo)].times)
-                    ratio = median(ours.times) / theirs
-                    if ratio > 1:
-                        verdicts.append(
-                            f"{wl.name}/{algo}: beyondlora training step {median(ours.times) * 1e3:.1f} ms is SLOWER "
-                            f"than {other} {theirs * 1e3:.1f} ms (×{ratio:.3f})"
-                        )
-                    i_ours, i_theirs = median(ours.infer_times), median(by_key[(other, algo)].infer_times)
-                    if i_ours > i_theirs:
-                        verdicts.append(
-                            f"{wl.name}/{algo}: beyondlora inference {i_ours * 1e3:.1f} ms is SLOWER than "
-                            f"{other} {i_theirs * 1e3:.1f} ms (×{i_ours / i_theirs:.3f})"
-                        )
-            if algo != "lora" and "beyondlora" in lora_saved:
-                ok = ours.saved_bytes <= lora_saved["beyondlora"]
+                theirs = by_key.get((other, algo))
+                if theirs is None:
+                    continue
+                words = []
+                for what, a, b in (("training step", ours.train.cpu, theirs.train.cpu),
+                                   ("inference", ours.infer.cpu, theirs.infer.cpu)):  # fmt: skip
+                    r, r_se = ratio(a, b)
+                    verdict = judge(100 * (r - 1), 100 * r_se, 0.0)
+                    word = {"met": "faster", "met (within noise)": "faster (within noise)",
+                            "MISSED": "SLOWER", "MISSED (within noise)": "slower (within noise)"}[verdict]  # fmt: skip
+                    noise = "" if math.isnan(r_se) else f" ±{r_se:.3f}"
+                    words.append(f"{what} ×{r:.3f}{noise} → {word}")
+                verdicts.append(f"{wl.name}/{algo} vs {other}: " + "; ".join(words))
+            if algo != "lora" and ("beyondlora", "lora") in by_key:
+                lora_bytes = by_key[("beyondlora", "lora")].saved_bytes
+                ok = ours.saved_bytes <= lora_bytes
                 verdicts.append(
-                    f"{wl.name}/{algo}: beyondlora saves {ours.saved_bytes / 2**20:.2f} MB for backward vs its LoRA's "
-                    f"{lora_saved['beyondlora'] / 2**20:.2f} MB ({'met' if ok else 'MISSED'})"
+                    f"{wl.name}/{algo}: saved for backward {ours.saved_bytes / 2**20:.2f} MB vs beyondlora LoRA's "
+                    f"{lora_bytes / 2**20:.2f} MB: {'met' if ok else 'MISSED'}"
                 )
-        del variants, merged, by_key, base_v, merged_by_algo
+        del variants, merged, by_key, base_v, merged_by_algo, ours
         gc.collect()
 
     if not args.no_unet:
         emit()
         emit("### SD-1.5-sized UNet (`diffusers.UNet2DConditionModel()`), LoKr r=8 on every Linear/Conv2d")
-        rows, info = unet_bench(args.quick, libs)
+        rows, info = unet_bench(args.quick, libs, args.unet_rounds)
         emit()
         emit(
             f"{info['params'] / 1e6:.0f}M parameters, {info['layers']} Linear/Conv2d layers "
-            f"(built in {info['build_s']:.1f} s, not counted); target suffixes: {', '.join(info['suffixes'])}"
+            f"(built once in {info['build_s']:.1f} s, not counted); targets: {', '.join(info['suffixes'])}. "
+            f"Seconds, thread CPU time / wall clock, best of {args.unet_rounds} round(s)."
         )
         emit()
         emit("| library | layers adapted | wrap s | merge_and_unload s |")
@@ -643,7 +749,7 @@ def main(argv: list[str] | None = None) -> int:
             emit(row)
 
     emit()
-    emit("### targets and comparisons (beyondlora)")
+    emit("### beyondlora: targets and comparisons")
     emit()
     for line in verdicts:
         emit(f"- {line}")
