@@ -101,11 +101,11 @@ class AdapterLayer(nn.Module):
         adapter: Adapter = self.adapters[name]
         t = adapter.multiplier if multiplier is None else multiplier
         base = base_weight.to(adapter.param_dtype)
-        delta = adapter.delta_weight(base, draw)
         if adapter.dora_scale is not None:
+            delta = adapter.delta_weight(base, draw)
             delta = dora_delta(base, delta, adapter.dora_scale, adapter.options.dora_on_output, t)
         else:
-            delta = delta * t
+            delta = adapter.delta_weight(base, draw, factor=t)
         bias = adapter.delta_bias()
         return delta, None if bias is None else bias * t
 
@@ -167,15 +167,11 @@ class AdapterLayer(nn.Module):
             base_in = x * (1 + g.per_channel(torch.stack(input_scale).sum(0), x.dim())).to(x.dtype)
         base_out = self.base_layer(base_in, *args, **kwargs)
         plain_out = None  # W·x without the bias, computed once if needed
-        result = base_out
+        result = self._scale_output(base_out, [a for a in adapters.values() if not getattr(a, "on_input", True)])
         for name, adapter in adapters.items():
             t = adapter.multiplier
             if adapter.channel_scale() is not None:
-                if adapter.on_input:
-                    continue
-                plain_out = self._without_bias(base_out) if plain_out is None else plain_out
-                result = result + (t * g.per_channel(adapter.channel_scale(), x.dim()) * plain_out).to(result.dtype)
-                continue
+                continue  # (IA)³: folded into the base call's input or output above
             x_in = x if g.kind == "embedding" else x.to(adapter.param_dtype)
             if adapter.dora_scale is None and g.kind != "conv":
                 fused = self._add_low_rank(result, adapter, x_in, draws[name])
@@ -194,6 +190,17 @@ class AdapterLayer(nn.Module):
             if bias is not None:
                 result = result + (t * g.per_channel(bias, x.dim())).to(result.dtype)
         return result
+
+    def _scale_output(self, base_out: Tensor, ia3: list[Adapter]) -> Tensor:
+        """Output-side (IA)³ in one pass: ``(Wx + b) ⊙ (1 + v) − v ⊙ b`` with ``v = Σ t · v_i``."""
+        if not ia3:
+            return base_out
+        g = self.geometry
+        v = g.per_channel(sum(a.multiplier * a.channel_scale() for a in ia3), base_out.dim()).to(base_out.dtype)
+        bias = getattr(self.base_layer, "bias", None)
+        if bias is None:
+            return base_out * (1 + v)
+        return torch.addcmul(-(v * g.per_channel(bias, base_out.dim()).to(v.dtype)), base_out, 1 + v)
 
     @staticmethod
     def _add_low_rank(result: Tensor, adapter: Adapter, x: Tensor, draw: Any) -> Tensor | None:

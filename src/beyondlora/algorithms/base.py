@@ -3,7 +3,8 @@
 An :class:`Adapter` owns its parameters and computes, for one base layer of a known geometry:
 
 - :meth:`Adapter.delta_weight` — the one source of truth for ΔW, canonical shape ``(out, in, *kernel)``,
-  already multiplied by the adapter's scale (``alpha / r``) but not by its ``multiplier``;
+  already multiplied by the adapter's scale (``alpha / r``) and by an optional ``factor`` (the layer
+  passes the multiplier);
 - optionally :meth:`Adapter.bypass` — ``ΔW · x`` computed without building ΔW (tested equal to
   applying :meth:`delta_weight` with the base layer's operation);
 - optionally :meth:`Adapter.delta_bias` — a bias delta (Full, Norm).
@@ -125,8 +126,12 @@ class Adapter(nn.Module):
         return mask / (1.0 - p) if self.options.rank_dropout_scale else mask
 
     # --- the math ------------------------------------------------------------------------------------
-    def delta_weight(self, base_weight: Tensor, draw: Any = None) -> Tensor:
-        """ΔW in canonical shape, times the scale; ``base_weight`` is the canonical base weight."""
+    def delta_weight(self, base_weight: Tensor, draw: Any = None, factor: float = 1.0) -> Tensor:
+        """ΔW in canonical shape times the scale and ``factor``; ``base_weight`` is the canonical base weight.
+
+        Algorithms fold ``scale · factor`` into their smallest tensor, so a multiplier never costs a pass
+        over the full-size ΔW.
+        """
         raise NotImplementedError
 
     def delta_bias(self) -> Tensor | None:

@@ -35,8 +35,8 @@ class Full(Adapter):
         check_init(options, self.algorithm)
         self.diff, self.diff_b = _differences(geometry.weight_shape, geometry, options)
 
-    def delta_weight(self, base_weight: Tensor, draw: object = None) -> Tensor:
-        return self.diff
+    def delta_weight(self, base_weight: Tensor, draw: object = None, factor: float = 1.0) -> Tensor:
+        return self.diff if factor == 1.0 else self.diff * factor
 
     def delta_bias(self) -> Tensor | None:
         return self.diff_b
@@ -54,8 +54,8 @@ class Norm(Adapter):
         check_init(options, self.algorithm)
         self.w_norm, self.b_norm = _differences((geometry.out_dim,), geometry, options)
 
-    def delta_weight(self, base_weight: Tensor, draw: object = None) -> Tensor:
-        return self.w_norm
+    def delta_weight(self, base_weight: Tensor, draw: object = None, factor: float = 1.0) -> Tensor:
+        return self.w_norm * factor
 
     def delta_bias(self) -> Tensor | None:
         return self.b_norm

@@ -33,11 +33,12 @@ class IA3(Adapter):
             with torch.no_grad():
                 nn.init.normal_(self.weight, std=0.1)
 
-    def delta_weight(self, base_weight: Tensor, draw: object = None) -> Tensor:
-        """``W ⊙ v`` along the output axis (or the input axis with ``on_input``)."""
+    def delta_weight(self, base_weight: Tensor, draw: object = None, factor: float = 1.0) -> Tensor:
+        """``W ⊙ (factor · v)`` along the output axis (or the input axis with ``on_input``)."""
+        v = self.weight * factor
         if self.on_input:
-            return base_weight * self.weight.reshape(1, -1, *([1] * (base_weight.dim() - 2)))
-        return base_weight * self.weight.reshape(-1, *([1] * (base_weight.dim() - 1)))
+            return base_weight * v.reshape(1, -1, *([1] * (base_weight.dim() - 2)))
+        return base_weight * v.reshape(-1, *([1] * (base_weight.dim() - 1)))
 
     def channel_scale(self) -> Tensor:
         return self.weight

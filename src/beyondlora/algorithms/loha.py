@@ -74,14 +74,13 @@ class LoHa(Adapter):
             a1, a2 = a1 * draw[0].reshape(axis_shape), a2 * draw[1].reshape(axis_shape)
         return a1, a2
 
-    def delta_weight(self, base_weight: Tensor, draw: Any = None) -> Tensor:
-        """``s · (w1_a w1_b) ⊙ (w2_a w2_b)`` reshaped to (out, in, *k)."""
+    def delta_weight(self, base_weight: Tensor, draw: Any = None, factor: float = 1.0) -> Tensor:
+        """``s · (w1_a w1_b) ⊙ (w2_a w2_b)`` reshaped to (out, in, *k) (``s · factor`` folded into w1_a)."""
         a1, a2 = self._out_factors(draw)
+        a1 = a1 * (self.scale * factor)
         if self.tucker:
-            first = tucker_rebuild(self.hada_t1, a1, self.hada_w1_b)
-            return first * tucker_rebuild(self.hada_t2, a2, self.hada_w2_b) * self.scale
-        delta = hadamard_product(a1, self.hada_w1_b, a2, self.hada_w2_b, self.scale)
-        return delta.reshape(self.geometry.weight_shape)
+            return tucker_rebuild(self.hada_t1, a1, self.hada_w1_b) * tucker_rebuild(self.hada_t2, a2, self.hada_w2_b)
+        return hadamard_product(a1, self.hada_w1_b, a2, self.hada_w2_b).reshape(self.geometry.weight_shape)
 
     def bypass_parts(self, x: Tensor, draw: Any = None) -> tuple[Tensor, Tensor, float]:
         """A rank-r² LoRA: ``up = w1_a •r w2_a`` (out, r²), ``down = w1_b •c w2_b`` (r², in)."""

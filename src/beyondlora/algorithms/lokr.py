@@ -141,9 +141,9 @@ class LoKr(Adapter):
             return tucker_rebuild(self.lokr_t2, self._w2_out(draw), self.lokr_w2_b)
         return (self._w2_out(draw) @ self.lokr_w2_b).reshape(self.out_factors[1], self.in_factors[1], *g.kernel)
 
-    def delta_weight(self, base_weight: Tensor, draw: Any = None) -> Tensor:
-        """``s · W1 ⊗ W2`` of shape (out, in, *k)."""
-        return kron(self.w1(draw), self.w2(draw)) * self.scale
+    def delta_weight(self, base_weight: Tensor, draw: Any = None, factor: float = 1.0) -> Tensor:
+        """``s · W1 ⊗ W2`` of shape (out, in, *k) (``s · factor`` folded into the small W1)."""
+        return kron(self.w1(draw) * (self.scale * factor), self.w2(draw))
 
     def bypass(self, x: Tensor, draw: Any = None) -> Tensor | None:
         if self.geometry.kind == "embedding":

@@ -55,12 +55,13 @@ class LoRA(Adapter):
     def draw(self) -> Tensor | None:
         return self.rank_mask(self.rank)
 
-    def delta_weight(self, base_weight: Tensor, draw: Any = None) -> Tensor:
+    def delta_weight(self, base_weight: Tensor, draw: Any = None, factor: float = 1.0) -> Tensor:
         """``s · up @ down`` reshaped to (out, in, *k); Tucker: ``s · Σ mid[i,j] up[:, i] down[j]``."""
         up, mid, down, scale = self.factors(draw)
+        up = up * (scale * factor)
         if mid is not None:
-            return tucker_rebuild(mid, up.t(), down.flatten(1)) * scale
-        return (up @ down.flatten(1)).reshape(self.geometry.weight_shape) * scale
+            return tucker_rebuild(mid, up.t(), down.flatten(1))
+        return (up @ down.flatten(1)).reshape(self.geometry.weight_shape)
 
     def bypass_parts(self, x: Tensor, draw: Any = None) -> tuple[Tensor, Tensor, float]:
         up, _, down, scale = self.factors(draw)

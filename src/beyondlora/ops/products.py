@@ -39,29 +39,27 @@ def column_khatri_rao(first: Tensor, second: Tensor) -> Tensor:
 
 
 class HadamardProduct(torch.autograd.Function):
-    """``ΔW = (a1 @ b1) ⊙ (a2 @ b2) · scale`` saving only the four factors for backward.
+    """``ΔW = (a1 @ b1) ⊙ (a2 @ b2)`` saving only the four factors for backward.
 
     Shapes: a1, a2 (out, r); b1, b2 (r, n) → (out, n).  Backward rebuilds each product instead of
     keeping two (out, n) intermediates alive between forward and backward.
     """
 
     @staticmethod
-    def forward(ctx, a1: Tensor, b1: Tensor, a2: Tensor, b2: Tensor, scale: float) -> Tensor:
+    def forward(ctx, a1: Tensor, b1: Tensor, a2: Tensor, b2: Tensor) -> Tensor:
         ctx.save_for_backward(a1, b1, a2, b2)
-        ctx.scale = scale
-        return (a1 @ b1) * (a2 @ b2) * scale
+        return (a1 @ b1) * (a2 @ b2)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         a1, b1, a2, b2 = ctx.saved_tensors
-        grad = grad * ctx.scale
         grad_first = grad * (a2 @ b2)
         grad_a1, grad_b1 = grad_first @ b1.t(), a1.t() @ grad_first
         del grad_first
         grad_second = grad * (a1 @ b1)
-        return grad_a1, grad_b1, grad_second @ b2.t(), a2.t() @ grad_second, None
+        return grad_a1, grad_b1, grad_second @ b2.t(), a2.t() @ grad_second
 
 
-def hadamard_product(a1: Tensor, b1: Tensor, a2: Tensor, b2: Tensor, scale: float = 1.0) -> Tensor:
-    """``(a1 @ b1) ⊙ (a2 @ b2) · scale`` with the memory-lean backward of :class:`HadamardProduct`."""
-    return HadamardProduct.apply(a1, b1, a2, b2, scale)
+def hadamard_product(a1: Tensor, b1: Tensor, a2: Tensor, b2: Tensor) -> Tensor:
+    """``(a1 @ b1) ⊙ (a2 @ b2)`` with the memory-lean backward of :class:`HadamardProduct`."""
+    return HadamardProduct.apply(a1, b1, a2, b2)
