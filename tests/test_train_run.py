@@ -72,7 +72,7 @@ def test_outputs_of_a_run(reference: Path) -> None:
     pipe = bl.tiny_sd_pipeline()
     sample, t, states = torch.randn(1, 4, 8, 8), torch.tensor([500]), torch.randn(1, 16, 32)
     plain = pipe.unet(sample, t, encoder_hidden_states=states).sample
-    bl.load_adapter(pipe, adapter)
+    bl.load_adapter(pipe, adapter, strict=True)
     adapted = pipe.unet(sample, t, encoder_hidden_states=states).sample
     assert not torch.allclose(plain, adapted)
 
@@ -162,3 +162,13 @@ def test_algorithms_and_options(data: Path, tmp_path: Path, changes: dict[str, A
         assert (out / "latent_cache.safetensors").is_file()
     if changes.get("warmup_steps"):
         assert records[0]["lr"] == pytest.approx(3e-3 / 2)
+
+
+def test_a_diffusers_folder_as_the_base(data: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "pipeline"
+    bl.tiny_sd_pipeline(seed=3).save_pretrained(str(folder))
+    out = tmp_path / "run"
+    assert train(options(data, out, pretrained_model=str(folder), max_steps=1, save_every=0)) == 0
+    reference = bl.tiny_sd_pipeline(seed=3)
+    bl.load_adapter(reference, out / "adapter.safetensors", strict=True)  # every name matches
+    assert len(load_file(str(out / "adapter.safetensors"))) > 0
