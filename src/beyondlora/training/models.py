@@ -116,7 +116,14 @@ def load_base_model(name: str, device: torch.device) -> BaseModel:
         else:
             is_xl = _is_sdxl(path)
             cls = StableDiffusionXLPipeline if is_xl else StableDiffusionPipeline
-            pipe = cls.from_single_file(str(path), local_files_only=True)
+            try:
+                pipe = cls.from_single_file(str(path), local_files_only=True)
+            except Exception as error:  # noqa: BLE001 - diffusers raises many kinds here
+                raise TrainConfigError(
+                    f"cannot build a pipeline from {path} offline ({type(error).__name__}: {error}); diffusers "
+                    "needs the model's configuration in the local Hugging Face cache, or convert the file to a "
+                    "diffusers folder"
+                ) from None
     if getattr(pipe, "text_encoder_2", None) is not None:
         raise TrainConfigError(
             "SDXL training needs its added conditioning, which this trainer does not feed yet; use an SD 1.x/2.x model"
