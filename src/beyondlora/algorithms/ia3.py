@@ -45,3 +45,7 @@ class IA3(Adapter):
 
     def bypass_flops(self, tokens: int) -> float:
         return float(tokens * self.weight.numel())
+
+    def rebuild_flops(self) -> float:
+        """``W ⊙ v`` and ``W + ΔW``: two memory-bound passes over the weight, for one over the output."""
+        return 2.0 * super().rebuild_flops()
