@@ -172,19 +172,63 @@ def _virtual_folder(directory: Path) -> list[Module]:
 _TEXT_MODEL_MISSING = re.compile(r"^(lora_te[12]?)_(encoder|embeddings|final_layer_norm)_")
 
 
-def single_file_tensors(path: Path) -> tuple[dict[str, Tensor], str, bool]:
+def single_file_tensors(path: Path, modules: dict[str, str] | None = None) -> tuple[dict[str, Tensor], str, bool]:
     """A single file's tensors under single-file keys, its kind (``single_file``, or ``diffusers`` for
     diffusers' LoRA layout, converted), and whether any key was rewritten.
 
     Text-encoder keys get the ``text_model`` level UIs expect (``lora_te_encoder_layers_0_…`` →
-    ``lora_te_text_model_encoder_layers_0_…``), so files written either way read the same.
+    ``lora_te_text_model_encoder_layers_0_…``), so files written either way read the same; module keys
+    found in ``modules`` (see :func:`sgm_module_keys`) are renamed.
     """
     tensors = read_tensors(path)
     kind = "single_file"
     if is_diffusers_layout(list(tensors)):
         tensors, kind = to_single_file(tensors, read_metadata(path), path), "diffusers"
-    renamed = {with_text_model(key): tensor for key, tensor in tensors.items()}
+    renamed = {_renamed(with_text_model(key), modules or {}): tensor for key, tensor in tensors.items()}
     return renamed, kind, kind == "diffusers" or list(renamed) != list(tensors)
+
+
+def _renamed(key: str, modules: dict[str, str]) -> str:
+    module, dot, rest = key.partition(".")
+    return modules.get(module, module) + dot + rest
+
+
+def sgm_module_keys(checkpoint: Checkpoint | None) -> dict[str, str]:
+    """``lora_unet_<diffusers path>`` → ``lora_unet_<SGM path>`` for a single-file SD checkpoint.
+
+    Such a checkpoint names its UNet modules as the original (SGM) code does (``input_blocks.1.1…``),
+    while kohya's SD 1.x/2.x files use diffusers paths (``down_blocks.0.attentions.0…``).  The table
+    comes from a small UNet of the same block layout (SDXL when the checkpoint has ``label_emb``); the
+    channel widths do not change module names.
+    """
+    if checkpoint is None or checkpoint.is_folder:
+        return {}
+    names = [m.name for m in checkpoint.modules.values() if m.component.key_prefix == "model.diffusion_model."]
+    if not names:
+        return {}
+    from diffusers import UNet2DConditionModel
+
+    from ..formats.names import diffusers_to_sgm, flat, sgm_block_table
+
+    sdxl = any(name.startswith("unet.label_emb.") for name in names)
+    layout = dict(block_out_channels=(8, 8, 8, 8), norm_num_groups=4, cross_attention_dim=8, attention_head_dim=2)
+    if sdxl:
+        layout.update(
+            block_out_channels=(8, 8, 8),
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            addition_embed_type="text_time",
+            addition_time_embed_dim=4,
+            projection_class_embeddings_input_dim=8,
+        )
+    unet = UNet2DConditionModel(**layout)
+    table = sgm_block_table(unet)
+    renames = {}
+    for name, _ in unet.named_modules():
+        sgm = diffusers_to_sgm(name, table) if name else None
+        if sgm is not None and sgm != name:
+            renames[f"lora_unet_{flat(name)}"] = f"lora_unet_{flat(sgm)}"
+    return renames
 
 
 def with_text_model(key: str) -> str:
@@ -192,29 +236,31 @@ def with_text_model(key: str) -> str:
     return _TEXT_MODEL_MISSING.sub(r"\1_text_model_\2_", key)
 
 
-def renamed_metadata(metadata: dict[str, str]) -> dict[str, str]:
-    """Metadata with our per-module records keyed as :func:`with_text_model` renames the modules."""
+def renamed_metadata(metadata: dict[str, str], modules: dict[str, str] | None = None) -> dict[str, str]:
+    """Metadata with our per-module records keyed as :func:`single_file_tensors` renames the modules."""
     out = dict(metadata)
     if MODULES_METADATA in out:
         recorded = json.loads(out[MODULES_METADATA])
-        out[MODULES_METADATA] = json.dumps({with_text_model(k): v for k, v in recorded.items()})
+        out[MODULES_METADATA] = json.dumps(
+            {_renamed(with_text_model(k), modules or {}): v for k, v in recorded.items()}
+        )
     return out
 
 
 @contextlib.contextmanager
-def readable_file(path: Path, kind: str) -> Iterator[tuple[Path, str]]:
+def readable_file(path: Path, kind: str, modules: dict[str, str] | None = None) -> Iterator[tuple[Path, str]]:
     """``(file the library's readers can read, kind)``: a single file whose keys :func:`single_file_tensors`
     rewrites (diffusers' layout among them) is written to a temporary file first."""
     if kind != "single_file":
         yield path, kind
         return
-    tensors, kind, rewritten = single_file_tensors(path)
+    tensors, kind, rewritten = single_file_tensors(path, modules)
     if not rewritten:
         yield path, kind
         return
     with tempfile.TemporaryDirectory() as directory:
         converted = Path(directory) / path.name
-        write_tensors(converted, tensors, renamed_metadata(read_metadata(path)))
+        write_tensors(converted, tensors, renamed_metadata(read_metadata(path), modules))
         yield converted, kind
 
 
@@ -224,7 +270,7 @@ def load_adapter(path: str | Path, checkpoint: Checkpoint | None = None) -> Load
     ``path``: a single file (LyCORIS / kohya / beyondlora keys, or diffusers' LoRA layout) or a PEFT folder.
     """
     path = Path(path)
-    with readable_file(path, adapter_kind(path)) as (source, kind):
+    with readable_file(path, adapter_kind(path), sgm_module_keys(checkpoint)) as (source, kind):
         if checkpoint is None:
             modules = _virtual_folder(source) if kind == "peft_folder" else _virtual_single_file(source)
             candidates = [("", skeleton(modules))]
