@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 from safetensors.torch import load_file, save_file
-from ui_formula import ui_delta
 
 from beyondlora.cli import main
+from ui_formula import ui_delta
 
 #: checkpoint module (original SD naming) → the diffusers path kohya's SD-1.x files use, written by hand
 PAIRS = {
