@@ -2,7 +2,10 @@
 
     .venv/bin/python scripts/pretrain_demo_base.py [--steps 3000] [--out src/beyondlora/training/demo_assets]
 
-Deterministic given the seed; about 10 minutes on one CPU thread.  Writes ``demo_base.safetensors``
+Deterministic given the seed; about 10 minutes on one CPU thread.  The committed weights were made with
+
+    pretrain_demo_base.py --steps 1500 --batch 16 --lr 1e-3 --out /tmp/a
+    pretrain_demo_base.py --steps 1200 --batch 16 --lr 5e-4 --seed 1 --init /tmp/a/demo_base.safetensors  Writes ``demo_base.safetensors``
 (UNet and text encoder, float16) and ``preview.png`` (one sample per prompt).
 """
 

@@ -35,6 +35,8 @@ def options(data: Path, out: Path, **changes: Any) -> TrainConfig:
         sample_seeds=[0],
         sample_steps=2,
         rank=4,
+        preset="attn-mlp",
+        learning_rate=3e-3,
     )
     values.update(changes)
     return TrainConfig(**values)

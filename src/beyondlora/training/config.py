@@ -63,7 +63,7 @@ class TrainConfig:
     conv_rank: int | None = field(default=None, metadata={"help": "rank of 3×3 convs (preset 'full'; default: rank)"})
     conv_alpha: float | None = field(default=None, metadata={"help": "alpha of 3×3 convs (default: conv rank)"})
     factor: int = field(default=-1, metadata={"help": "LoKr factor (-1: balanced)"})
-    preset: str = field(default="attn-mlp", metadata={"help": "/".join(PRESETS)})
+    preset: str = field(default="full", metadata={"help": "/".join(PRESETS)})
     use_dora: bool = field(default=False, metadata={"help": "DoRA weight decomposition"})
     train_text_encoder: bool = field(default=False, metadata={"help": "also adapt the text encoder(s)"})
     # data
@@ -80,8 +80,8 @@ class TrainConfig:
     cache_latents: bool = field(default=True, metadata={"help": "encode every image once, in memory"})
     cache_latents_to_disk: bool = field(default=False, metadata={"help": "also keep the latent cache on disk"})
     # optimisation
-    max_steps: int = field(default=150, metadata={"help": "optimizer steps"})
-    learning_rate: float = field(default=3e-3, metadata={"help": "peak learning rate"})
+    max_steps: int = field(default=200, metadata={"help": "optimizer steps"})
+    learning_rate: float = field(default=4e-3, metadata={"help": "peak learning rate"})
     optimizer: str = field(default="adamw", metadata={"help": "/".join(OPTIMIZERS)})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
     lr_scheduler: str = field(default="constant", metadata={"help": "/".join(SCHEDULES)})
@@ -95,7 +95,7 @@ class TrainConfig:
     prediction_type: str | None = field(default=None, metadata={"help": "epsilon/v_prediction (default: the model's)"})
     seed: int = field(default=0, metadata={"help": "seed of everything random"})
     # outputs
-    save_every: int = field(default=50, metadata={"help": "checkpoint every N steps (0: only at the end)"})
+    save_every: int = field(default=100, metadata={"help": "checkpoint every N steps (0: only at the end)"})
     keep_checkpoints: int = field(default=2, metadata={"help": "how many checkpoints to keep"})
     sample_every: int = field(default=0, metadata={"help": "sample grid every N steps (0: never)"})
     sample_prompts: list[str] | None = field(
