@@ -59,6 +59,17 @@ def _optimizer(config: TrainConfig, params: list[torch.nn.Parameter]) -> torch.o
     return torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
 
 
+def min_snr_weights(
+    alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, gamma: float, prediction: str
+) -> torch.Tensor:
+    """Min-SNR-γ loss weights (Hang et al. 2023): min(SNR, γ)/SNR for ε-prediction, min(SNR, γ)/(SNR + 1)
+    for v-prediction, with SNR = ᾱ / (1 − ᾱ)."""
+    alphas = alphas_cumprod[timesteps]
+    snr = alphas / (1 - alphas)
+    clipped = torch.clamp(snr, max=gamma)
+    return clipped / snr if prediction == "epsilon" else clipped / (snr + 1)
+
+
 class _Stop:
     """SIGINT / SIGTERM set a flag; the loop checkpoints and exits at the end of the current step."""
 
@@ -243,10 +254,8 @@ class Trainer:
             output = self.unet(noisy, timesteps, encoder_hidden_states=states).sample
         losses = F.mse_loss(output.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
         if config.min_snr_gamma is not None:
-            alphas = scheduler.alphas_cumprod.to(latents.device)[timesteps]
-            snr = alphas / (1 - alphas)
-            clipped = torch.clamp(snr, max=config.min_snr_gamma)
-            losses = losses * (clipped / snr if prediction == "epsilon" else clipped / (snr + 1))
+            alphas = scheduler.alphas_cumprod.to(latents.device)
+            losses = losses * min_snr_weights(alphas, timesteps, config.min_snr_gamma, prediction)
         return losses.mean()
 
     def _save(self, step: int) -> None:
