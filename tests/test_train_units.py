@@ -66,3 +66,26 @@ def test_wide_image_is_resized_to_cover_and_centre_cropped(tmp_path: Path) -> No
     assert left[:, :, :14].min() > 0.9 and left[:, :, 18:].max() < -0.9
     same = load_pixels(item, (64, 32))
     assert torch.equal(same, torch.from_numpy(array).permute(2, 0, 1).float() / 127.5 - 1)
+
+
+def test_latent_cache_on_disk_is_reused_only_for_the_same_images_and_model(tmp_path: Path) -> None:
+    from beyondlora.training.data import BucketDataset, LatentCache, scan_dataset
+    from test_train_config import make_dataset
+
+    items = scan_dataset(make_dataset(tmp_path / "data", count=2))
+    dataset = BucketDataset(items, 64, 8, enable_bucket=True)
+    calls: list[int] = []
+
+    def encode(pixels: torch.Tensor) -> torch.Tensor:
+        calls.append(1)
+        return pixels[:, :, ::8, ::8] * 2
+
+    path = tmp_path / "cache.safetensors"
+    first = LatentCache(dataset, encode, flips=True, path=path, model="a")
+    assert len(calls) == 4 and path.is_file()  # two images, each plain and mirrored
+    again = LatentCache(dataset, encode, flips=True, path=path, model="a")
+    assert len(calls) == 4 and all(torch.equal(first.latents[k], again.latents[k]) for k in first.latents)
+    expected = load_pixels(items[1], dataset.bucket_of[1]).flip(-1)[:, ::8, ::8] * 2
+    assert torch.equal(again.get(1, True), expected)
+    LatentCache(dataset, encode, flips=True, path=path, model="b")
+    assert len(calls) == 8  # another base model: encoded afresh

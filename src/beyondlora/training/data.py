@@ -191,9 +191,9 @@ class BucketDataset:
 class LatentCache:
     """Latents per (item, flipped), computed once (centre crop), kept in memory and optionally on disk."""
 
-    def __init__(self, dataset: BucketDataset, encode: Any, flips: bool, path: Path | None) -> None:
+    def __init__(self, dataset: BucketDataset, encode: Any, flips: bool, path: Path | None, model: str = "") -> None:
         self.latents: dict[str, torch.Tensor] = {}
-        signature = self._signature(dataset, flips)
+        signature = self._signature(dataset, flips, model)
         if path is not None and path.is_file():
             from safetensors import safe_open
             from safetensors.torch import load_file
@@ -216,12 +216,13 @@ class LatentCache:
             write_tensors(path, self.latents, {"signature": signature})
 
     @staticmethod
-    def _signature(dataset: BucketDataset, flips: bool) -> str:
+    def _signature(dataset: BucketDataset, flips: bool, model: str) -> str:
+        """Changes with the images (path, time), their buckets, flipping and the base model."""
         parts = [
             f"{item.path}|{item.path.stat().st_mtime_ns}|{bucket}"
             for item, bucket in zip(dataset.items, dataset.bucket_of, strict=True)
         ]
-        return hashlib.sha256(json.dumps([parts, flips]).encode()).hexdigest()
+        return hashlib.sha256(json.dumps([parts, flips, model]).encode()).hexdigest()
 
     def get(self, index: int, flipped: bool) -> torch.Tensor:
         return self.latents[f"{index}:{int(flipped)}"]

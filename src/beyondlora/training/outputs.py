@@ -124,7 +124,7 @@ def finish_run(trainer: Any, metrics: Any, seconds: float) -> dict[str, Any]:
         "final_loss": metrics.losses[-1] if metrics.losses else None,
     }
     lines = [
-        f"trained {config.algo} for {config.max_steps} steps in {seconds:.0f} s; outputs in {output_dir}",
+        f"trained {config.algo} for {config.max_steps} steps ({seconds:.0f} s of training); outputs in {output_dir}",
         f"  adapter {adapter_path.name}, metrics.jsonl, before_after.png, loss_curve.png, config.toml",
     ]
     if trainer.base.is_demo:

@@ -169,7 +169,13 @@ class Trainer:
         if config.cache_latents:
             disk = self.output_dir / "latent_cache.safetensors" if config.cache_latents_to_disk else None
             self.cache = LatentCache(
-                self.dataset, self.base.encode, config.random_flip, disk if self.dist.is_main else None
+                self.dataset,
+                self.base.encode,
+                config.random_flip,
+                disk if self.dist.is_main else None,
+                model=str(Path(config.pretrained_model).resolve())
+                if config.pretrained_model not in ("demo", "tiny-sd")
+                else config.pretrained_model,
             )
         self.embeddings: dict[str, torch.Tensor] = {}
         self.global_batch = config.batch_size * self.dist.world
