@@ -174,3 +174,14 @@ def test_a_diffusers_folder_as_the_base(data: Path, tmp_path: Path) -> None:
     reference = bl.tiny_sd_pipeline(seed=3)
     bl.load_adapter(reference, out / "adapter.safetensors", strict=True)  # every name matches
     assert len(load_file(str(out / "adapter.safetensors"))) > 0
+
+
+def test_sdxl_with_its_text_encoders(data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "xl"
+    config = options(data, out, pretrained_model="tiny-sdxl", max_steps=2, save_every=0, train_text_encoder=True)
+    assert train(config) == 0
+    tensors = load_file(str(out / "adapter.safetensors"))
+    prefixes = {key.split("_")[1] for key in tensors}
+    assert prefixes == {"unet", "te1", "te2"}
+    pipe = bl.tiny_sdxl_pipeline()
+    bl.load_adapter(pipe, out / "adapter.safetensors", strict=True)  # SGM UNet names and both encoders match

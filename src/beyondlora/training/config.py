@@ -43,7 +43,9 @@ class TrainConfig:
 
     pretrained_model: str = field(
         default="demo",
-        metadata={"help": "'demo', 'tiny-sd', a diffusers folder or a single-file SD checkpoint (.safetensors)"},
+        metadata={
+            "help": "'demo', 'tiny-sd', 'tiny-sdxl', a diffusers folder or a single-file SD checkpoint (.safetensors)"
+        },
     )
     train_data_dir: str | None = field(
         default=None,

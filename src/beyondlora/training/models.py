@@ -34,6 +34,19 @@ class BaseModel:
     def text_encoder(self) -> Any:
         return self.pipe.text_encoder
 
+    @property
+    def is_xl(self) -> bool:
+        """SDXL: two text encoders, pooled-text and size conditioning."""
+        return getattr(self.pipe, "text_encoder_2", None) is not None
+
+    @property
+    def text_encoders(self) -> list[Any]:
+        return [self.pipe.text_encoder, self.pipe.text_encoder_2] if self.is_xl else [self.pipe.text_encoder]
+
+    @property
+    def tokenizers(self) -> list[Any]:
+        return [self.tokenizer, self.pipe.tokenizer_2] if self.is_xl else [self.tokenizer]
+
 
 class _Parts:
     """A stand-in pipeline holding the demo's UNet and text encoder."""
@@ -43,15 +56,19 @@ class _Parts:
         self.text_encoder = text_encoder
 
 
+#: base models built offline, by name
+BUILT_IN = ("demo", "tiny-sd", "tiny-sdxl")
+
+
 def check_model_path(name: str) -> None:
     """Refuse a base model path of the wrong kind before anything is loaded."""
-    if name in ("demo", "tiny-sd"):
+    if name in BUILT_IN:
         return
     path = Path(name)
     if not path.exists():
         raise TrainConfigError(
             f"base model {path} does not exist (give a diffusers folder, a .safetensors "
-            "single-file checkpoint, 'demo' or 'tiny-sd'; nothing is downloaded)"
+            "single-file checkpoint, 'demo', 'tiny-sd' or 'tiny-sdxl'; nothing is downloaded)"
         )
     if path.is_dir():
         if not (path / "model_index.json").is_file() or not (path / "unet").is_dir():
@@ -107,6 +124,10 @@ def load_base_model(name: str, device: torch.device) -> BaseModel:
         from ..integrations.tiny_pipeline import tiny_sd_pipeline
 
         pipe = tiny_sd_pipeline()
+    elif name == "tiny-sdxl":
+        from ..integrations.tiny_pipeline import tiny_sdxl_pipeline
+
+        pipe = tiny_sdxl_pipeline()
     else:
         from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
@@ -124,14 +145,11 @@ def load_base_model(name: str, device: torch.device) -> BaseModel:
                     "needs the model's configuration in the local Hugging Face cache, or convert the file to a "
                     "diffusers folder"
                 ) from None
-    if getattr(pipe, "text_encoder_2", None) is not None:
-        raise TrainConfigError(
-            "SDXL training needs its added conditioning, which this trainer does not feed yet; use an SD 1.x/2.x model"
-        )
     from diffusers import DDPMScheduler
 
-    for part in (pipe.unet, pipe.text_encoder, pipe.vae):
-        part.requires_grad_(False).eval().to(device)
+    for part in (pipe.unet, pipe.text_encoder, getattr(pipe, "text_encoder_2", None), pipe.vae):
+        if part is not None:
+            part.requires_grad_(False).eval().to(device)
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     encode, decode = _vae_codec(pipe.vae)
     scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)

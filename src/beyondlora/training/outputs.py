@@ -51,12 +51,12 @@ def sample_prompts(trainer: Any) -> list[str]:
 
 def _images(trainer: Any, prompts: list[str], seeds: list[int]) -> torch.Tensor:
     """One image per (seed, prompt), seed-major: (len(seeds) · len(prompts), 3, H, W)."""
-    from .sampling import encode_prompts, sample_latents
+    from .sampling import embed_text, sample_latents
 
     base, config = trainer.base, trainer.config
-    text_encoder = trainer.text_encoder if trainer.text_encoder is not None else base.text_encoder
-    cond = encode_prompts(text_encoder, base.tokenizer, prompts * len(seeds))
-    uncond = encode_prompts(text_encoder, base.tokenizer, [""])
+    with torch.no_grad():
+        cond, pooled = embed_text(trainer.text_encoders, base.tokenizers, prompts * len(seeds))
+        uncond, pooled_uncond = embed_text(trainer.text_encoders, base.tokenizers, [""])
     side = config.resolution or base.resolution
     shape = (base.unet.config.in_channels, side // base.scale_factor, side // base.scale_factor)
     seed_list = [s for s in seeds for _ in prompts]
@@ -69,6 +69,8 @@ def _images(trainer: Any, prompts: list[str], seeds: list[int]) -> torch.Tensor:
         seed_list,
         config.sample_steps,
         config.guidance_scale,
+        pooled=None if pooled is None else (pooled, pooled_uncond),
+        pixel_size=(side, side),
     )
     return base.decode(latents).cpu()
 
@@ -90,7 +92,7 @@ def _before(trainer: Any) -> torch.Tensor:
 
 class _adapters_off:  # noqa: N801 - used like a function
     def __init__(self, trainer: Any) -> None:
-        self.contexts = [m.disable_adapter() for m in (trainer.unet, trainer.text_encoder) if m is not None]
+        self.contexts = [m.disable_adapter() for m in trainer.adapted]
 
     def __enter__(self) -> None:
         for context in self.contexts:

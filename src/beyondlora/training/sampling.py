@@ -7,14 +7,36 @@ from typing import Any
 import torch
 
 
+def _tokens(tokenizer: Any, prompts: list[str], device: torch.device) -> torch.Tensor:
+    return tokenizer(
+        prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids.to(device)
+
+
 @torch.no_grad()
 def encode_prompts(text_encoder: Any, tokenizer: Any, prompts: list[str]) -> torch.Tensor:
     """The text encoder's last hidden states (N, L, D) for ``prompts`` (padded to the tokenizer's max)."""
-    tokens = tokenizer(
-        prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
-    )
-    device = next(text_encoder.parameters()).device
-    return text_encoder(tokens.input_ids.to(device))[0]
+    return text_encoder(_tokens(tokenizer, prompts, next(text_encoder.parameters()).device))[0]
+
+
+def embed_text(text_encoders: list[Any], tokenizers: list[Any], prompts: list[str]) -> tuple[torch.Tensor, Any]:
+    """(hidden states, pooled) for ``prompts``, with gradients where the encoders have them: one encoder's
+    last hidden states (SD 1.x/2.x; pooled None), or SDXL's two penultimate hidden states side by side and
+    the second encoder's projected pooled output."""
+    if len(text_encoders) == 1:
+        return text_encoders[0](_tokens(tokenizers[0], prompts, next(text_encoders[0].parameters()).device))[0], None
+    states, pooled = [], None
+    for text_encoder, tokenizer in zip(text_encoders, tokenizers, strict=True):
+        ids = _tokens(tokenizer, prompts, next(text_encoder.parameters()).device)
+        output = text_encoder(ids, output_hidden_states=True)
+        states.append(output.hidden_states[-2])
+        pooled = output[0]
+    return torch.cat(states, dim=-1), pooled
+
+
+def time_ids(height: int, width: int, count: int, device: torch.device) -> torch.Tensor:
+    """SDXL's size conditioning: (original size, crop top-left, target size) = ((h, w), (0, 0), (h, w))."""
+    return torch.tensor([[height, width, 0, 0, height, width]] * count, dtype=torch.float32, device=device)
 
 
 @torch.no_grad()
@@ -27,6 +49,8 @@ def sample_latents(
     seeds: list[int],
     steps: int = 25,
     guidance: float = 3.0,
+    pooled: tuple[torch.Tensor, torch.Tensor] | None = None,
+    pixel_size: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """Denoise one latent per seed (``cond`` has one row per seed) with DDIM and classifier-free guidance."""
     from diffusers import DDIMScheduler
@@ -40,11 +64,18 @@ def sample_latents(
     latents = latents * scheduler.init_noise_sigma
     uncond = uncond.expand(cond.shape[0], -1, -1)
     both = torch.cat([uncond, cond]).to(param.device, param.dtype)
+    extra: dict[str, Any] = {}
+    if pooled is not None and pixel_size is not None:
+        texts = torch.cat([pooled[1].expand(cond.shape[0], -1), pooled[0]]).to(param.device, param.dtype)
+        extra["added_cond_kwargs"] = {
+            "text_embeds": texts,
+            "time_ids": time_ids(*pixel_size, texts.shape[0], param.device).to(param.dtype),
+        }
     was_training = unet.training
     unet.eval()
     for t in scheduler.timesteps:
         model_in = scheduler.scale_model_input(torch.cat([latents, latents]), t).to(param.dtype)
-        out = unet(model_in, t, encoder_hidden_states=both).sample.float()
+        out = unet(model_in, t, encoder_hidden_states=both, **extra).sample.float()
         out_uncond, out_cond = out.chunk(2)
         latents = scheduler.step(out_uncond + guidance * (out_cond - out_uncond), t, latents).prev_sample
     unet.train(was_training)

@@ -22,9 +22,10 @@ from .checkpoint import MetricsLog, checkpoint_dirs, load_checkpoint, save_check
 from .config import TrainConfig, TrainConfigError
 from .data import BucketDataset, LatentCache, batch_generator, load_pixels, process_caption, scan_dataset
 from .distributed import Dist
-from .models import check_model_path, load_base_model
+from .models import BUILT_IN, check_model_path, load_base_model
 from .network import adapter_config
 from .outputs import finish_run, prepare_output_dir, sample_grid
+from .sampling import time_ids
 
 INTERRUPTED = 130
 
@@ -148,18 +149,21 @@ class Trainer:
         self.dataset = BucketDataset(items, resolution, step, config.enable_bucket)
         torch.manual_seed(config.seed)
         self.unet = get_peft_model(self.base.unet, adapter_config(config, "unet"))
-        self.text_encoder = None
+        self.text_encoders = list(self.base.text_encoders)  # the wrapped ones when they train
+        self.adapted = [self.unet]
         if config.train_text_encoder:
-            self.text_encoder = get_peft_model(self.base.text_encoder, adapter_config(config, "text_encoder"))
-            self.text_encoder.train()
+            self.text_encoders = [get_peft_model(t, adapter_config(config, "text_encoder")) for t in self.text_encoders]
+            for text_encoder in self.text_encoders:
+                text_encoder.train()
+            self.adapted += self.text_encoders
         self.unet.train()
         if config.gradient_checkpointing:
             self.base.unet.enable_gradient_checkpointing()
         self.trainable = {f"unet.{n}": p for n, p in self.base.unet.named_parameters() if p.requires_grad}
-        if self.text_encoder is not None:
-            self.trainable.update(
-                {f"te.{n}": p for n, p in self.base.text_encoder.named_parameters() if p.requires_grad}
-            )
+        if config.train_text_encoder:
+            for number, text_encoder in enumerate(self.base.text_encoders):
+                prefix = "te." if number == 0 else f"te{number + 1}."
+                self.trainable.update({prefix + n: p for n, p in text_encoder.named_parameters() if p.requires_grad})
         if not self.trainable:
             raise TrainConfigError("the chosen --algo and --preset adapt no layer of this model")
         self.dist.broadcast_parameters(list(self.trainable.values()))
@@ -174,33 +178,30 @@ class Trainer:
                 config.random_flip,
                 disk if self.dist.is_main else None,
                 model=str(Path(config.pretrained_model).resolve())
-                if config.pretrained_model not in ("demo", "tiny-sd")
+                if config.pretrained_model not in BUILT_IN
                 else config.pretrained_model,
             )
-        self.embeddings: dict[str, torch.Tensor] = {}
+        self.embeddings: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
         self.global_batch = config.batch_size * self.dist.world
         self.batches_per_epoch = len(self.dataset.epoch_batches(config.seed, 0, self.global_batch))
         self.scaler = torch.amp.GradScaler() if config.mixed_precision == "fp16" else None
 
     # --- one step ------------------------------------------------------------------------------
-    def _text(self, captions: list[str]) -> torch.Tensor:
-        from .sampling import encode_prompts
+    def _text(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(hidden states, pooled or None) of the captions; memoised per caption when the encoders are frozen."""
+        from .sampling import embed_text
 
-        if self.text_encoder is not None:
-            tokens = self.base.tokenizer(
-                captions,
-                padding="max_length",
-                truncation=True,
-                max_length=self.base.tokenizer.model_max_length,
-                return_tensors="pt",
-            )
-            return self.text_encoder(tokens.input_ids.to(self.dist.device))[0]
+        if self.config.train_text_encoder:
+            return embed_text(self.text_encoders, self.base.tokenizers, captions)
         missing = [c for c in dict.fromkeys(captions) if c not in self.embeddings]
         if missing:
-            self.embeddings.update(
-                zip(missing, encode_prompts(self.base.text_encoder, self.base.tokenizer, missing), strict=True)
-            )
-        return torch.stack([self.embeddings[c] for c in captions])
+            with torch.no_grad():
+                states, pooled = embed_text(self.text_encoders, self.base.tokenizers, missing)
+            for number, caption in enumerate(missing):
+                self.embeddings[caption] = (states[number], None if pooled is None else pooled[number])
+        states = torch.stack([self.embeddings[c][0] for c in captions])
+        pooled = None if not self.base.is_xl else torch.stack([self.embeddings[c][1] for c in captions])
+        return states, pooled
 
     def _batch(self, position: int) -> tuple[torch.Tensor, list[str]]:
         config = self.config
@@ -256,8 +257,13 @@ class Trainer:
         dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision)
         autocast = torch.autocast(latents.device.type, dtype=dtype) if dtype else nullcontext()
         with autocast:
-            states = self._text(captions)
-            output = self.unet(noisy, timesteps, encoder_hidden_states=states).sample
+            states, pooled = self._text(captions)
+            extra = {}
+            if pooled is not None:
+                height, width = (side * self.base.scale_factor for side in latents.shape[-2:])
+                ids = time_ids(height, width, latents.shape[0], latents.device)
+                extra["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": ids}
+            output = self.unet(noisy, timesteps, encoder_hidden_states=states, **extra).sample
         losses = F.mse_loss(output.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
         if config.min_snr_gamma is not None:
             alphas = scheduler.alphas_cumprod.to(latents.device)
