@@ -96,6 +96,10 @@ def test_bad_data_folders(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     (tmp_path / "empty").mkdir()
     status, err = run_cli(capsys, *common, "--train-data-dir", str(tmp_path / "empty"))
     assert status == 2 and "no readable captioned images" in err
+    data = make_dataset(tmp_path / "data")
+    status, err = run_cli(capsys, *common, "--train-data-dir", str(data), "--resume")
+    assert status == 2 and "--resume: no checkpoint in" in err
+    assert not (tmp_path / "out").exists()
     data = make_dataset(tmp_path / "nocap")
     (data / "2_thing" / "im1.txt").unlink()
     status, err = run_cli(capsys, *common, "--train-data-dir", str(data))

@@ -118,6 +118,8 @@ class Trainer:
             raise TrainConfigError("--train-data-dir is required unless --pretrained-model is 'demo'")
         if config.train_data_dir is not None:
             scan_dataset(config.train_data_dir)  # every data error before the model loads
+        if config.resume and not checkpoint_dirs(Path(config.output_dir or "")):
+            raise TrainConfigError(f"--resume: no checkpoint in {Path(config.output_dir or '') / 'checkpoints'}")
         if config.output_dir and not config.resume and checkpoint_dirs(Path(config.output_dir)):
             raise TrainConfigError(
                 f"{config.output_dir} already has checkpoints: pass --resume to continue that "
