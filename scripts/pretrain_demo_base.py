@@ -1,12 +1,13 @@
 """Pre-train the built-in demo's base model (red/green/blue circles and squares) and write its weights.
 
-    .venv/bin/python scripts/pretrain_demo_base.py [--steps 3000] [--out src/beyondlora/training/demo_assets]
+    .venv/bin/python scripts/pretrain_demo_base.py [--steps 1500] [--out src/beyondlora/training/demo_assets]
 
-Deterministic given the seed; about 10 minutes on one CPU thread.  The committed weights were made with
+Writes ``demo_base.safetensors`` (UNet and text encoder, float16) and ``preview.png`` (one sample per
+prompt).  Deterministic given the seed; about 0.5 s a step on one shared CPU thread.  The committed
+weights were made in two runs (about 28 minutes in all):
 
     pretrain_demo_base.py --steps 1500 --batch 16 --lr 1e-3 --out /tmp/a
-    pretrain_demo_base.py --steps 1200 --batch 16 --lr 5e-4 --seed 1 --init /tmp/a/demo_base.safetensors  Writes ``demo_base.safetensors``
-(UNet and text encoder, float16) and ``preview.png`` (one sample per prompt).
+    pretrain_demo_base.py --steps 1200 --batch 16 --lr 5e-4 --seed 1 --init /tmp/a/demo_base.safetensors
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from beyondlora.training.sampling import encode_prompts, sample_latents
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--out", type=Path, default=WEIGHTS.parent)
