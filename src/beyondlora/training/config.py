@@ -107,7 +107,9 @@ class TrainConfig:
         default_factory=lambda: [0, 1, 2, 3], metadata={"help": "seeds of the sample grid rows"}
     )
     sample_steps: int = field(default=20, metadata={"help": "DDIM steps per sample"})
-    guidance_scale: float = field(default=3.0, metadata={"help": "classifier-free guidance"})
+    guidance_scale: float | None = field(
+        default=None, metadata={"help": "classifier-free guidance of samples (default: 1.5 for the demo, else 7.5)"}
+    )
     save_precision: str = field(default="fp32", metadata={"help": "/".join(SAVE_DTYPES) + " of the adapter file"})
     threads: int | None = field(default=None, metadata={"help": "torch CPU threads"})
 

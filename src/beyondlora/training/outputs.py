@@ -68,7 +68,7 @@ def _images(trainer: Any, prompts: list[str], seeds: list[int]) -> torch.Tensor:
         shape,
         seed_list,
         config.sample_steps,
-        config.guidance_scale,
+        config.guidance_scale if config.guidance_scale is not None else (1.5 if base.is_demo else 7.5),
         pooled=None if pooled is None else (pooled, pooled_uncond),
         pixel_size=(side, side),
     )
