@@ -240,7 +240,11 @@ class PeftModel(nn.Module):
     def load_adapter(
         self, model_id: str | Path, adapter_name: str, is_trainable: bool = False, low_cpu_mem_usage: bool = False
     ) -> None:
-        """Add the adapter saved at ``model_id`` (folder or single file) under ``adapter_name``."""
+        """Add the adapter saved at ``model_id`` (folder or single file) under ``adapter_name``.
+
+        ``low_cpu_mem_usage`` is accepted for PEFT compatibility; loading builds every adapter straight
+        from the file's tensors, so there is no random initialization to skip.
+        """
         if is_single_file(model_id):
             config = SingleFileConfig(source=str(model_id), inference_mode=not is_trainable)
             planned = plan_from_single_file(self.base_model, model_id)
