@@ -27,6 +27,14 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from lycoris.functional import general as lycoris_functional
+from lycoris.functional.loha import diff_weight as lycoris_loha_rebuild
+from lycoris.functional.lokr import kron_weight as lycoris_kron_weight
+from lycoris.modules.full import FullModule
+from lycoris.modules.ia3 import IA3Module
+from lycoris.modules.locon import LoConModule
+from lycoris.modules.loha import LohaModule
+from lycoris.modules.lokr import LokrModule
 from torch import Tensor, nn
 
 from beyondlora.algorithms import IA3, Full, LoHa, LoKr, LoRA
@@ -34,15 +42,6 @@ from beyondlora.algorithms.base import AdapterOptions
 from beyondlora.formats.lycoris_codecs import export_tensors
 from beyondlora.ops.factorization import factorization
 from beyondlora.ops.geometry import LayerGeometry
-
-lycoris_functional = pytest.importorskip("lycoris.functional.general")
-from lycoris.functional.loha import diff_weight as lycoris_loha_rebuild  # noqa: E402
-from lycoris.functional.lokr import kron_weight as lycoris_kron_weight  # noqa: E402
-from lycoris.modules.full import FullModule  # noqa: E402
-from lycoris.modules.ia3 import IA3Module  # noqa: E402
-from lycoris.modules.locon import LoConModule  # noqa: E402
-from lycoris.modules.loha import LohaModule  # noqa: E402
-from lycoris.modules.lokr import LokrModule  # noqa: E402
 
 DTYPE = torch.float64
 RTOL = 1e-10
