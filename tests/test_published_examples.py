@@ -12,14 +12,14 @@ import copy
 import io
 import re
 
+import diffusers
 import pytest
 import torch
+import transformers
 from torch import nn
 
 import beyondlora as bl
-
-transformers = pytest.importorskip("transformers")
-diffusers = pytest.importorskip("diffusers")
+from test_tools_cases import tiny_unet
 
 ATOL = 1e-5
 RTOL = 1e-5
@@ -242,22 +242,6 @@ TE_TARGETS = ["k_proj", "q_proj", "v_proj", "out_proj", "fc1", "fc2"]
 TE_VOCAB = 100
 
 
-def _fresh_unet() -> nn.Module:
-    torch.manual_seed(0)
-    return diffusers.UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        cross_attention_dim=32,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        attention_head_dim=8,
-        norm_num_groups=8,
-    ).eval()
-
-
 def _fresh_text_encoder() -> nn.Module:
     torch.manual_seed(0)
     config = transformers.CLIPTextConfig(
@@ -372,7 +356,7 @@ def _expected_targets(model: nn.Module, targets: list[str]) -> set[str]:
 
 @pytest.fixture(scope="module")
 def originals():
-    unet, text_encoder = _fresh_unet(), _fresh_text_encoder()
+    unet, text_encoder = tiny_unet(), _fresh_text_encoder()
     hidden, noise = _run_pipeline(text_encoder, unet)
     return {"unet": unet, "text_encoder": text_encoder, "hidden": hidden, "noise": noise}
 
