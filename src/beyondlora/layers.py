@@ -127,7 +127,7 @@ class AdapterLayer(nn.Module):
 
     def _use_bypass(self, x: Tensor, names: list[str]) -> bool:
         adapters = [self.adapters[n] for n in names]
-        if any(getattr(a, "needs_bypass", lambda: False)() for a in adapters):
+        if any(a.needs_bypass() for a in adapters):
             return True
         if self.forward_mode == "combined" or not self._bypass_possible(adapters):
             return False
@@ -147,12 +147,11 @@ class AdapterLayer(nn.Module):
         (IA)³ and DoRA read the base layer's own output ``W x``: that is only available when nothing is
         merged into W and no input-side (IA)³ changed the base call's input.
         """
-        reads_base = [a for a in adapters if a.channel_scale() is not None or a.dora_scale is not None]
-        if reads_base and self.merged:
+        scales_input, scales_output = _ia3_by_side(adapters)
+        reads_base = scales_output + [a for a in adapters if a.dora_scale is not None]
+        if (reads_base or scales_input) and self.merged:
             return False
-        if any(getattr(a, "on_input", False) for a in reads_base) and any(
-            not getattr(a, "on_input", False) for a in reads_base
-        ):
+        if scales_input and reads_base:
             return False
         if any(a.dora_scale is not None and not a.options.dora_on_output for a in adapters):
             return False
@@ -161,13 +160,14 @@ class AdapterLayer(nn.Module):
     def _bypass_forward(self, x: Tensor, names: list[str], draws: dict[str, Any], args: tuple, kwargs: dict) -> Tensor:
         g = self.geometry
         adapters = {n: self.adapters[n] for n in names}
-        input_scale = [a.multiplier * a.channel_scale() for a in adapters.values() if getattr(a, "on_input", False)]
+        scales_input, scales_output = _ia3_by_side(list(adapters.values()))
         base_in = x
-        if input_scale:
-            base_in = x * (1 + g.per_channel(torch.stack(input_scale).sum(0), x.dim())).to(x.dtype)
+        if scales_input:
+            input_scale = sum(a.multiplier * a.channel_scale() for a in scales_input)
+            base_in = x * (1 + g.per_channel(input_scale, x.dim())).to(x.dtype)
         base_out = self.base_layer(base_in, *args, **kwargs)
         plain_out = None  # W·x without the bias, computed once if needed
-        result = self._scale_output(base_out, [a for a in adapters.values() if not getattr(a, "on_input", True)])
+        result = self._scale_output(base_out, scales_output)
         for name, adapter in adapters.items():
             t = adapter.multiplier
             if adapter.channel_scale() is not None:
@@ -273,6 +273,12 @@ class AdapterLayer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"active={self.active_adapters}, merged={list(self.merged)}"
+
+
+def _ia3_by_side(adapters: list[Adapter]) -> tuple[list[Adapter], list[Adapter]]:
+    """The (IA)³ adapters that scale the base layer's input channels, and those that scale its output."""
+    ia3 = [a for a in adapters if a.channel_scale() is not None]
+    return [a for a in ia3 if a.on_input], [a for a in ia3 if not a.on_input]
 
 
 def _autocasting(device_type: str) -> bool:

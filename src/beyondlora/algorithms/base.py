@@ -169,6 +169,10 @@ class Adapter(nn.Module):
         """Multiply-adds of :meth:`delta_weight`."""
         return float(math.prod(self.geometry.weight_shape))
 
+    def needs_bypass(self) -> bool:
+        """Whether this forward must take the bypass path (input dropout exists only there)."""
+        return False
+
     def channel_scale(self) -> Tensor | None:
         """(IA)³ only: the learned per-channel vector ``v`` (``W ⊙ (1 + v)``)."""
         return None
