@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,11 +59,16 @@ class _Parts:
 
 #: base models built offline, by name
 BUILT_IN = ("demo", "tiny-sd", "tiny-sdxl")
+#: a key only SDXL checkpoints have (the second, OpenCLIP text encoder)
+_SDXL_KEY = "conditioner.embedders.1"
+#: what diffusers fetches of a model repository for ``from_single_file``: configs and tokenizer files
+_CONFIG_PATTERNS = ["**/*.json", "*.json", "*.txt", "**/*.txt", "**/*.model"]
 
 
-def check_model_path(name: str) -> None:
-    """Refuse a base model path of the wrong kind before anything is loaded."""
+def check_model_path(name: str, base_config: str | None = None) -> None:
+    """Refuse a base model path (and ``--base-config`` folder) of the wrong kind before anything is loaded."""
     if name in BUILT_IN:
+        _refuse_base_config(name, base_config)
         return
     path = Path(name)
     if not path.exists():
@@ -75,6 +81,7 @@ def check_model_path(name: str) -> None:
             raise TrainConfigError(
                 f"base model folder {path} is not a diffusers pipeline (no model_index.json and unet/)"
             )
+        _refuse_base_config(name, base_config)
     elif path.suffix != ".safetensors":
         raise TrainConfigError(f"base model {path} is not a diffusers folder or a .safetensors checkpoint")
     else:
@@ -90,6 +97,38 @@ def check_model_path(name: str) -> None:
                 f"base model {path} is not a Stable Diffusion checkpoint (no "
                 "model.diffusion_model.* weights; an adapter file?)"
             )
+        if base_config is not None:
+            _check_base_config(Path(base_config), is_xl=any(k.startswith(_SDXL_KEY) for k in keys))
+
+
+def _refuse_base_config(name: str, base_config: str | None) -> None:
+    if base_config is not None:
+        raise TrainConfigError(
+            f"--base-config applies to a single-file --pretrained-model only, not to {name!r} (which has its own "
+            "configuration)"
+        )
+
+
+def _check_base_config(folder: Path, is_xl: bool) -> None:
+    """``folder`` must be a diffusers pipeline folder of the checkpoint's kind (SD or SDXL)."""
+    if not folder.is_dir():
+        problem = "is not a folder" if folder.exists() else "does not exist"
+        raise TrainConfigError(f"--base-config {folder} {problem} (give a diffusers pipeline folder)")
+    index = folder / "model_index.json"
+    if not index.is_file():
+        raise TrainConfigError(
+            f"--base-config {folder} is not a diffusers pipeline folder (no model_index.json); give the folder of "
+            "a diffusers model of the checkpoint's architecture (its configs and tokenizers are enough)"
+        )
+    try:
+        class_name = str(json.loads(index.read_text()).get("_class_name", ""))
+    except (OSError, ValueError, AttributeError) as error:
+        raise TrainConfigError(f"--base-config {folder}: unreadable model_index.json ({error})") from None
+    if class_name and ("XL" in class_name) != is_xl:
+        kind = "an SDXL" if is_xl else "an SD 1.x/2.x"
+        raise TrainConfigError(
+            f"--base-config {folder} holds a {class_name}'s configuration, but the checkpoint is {kind} model"
+        )
 
 
 def _vae_codec(vae: Any) -> tuple[Callable, Callable]:
@@ -110,9 +149,14 @@ def _vae_codec(vae: Any) -> tuple[Callable, Callable]:
     return encode, decode
 
 
-def load_base_model(name: str, device: torch.device) -> BaseModel:
-    """Load the base (frozen, eval mode) on ``device``."""
-    check_model_path(name)
+def load_base_model(name: str, device: torch.device, base_config: str | None = None) -> BaseModel:
+    """Load the base (frozen, eval mode) on ``device``, never downloading anything.
+
+    ``base_config``: for a single-file checkpoint, a diffusers pipeline folder whose configs and tokenizer(s)
+    describe it (its weights, if any, are not used).  Without it, the configuration of the model diffusers
+    infers from the checkpoint's keys must already be in the local Hugging Face cache.
+    """
+    check_model_path(name, base_config)
     if name == "demo":
         from .demo_model import SIZE, PixelCodec, load_demo_models
 
@@ -129,22 +173,13 @@ def load_base_model(name: str, device: torch.device) -> BaseModel:
 
         pipe = tiny_sdxl_pipeline()
     else:
-        from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+        from diffusers import DiffusionPipeline
 
         path = Path(name)
         if path.is_dir():
             pipe = DiffusionPipeline.from_pretrained(str(path), local_files_only=True, safety_checker=None)
         else:
-            is_xl = _is_sdxl(path)
-            cls = StableDiffusionXLPipeline if is_xl else StableDiffusionPipeline
-            try:
-                pipe = cls.from_single_file(str(path), local_files_only=True)
-            except Exception as error:  # noqa: BLE001 - diffusers raises many kinds here
-                raise TrainConfigError(
-                    f"cannot build a pipeline from {path} offline ({type(error).__name__}: {error}); diffusers "
-                    "needs the model's configuration in the local Hugging Face cache, or convert the file to a "
-                    "diffusers folder"
-                ) from None
+            pipe = _load_single_file(path, base_config)
     from diffusers import DDPMScheduler
 
     for part in (pipe.unet, pipe.text_encoder, getattr(pipe, "text_encoder_2", None), pipe.vae):
@@ -157,8 +192,52 @@ def load_base_model(name: str, device: torch.device) -> BaseModel:
     return BaseModel(pipe, pipe.tokenizer, scheduler, encode, decode, resolution, scale)
 
 
+def _load_single_file(path: Path, base_config: str | None) -> Any:
+    """A pipeline from an original-layout checkpoint, with the configs of ``base_config`` or of the cache."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    cls = StableDiffusionXLPipeline if _is_sdxl(path) else StableDiffusionPipeline
+    folder = base_config if base_config is not None else _cached_config(path)
+    try:
+        # a local ``config`` folder: diffusers reads the configs and tokenizers there, the weights from the file
+        return cls.from_single_file(str(path), config=str(folder), local_files_only=True)
+    except Exception as error:  # noqa: BLE001 - diffusers raises many kinds here
+        source = f"--base-config {folder}" if base_config is not None else f"the cached configuration {folder}"
+        raise TrainConfigError(
+            f"cannot build a {cls.__name__} from {path} with {source} ({type(error).__name__}: {error}); "
+            "--base-config must be a diffusers folder of the checkpoint's exact architecture"
+        ) from None
+
+
+def _cached_config(path: Path) -> str:
+    """The folder of configs ``from_single_file`` would use for ``path``, from the local Hugging Face cache only.
+
+    diffusers infers a default repository from the checkpoint's keys and shapes (read here without loading a
+    tensor) and, when its configs are not cached, downloads them even with ``local_files_only=True``; looking
+    the snapshot up here first keeps the run offline.
+    """
+    from diffusers.loaders.single_file_utils import fetch_diffusers_config
+    from huggingface_hub import snapshot_download
+    from safetensors import safe_open
+
+    hint = "pass --base-config with a diffusers folder of the checkpoint's architecture (its configs and tokenizers)"
+    with safe_open(str(path), "pt") as handle:
+        shapes = {k: torch.empty(handle.get_slice(k).get_shape(), device="meta") for k in handle.keys()}  # noqa: SIM118
+    try:
+        repo = fetch_diffusers_config(shapes)["pretrained_model_name_or_path"]
+    except Exception as error:  # noqa: BLE001 - diffusers' model-type inference
+        raise TrainConfigError(f"cannot tell which model {path} is ({type(error).__name__}: {error}); {hint}") from None
+    try:
+        return snapshot_download(repo, local_files_only=True, allow_patterns=_CONFIG_PATTERNS)
+    except Exception as error:  # noqa: BLE001 - huggingface_hub raises several kinds here
+        raise TrainConfigError(
+            f"cannot build a pipeline from {path} offline: its configuration ({repo}, as diffusers infers it) is "
+            f"not in the local Hugging Face cache ({type(error).__name__}); {hint}"
+        ) from None
+
+
 def _is_sdxl(path: Path) -> bool:
     from safetensors import safe_open
 
     with safe_open(str(path), "pt") as handle:
-        return any(k.startswith("conditioner.embedders.1") for k in handle.keys())  # noqa: SIM118
+        return any(k.startswith(_SDXL_KEY) for k in handle.keys())  # noqa: SIM118
