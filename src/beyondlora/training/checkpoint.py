@@ -54,8 +54,10 @@ def save_checkpoint(
     scheduler: Any,
     data_position: int,
     keep: int,
+    scaler: Any = None,
 ) -> Path:
-    """Write the checkpoint of ``step`` atomically and keep only the newest ``keep``."""
+    """Write the checkpoint of ``step`` atomically and keep only the newest ``keep``.  ``scaler``: the
+    fp16 gradient scaler, whose scale is part of the training state."""
     folder = output_dir / "checkpoints"
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / f"step-{step:06d}"
@@ -66,6 +68,8 @@ def save_checkpoint(
         )
         torch.save(optimizer.state_dict(), temporary / "optimizer.pt")
         state = {"step": step, "data_position": data_position, "scheduler": scheduler.state_dict(), "rng": rng_states()}
+        if scaler is not None:
+            state["scaler"] = scaler.state_dict()
         torch.save(state, temporary / "state.pt")
         for path in temporary.iterdir():
             with open(path, "rb") as handle:
@@ -86,6 +90,7 @@ def load_checkpoint(
     trainable: dict[str, torch.nn.Parameter],
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
+    scaler: Any = None,
 ) -> tuple[int, int]:
     """Restore the latest checkpoint in place; returns (step, data position)."""
     found = checkpoint_dirs(output_dir)
@@ -104,6 +109,8 @@ def load_checkpoint(
     optimizer.load_state_dict(torch.load(latest / "optimizer.pt", weights_only=True))
     state = torch.load(latest / "state.pt", weights_only=False)
     scheduler.load_state_dict(state["scheduler"])
+    if scaler is not None and "scaler" in state:
+        scaler.load_state_dict(state["scaler"])
     set_rng_states(state["rng"])
     return int(state["step"]), int(state["data_position"])
 

@@ -47,6 +47,13 @@ class TrainConfig:
             "help": "'demo', 'tiny-sd', 'tiny-sdxl', a diffusers folder or a single-file SD checkpoint (.safetensors)"
         },
     )
+    base_config: str | None = field(
+        default=None,
+        metadata={
+            "help": "for a single-file --pretrained-model: a diffusers folder holding the pipeline's configs and "
+            "tokenizer(s) (default: diffusers' own choice, from the local Hugging Face cache)"
+        },
+    )
     train_data_dir: str | None = field(
         default=None,
         metadata={
@@ -91,7 +98,7 @@ class TrainConfig:
     gradient_accumulation: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping (0: off)"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations (less memory)"})
-    mixed_precision: str = field(default="no", metadata={"help": "/".join(PRECISIONS) + " (fp16/bf16 on GPU)"})
+    mixed_precision: str = field(default="no", metadata={"help": "/".join(PRECISIONS) + " (fp16 on GPU only)"})
     noise_offset: float = field(default=0.0, metadata={"help": "noise offset"})
     min_snr_gamma: float | None = field(default=None, metadata={"help": "min-SNR-γ loss weighting"})
     prediction_type: str | None = field(default=None, metadata={"help": "epsilon/v_prediction (default: the model's)"})
@@ -208,8 +215,8 @@ class TrainConfig:
             raise TrainConfigError(f"--use-dora does not apply to --algo {self.algo}")
         if (self.conv_rank is not None or self.conv_alpha is not None) and self.preset != "full":
             raise TrainConfigError("--conv-rank/--conv-alpha need --preset full (the other presets adapt no 3×3 conv)")
-        if self.mixed_precision != "no" and not cuda:
-            raise TrainConfigError(f"--mixed-precision {self.mixed_precision} needs a GPU; on CPU use 'no'")
+        if self.mixed_precision == "fp16" and not cuda:
+            raise TrainConfigError("--mixed-precision fp16 needs a GPU; on CPU use bf16 or no")
         modules = {"adamw8bit": "bitsandbytes", "prodigy": "prodigyopt"}
         if self.optimizer in modules:
             import importlib.util

@@ -1,87 +1,139 @@
-"""Several processes (``torchrun`` / ``accelerate launch``: ``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK``) or one.
+"""One process or many, on Hugging Face accelerate.
 
-Data-parallel by hand: every process starts from the main process' adapter, computes its share of each
-global batch, and the gradients of the trainable parameters are averaged with one all-reduce each before
-the (identical) optimizer steps — the arithmetic of DDP without wrapping the model, so adapters that
-leave some parameters unused in a step (DyLoRA, module dropout) need no special mode.  Gloo on CPU,
-NCCL on GPUs.
+``torchrun --nproc_per_node N -m beyondlora train …`` and ``accelerate launch -m beyondlora train …`` set
+the environment that :class:`accelerate.Accelerator` reads; alone, the same code runs as one process.
+Accelerate owns the process group, the device, autocast and fp16 loss scaling; the adapted models are
+wrapped in DDP (only their trainable parameters take part: the frozen base is neither broadcast nor
+reduced).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
-from dataclasses import dataclass
+from collections.abc import Iterator
+from typing import Any
 
 import torch
-import torch.distributed as tdist
+from torch import nn
 
 
-@dataclass
-class Dist:
-    rank: int
-    world: int
-    device: torch.device
-    owns_group: bool = False
+def wants_cuda() -> bool:
+    """Train on the GPU when there is one (``BEYONDLORA_CPU=1`` forces the CPU)."""
+    return torch.cuda.is_available() and os.environ.get("BEYONDLORA_CPU", "") != "1"
 
-    @classmethod
-    def from_environment(cls) -> Dist:
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        rank = int(os.environ.get("RANK", "0"))
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        cuda = torch.cuda.is_available() and os.environ.get("BEYONDLORA_CPU", "") != "1"
-        device = torch.device("cuda", local) if cuda else torch.device("cpu")
-        if cuda:
-            torch.cuda.set_device(device)
-        owns = False
-        if world > 1 and not tdist.is_initialized():
-            tdist.init_process_group("nccl" if cuda else "gloo")
-            owns = True
-        return cls(rank, world, device, owns)
+
+class Engine:
+    """The run's :class:`accelerate.Accelerator` and the few collective operations the trainer needs.
+
+    ``find_unused_parameters``: some trainable parameters get no gradient (SDXL's first text encoder never
+    uses its last layer); DDP must then look for them after each forward, and leaves their gradient
+    ``None`` as a single process does.
+    """
+
+    def __init__(self, mixed_precision: str = "no", find_unused_parameters: bool = False) -> None:
+        from accelerate import Accelerator
+        from accelerate.utils import DistributedDataParallelKwargs
+
+        self._owns_group = not torch.distributed.is_initialized()
+        self.accelerator = Accelerator(
+            mixed_precision=mixed_precision,
+            cpu=not wants_cuda(),
+            device_placement=False,  # the trainer places the models itself, the frozen parts in their dtype
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters)],
+        )
+
+    @property
+    def rank(self) -> int:
+        return self.accelerator.process_index
+
+    @property
+    def world(self) -> int:
+        return self.accelerator.num_processes
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
 
     @property
     def is_main(self) -> bool:
-        return self.rank == 0
+        return self.accelerator.is_main_process
+
+    def describe(self) -> str:
+        """How the processes are joined, e.g. ``MULTI_CPU, gloo``."""
+        return f"{self.accelerator.distributed_type.value}, {torch.distributed.get_backend()}"
+
+    def prepare_model(self, model: nn.Module) -> nn.Module:
+        """``model`` ready to train: DDP over its trainable parameters when there are several processes.
+
+        DDP starts every process from the main process' trainable parameters.  The frozen parameters and
+        the buffers are registered as ignored, so DDP neither broadcasts the base model at start nor syncs
+        its buffers on each forward.
+        """
+        if self.world > 1:
+            frozen = [name for name, param in model.named_parameters() if not param.requires_grad]
+            frozen += [name for name, _ in model.named_buffers()]
+            nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, frozen)
+        return self.accelerator.prepare_model(model)
+
+    def prepare_optimizer(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+        """The optimizer behind accelerate's wrapper, which applies fp16 loss scaling when active."""
+        return self.accelerator.prepare_optimizer(optimizer)
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        return self.accelerator.autocast()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.accelerator.backward(loss)
+
+    @contextlib.contextmanager
+    def no_sync(self, models: list[nn.Module], skip: bool) -> Iterator[None]:
+        """Skip the gradient all-reduce for the backward inside (the first micro-batches of a step)."""
+        with contextlib.ExitStack() as stack:
+            if skip:
+                for model in models:
+                    stack.enter_context(self.accelerator.no_sync(model))
+            yield
+
+    def clip_grad_norm_(self, params: list[nn.Parameter], max_norm: float) -> None:
+        """Clip the (unscaled, for fp16) gradients to ``max_norm``."""
+        self.accelerator.clip_grad_norm_(params, max_norm)
+
+    @property
+    def scaler(self) -> Any:
+        """The fp16 gradient scaler (its state is part of a checkpoint), or ``None``."""
+        return self.accelerator.scaler
 
     def barrier(self) -> None:
-        if self.world > 1:
-            tdist.barrier()
+        self.accelerator.wait_for_everyone()
 
     def mean(self, value: float) -> float:
+        """The mean over processes of one number."""
         if self.world == 1:
             return value
         tensor = torch.tensor([value], dtype=torch.float64, device=self.device)
-        tdist.all_reduce(tensor)
-        return tensor.item() / self.world
+        return self.accelerator.reduce(tensor, reduction="mean").item()
 
     def any(self, flag: bool) -> bool:
+        """Whether ``flag`` is true in some process (a signal reached one of them)."""
         if self.world == 1:
             return flag
         tensor = torch.tensor([int(flag)], device=self.device)
-        tdist.all_reduce(tensor)
-        return bool(tensor.item())
-
-    def broadcast_parameters(self, params: list[torch.nn.Parameter]) -> None:
-        if self.world > 1:
-            with torch.no_grad():
-                for param in params:
-                    tdist.broadcast(param.data, src=0)
-
-    def average_gradients(self, params: list[torch.nn.Parameter]) -> None:
-        if self.world == 1:
-            return
-        for param in params:
-            if param.grad is None:
-                param.grad = torch.zeros_like(param)
-            tdist.all_reduce(param.grad)
-            param.grad.div_(self.world)
+        return bool(self.accelerator.reduce(tensor, reduction="sum").item())
 
     def broadcast_text(self, text: str) -> str:
+        """The main process' ``text``, in every process."""
         if self.world == 1:
             return text
-        holder = [text]
-        tdist.broadcast_object_list(holder, src=0)
-        return holder[0]
+        from accelerate.utils import broadcast_object_list
+
+        return broadcast_object_list([text], from_process=0)[0]
 
     def close(self) -> None:
-        if self.owns_group and tdist.is_initialized():
-            tdist.destroy_process_group()
+        """End the run: leave the process group if this run made it, and forget accelerate's shared state
+        (accelerate keeps it per process; a later run in the same process may want another precision)."""
+        from accelerate.state import AcceleratorState
+
+        if self._owns_group and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+        AcceleratorState._reset_state(reset_partial_state=True)

@@ -1,5 +1,6 @@
 """``beyondlora train``: fine-tune a Stable Diffusion UNet (and optionally its text encoder) with any
-adapter algorithm, from one CPU to several processes under ``torchrun`` / ``accelerate launch``.
+adapter algorithm, from one CPU to several processes under ``torchrun`` / ``accelerate launch`` (the
+processes, devices, mixed precision and DDP are accelerate's: :mod:`.distributed`).
 
 Every random draw is a function of (seed, step) or restored from a checkpoint, so a run of N steps and a
 run stopped at any checkpoint and resumed produce the same adapter.  Only the main process writes files.
@@ -11,7 +12,6 @@ import math
 import signal
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from .checkpoint import MetricsLog, checkpoint_dirs, load_checkpoint, save_checkpoint
 from .config import TrainConfig, TrainConfigError
 from .data import BucketDataset, LatentCache, batch_generator, load_pixels, process_caption, scan_dataset
-from .distributed import Dist
+from .distributed import Engine, wants_cuda
 from .models import BUILT_IN, check_model_path, load_base_model
 from .network import adapter_config
 from .outputs import finish_run, prepare_output_dir, sample_grid
@@ -99,7 +99,11 @@ class Trainer:
 
     def __init__(self, config: TrainConfig, echo: Callable[[str], None] = print) -> None:
         self.config, self.echo = config, echo
-        self.dist = Dist.from_environment()
+        config.validate(cuda=wants_cuda())
+        self.dist = Engine(
+            config.mixed_precision,
+            find_unused_parameters=config.train_text_encoder,  # SDXL's first encoder skips its last layer
+        )
         try:
             self._check()
         except BaseException:
@@ -109,11 +113,10 @@ class Trainer:
     def _check(self) -> None:
         """Every check that needs no model; creates the output folder."""
         config = self.config
-        config.validate(cuda=self.dist.device.type == "cuda")
         if config.threads:
             torch.set_num_threads(config.threads)
         torch.set_flush_denormal(True)
-        check_model_path(config.pretrained_model)
+        check_model_path(config.pretrained_model, config.base_config)
         if config.train_data_dir is None and config.pretrained_model != "demo":
             raise TrainConfigError("--train-data-dir is required unless --pretrained-model is 'demo'")
         if config.train_data_dir is not None:
@@ -141,7 +144,7 @@ class Trainer:
                 write_concept_dataset(data_dir)
             self.dist.barrier()
         items = scan_dataset(data_dir)
-        self.base = load_base_model(config.pretrained_model, self.dist.device)
+        self.base = load_base_model(config.pretrained_model, self.dist.device, config.base_config)
         resolution = config.resolution or self.base.resolution
         step = 8 * self.base.scale_factor
         if resolution % step:
@@ -159,6 +162,10 @@ class Trainer:
                 text_encoder.train()
             self.adapted += self.text_encoders
         self.unet.train()
+        # what the training forward calls (DDP wrappers with several processes); sampling calls the models
+        self.trained_models = [self.dist.prepare_model(model) for model in self.adapted]
+        if self.dist.world > 1 and self.dist.is_main:
+            self.echo(f"data-parallel over {self.dist.world} processes ({self.dist.describe()})")
         if config.gradient_checkpointing:
             self.base.unet.enable_gradient_checkpointing()
         self.trainable = {f"unet.{n}": p for n, p in self.base.unet.named_parameters() if p.requires_grad}
@@ -168,9 +175,9 @@ class Trainer:
                 self.trainable.update({prefix + n: p for n, p in text_encoder.named_parameters() if p.requires_grad})
         if not self.trainable:
             raise TrainConfigError("the chosen --algo and --preset adapt no layer of this model")
-        self.dist.broadcast_parameters(list(self.trainable.values()))
-        self.optimizer = _optimizer(config, list(self.trainable.values()))
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(config))
+        optimizer = _optimizer(config, list(self.trainable.values()))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config))
+        self.optimizer = self.dist.prepare_optimizer(optimizer)
         self.cache = None
         if config.cache_latents:
             disk = self.output_dir / "latent_cache.safetensors" if config.cache_latents_to_disk else None
@@ -186,7 +193,6 @@ class Trainer:
         self.embeddings: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
         self.global_batch = config.batch_size * self.dist.world
         self.batches_per_epoch = len(self.dataset.epoch_batches(config.seed, 0, self.global_batch))
-        self.scaler = torch.amp.GradScaler() if config.mixed_precision == "fp16" else None
 
     # --- one step ------------------------------------------------------------------------------
     def _text(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -194,7 +200,7 @@ class Trainer:
         from .sampling import embed_text
 
         if self.config.train_text_encoder:
-            return embed_text(self.text_encoders, self.base.tokenizers, captions)
+            return embed_text(self.trained_models[1:], self.base.tokenizers, captions)
         missing = [c for c in dict.fromkeys(captions) if c not in self.embeddings]
         if missing:
             with torch.no_grad():
@@ -256,16 +262,14 @@ class Trainer:
         noisy = scheduler.add_noise(latents, noise, timesteps)
         prediction = scheduler.config.prediction_type
         target = noise if prediction == "epsilon" else scheduler.get_velocity(latents, noise, timesteps)
-        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision)
-        autocast = torch.autocast(latents.device.type, dtype=dtype) if dtype else nullcontext()
-        with autocast:
+        with self.dist.autocast():
             states, pooled = self._text(captions)
             extra = {}
             if pooled is not None:
                 height, width = (side * self.base.scale_factor for side in latents.shape[-2:])
                 ids = time_ids(height, width, latents.shape[0], latents.device)
                 extra["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": ids}
-            output = self.unet(noisy, timesteps, encoder_hidden_states=states, **extra).sample
+            output = self.trained_models[0](noisy, timesteps, encoder_hidden_states=states, **extra).sample
         losses = F.mse_loss(output.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
         if config.min_snr_gamma is not None:
             alphas = scheduler.alphas_cumprod.to(latents.device)
@@ -282,6 +286,7 @@ class Trainer:
                 self.scheduler,
                 step * self.config.gradient_accumulation,
                 self.config.keep_checkpoints,
+                self.dist.scaler,
             )
         self.dist.barrier()
 
@@ -294,7 +299,9 @@ class Trainer:
         self._setup()
         start = 0
         if config.resume:
-            start, _ = load_checkpoint(self.output_dir, self.trainable, self.optimizer, self.scheduler)
+            start, _ = load_checkpoint(
+                self.output_dir, self.trainable, self.optimizer, self.scheduler, self.dist.scaler
+            )
             self.echo(f"resuming {self.output_dir} from step {start}")
         metrics = MetricsLog(self.output_dir / "metrics.jsonl", start) if self.dist.is_main else None
         writer = self._tensorboard()
@@ -306,8 +313,10 @@ class Trainer:
                 total = 0.0
                 for micro in range(config.gradient_accumulation):
                     latents, captions = self._batch(step * config.gradient_accumulation + micro)
-                    loss = self._loss(step, micro, latents, captions) / config.gradient_accumulation
-                    (self.scaler.scale(loss) if self.scaler else loss).backward()
+                    # the gradients are averaged over processes once, in the last micro-batch's backward
+                    with self.dist.no_sync(self.trained_models, skip=micro < config.gradient_accumulation - 1):
+                        loss = self._loss(step, micro, latents, captions) / config.gradient_accumulation
+                        self.dist.backward(loss)
                     total += loss.item()
                 total = self.dist.mean(total)
                 if not math.isfinite(total):
@@ -317,17 +326,10 @@ class Trainer:
                         f"the loss became {total} at step {step + 1}; stopped. The last good "
                         f"checkpoint is {kept[-1] if kept else 'none (none was saved yet)'}"
                     )
-                self.dist.average_gradients(params)
-                if self.scaler:
-                    self.scaler.unscale_(self.optimizer)
                 if config.max_grad_norm:
-                    torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+                    self.dist.clip_grad_norm_(params, config.max_grad_norm)
                 lr = self.scheduler.get_last_lr()[0]
-                if self.scaler:
-                    self.scaler.step(self.optimizer)
-                    self.scaler.update()
-                else:
-                    self.optimizer.step()
+                self.optimizer.step()  # accelerate's wrapper: unscales and skips inf/NaN steps under fp16
                 self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 done = step + 1
