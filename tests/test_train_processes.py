@@ -189,3 +189,19 @@ def test_ctrl_c_in_a_real_process_saves(tmp_path: Path, signal_number: int) -> N
     assert "interrupted at step" in stdout
     saved = [p.name for p in (out / "checkpoints").iterdir()]
     assert len(saved) == 1 and int(saved[0].split("-")[1]) < 200
+
+
+def test_accelerate_launch_runs_the_same_command(tmp_path: Path) -> None:
+    """``accelerate launch -m beyondlora train …`` (one CPU process: accelerate needs MPI for more on CPU)
+    trains exactly as the plain command does."""
+    data = make_dataset(tmp_path / "data")
+    out = tmp_path / "launched"
+    launcher = Path(sys.executable).with_name("accelerate")
+    flags = [*COMMON, "--train-data-dir", str(data), "--output-dir", str(out), "--batch-size", "2", "--max-steps", "2"]
+    command = [str(launcher), "launch", "--cpu", "--num_processes", "1", "-m", "beyondlora", "train", *flags]
+    done = subprocess.run(command, env=environment(), capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "trained lokr for 2 steps" in done.stdout
+    plain = in_process(data, tmp_path / "plain", batch_size=2, max_steps=2)
+    launched, direct = load_file(str(out / "adapter.safetensors")), load_file(str(plain / "adapter.safetensors"))
+    assert launched.keys() == direct.keys() and all(torch.equal(launched[k], direct[k]) for k in direct)
