@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import beyondlora as bl
-from beyondlora.formats.lycoris_codecs import FormatError
+from beyondlora.formats.errors import FormatError
 from beyondlora.integrations.diffusers import (
     UnmatchedKeysWarning,
     list_adapters,

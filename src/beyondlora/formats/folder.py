@@ -24,7 +24,8 @@ from ..layers import AdapterLayer
 from ..modules_to_save import ModulesToSaveWrapper
 from ..ops.geometry import LayerGeometry
 from ..targeting import find_modules_to_save, find_targets, matching_entries
-from .lycoris_codecs import FormatError, export_tensors, import_adapter
+from .errors import FormatError
+from .lycoris_codecs import export_tensors, import_adapter
 from .peft_codecs import (
     PEFT_TYPES,
     check_peft_semantics,

@@ -19,6 +19,7 @@ from ..algorithms import ALGORITHMS, Adapter, AdapterOptions
 from ..algorithms.base import adapter_dtype
 from ..algorithms.lokr import LoKrLayout
 from ..ops.geometry import LayerGeometry
+from .errors import FormatError
 
 #: options that do not change ΔW; kept in our metadata so a reload restores how the adapter trains
 TRAINING_OPTIONS = ("rank_dropout", "rank_dropout_scale", "module_dropout", "block_size", "dropout", "decompose_factor")
@@ -33,10 +34,6 @@ FILE_TENSORS: dict[str, set[str]] = {
     "full": {"diff", "diff_b"},
     "norm": {"w_norm", "b_norm"},
 }
-
-
-class FormatError(ValueError):
-    """A module's tensors cannot be read or written in the requested format."""
 
 
 def _scale_alpha(adapter: Adapter, rank: int) -> Tensor:

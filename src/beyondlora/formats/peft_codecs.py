@@ -14,7 +14,7 @@ from torch import Tensor
 from ..algorithms import Adapter
 from ..ops.factorization import factorization
 from ..ops.geometry import LayerGeometry
-from .lycoris_codecs import FormatError
+from .errors import FormatError
 
 PEFT_TYPES = {"lora": "LORA", "dylora": "LORA", "loha": "LOHA", "lokr": "LOKR", "ia3": "IA3"}
 

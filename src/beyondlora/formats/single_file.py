@@ -22,7 +22,8 @@ from ..inject import PlannedAdapter, adapter_layers
 from ..layers import AdapterLayer
 from ..ops.geometry import LayerGeometry
 from ..targeting import iter_candidate_modules
-from .lycoris_codecs import FormatError, describe, export_tensors, import_adapter
+from .errors import FormatError
+from .lycoris_codecs import describe, export_tensors, import_adapter
 from .tensors import check_finite, read_tensors, write_tensors
 
 DEFAULT_PREFIX = "lycoris"

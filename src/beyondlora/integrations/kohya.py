@@ -27,7 +27,8 @@ from torch import nn
 from ..algorithms import Adapter
 from ..config import SingleFileConfig
 from ..formats.atomic import atomic_path
-from ..formats.lycoris_codecs import FormatError, describe, import_adapter
+from ..formats.errors import FormatError
+from ..formats.lycoris_codecs import describe, import_adapter
 from ..formats.names import pipeline_part_names
 from ..formats.single_file import adapter_file_tensors, group_by_module, read_single_file, write_single_file
 from ..formats.tensors import check_finite, read_pickled_tensors

@@ -36,7 +36,9 @@ def tiny_tokenizer(model_max_length: int = 16) -> Any:
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length)
 
 
-def _text_config(tokenizer: Any, hidden: int, layers: int, projection_dim: int) -> Any:
+def clip_text_config(tokenizer: Any, hidden: int, layers: int, projection_dim: int) -> Any:
+    """A ``CLIPTextConfig`` of ``layers`` layers of width ``hidden`` (MLP 2×hidden, 2 heads) sized to
+    ``tokenizer``'s vocabulary and special tokens."""
     from transformers import CLIPTextConfig
 
     return CLIPTextConfig(
@@ -70,7 +72,8 @@ def _vae() -> Any:
     )
 
 
-def _scheduler() -> Any:
+def sd_train_scheduler() -> Any:
+    """Stable Diffusion's training noise schedule: DDPM, 1000 steps, scaled-linear β from 0.00085 to 0.012."""
     from diffusers import DDPMScheduler
 
     return DDPMScheduler(
@@ -83,7 +86,7 @@ def _scheduler() -> Any:
     )
 
 
-def _randomize(*modules: torch.nn.Module, seed: int) -> None:
+def randomize_weights(*modules: torch.nn.Module, seed: int) -> None:
     """Give every parameter seeded random values of a sensible scale (zero-initialized output layers too),
     so that adapters on any layer change the outputs measurably."""
     generator = torch.Generator().manual_seed(seed)
@@ -116,7 +119,7 @@ def tiny_sd_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32) -> Any:
 
     torch.manual_seed(seed)
     tokenizer = tiny_tokenizer()
-    text_encoder = CLIPTextModel(_text_config(tokenizer, hidden=32, layers=2, projection_dim=32))
+    text_encoder = CLIPTextModel(clip_text_config(tokenizer, hidden=32, layers=2, projection_dim=32))
     unet = UNet2DConditionModel(
         sample_size=8,
         in_channels=4,
@@ -130,13 +133,13 @@ def tiny_sd_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32) -> Any:
         attention_head_dim=8,
     )
     vae = _vae()
-    _randomize(unet, text_encoder, vae, seed=seed)
+    randomize_weights(unet, text_encoder, vae, seed=seed)
     pipe = StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=tokenizer,
         unet=unet,
-        scheduler=_scheduler(),
+        scheduler=sd_train_scheduler(),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
@@ -153,8 +156,8 @@ def tiny_sdxl_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32) -> Any
     torch.manual_seed(seed)
     tokenizer = tiny_tokenizer()
     tokenizer_2 = tiny_tokenizer()
-    text_encoder = CLIPTextModel(_text_config(tokenizer, hidden=32, layers=2, projection_dim=32))
-    text_encoder_2 = CLIPTextModelWithProjection(_text_config(tokenizer_2, hidden=32, layers=2, projection_dim=16))
+    text_encoder = CLIPTextModel(clip_text_config(tokenizer, hidden=32, layers=2, projection_dim=32))
+    text_encoder_2 = CLIPTextModelWithProjection(clip_text_config(tokenizer_2, hidden=32, layers=2, projection_dim=16))
     time_dim = 8
     unet = UNet2DConditionModel(
         sample_size=8,
@@ -174,7 +177,7 @@ def tiny_sdxl_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32) -> Any
         projection_class_embeddings_input_dim=16 + 6 * time_dim,
     )
     vae = _vae()
-    _randomize(unet, text_encoder, text_encoder_2, vae, seed=seed)
+    randomize_weights(unet, text_encoder, text_encoder_2, vae, seed=seed)
     pipe = StableDiffusionXLPipeline(
         vae=vae,
         text_encoder=text_encoder,
@@ -182,7 +185,7 @@ def tiny_sdxl_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32) -> Any
         tokenizer=tokenizer,
         tokenizer_2=tokenizer_2,
         unet=unet,
-        scheduler=_scheduler(),
+        scheduler=sd_train_scheduler(),
         add_watermarker=False,
     )
     pipe.set_progress_bar_config(disable=True)

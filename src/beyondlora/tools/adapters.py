@@ -26,8 +26,9 @@ import torch
 from torch import Tensor, nn
 
 from ..algorithms import Adapter
+from ..formats.errors import FormatError
 from ..formats.folder import _ADAPTER_TENSOR, KEY_PREFIX, WEIGHTS_NAME, plan_from_folder, read_config
-from ..formats.lycoris_codecs import FormatError, detect_algorithm
+from ..formats.lycoris_codecs import detect_algorithm
 from ..formats.peft_codecs import to_lycoris_names
 from ..formats.single_file import MODULES_METADATA, group_by_module, plan_from_single_file, read_metadata
 from ..formats.tensors import read_tensors, write_tensors

@@ -43,6 +43,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import Tensor, nn
 
+from ..formats.names import CLIP_TEXT_MODEL_CHILDREN
 from ..ops.geometry import LayerGeometry, weight_geometry
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -73,7 +74,6 @@ _EMBEDDING_NAME = re.compile(r"(.*_)?embeddings?|embed_tokens|wte|wpe")
 TEXT_ENCODER_PREFIXES = ("lora_te", "lora_te1", "lora_te2")
 #: children of a CLIP text model that checkpoints (and UIs' keys) put under ``text_model``; transformers 5
 #: saves them without that level
-CLIP_TEXT_MODEL_CHILDREN = ("embeddings", "encoder", "final_layer_norm")
 
 
 def module_name(component: Component, local: str) -> str:

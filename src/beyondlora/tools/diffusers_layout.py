@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from ..algorithms import Adapter
-from ..formats.lycoris_codecs import FormatError
+from ..formats.errors import FormatError
 from ..formats.single_file import module_key
 from .checkpoints import Checkpoint, Component, module_name
 

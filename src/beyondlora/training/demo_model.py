@@ -127,12 +127,12 @@ def build_demo_models(seed: int = 0) -> tuple[Any, Any, Any, Any]:
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextModel
 
-    from ..integrations.tiny_pipeline import _randomize, _scheduler, _text_config, tiny_tokenizer
+    from ..integrations.tiny_pipeline import clip_text_config, randomize_weights, sd_train_scheduler, tiny_tokenizer
 
     torch.manual_seed(seed)
     tokenizer = tiny_tokenizer()
-    text_encoder = CLIPTextModel(_text_config(tokenizer, hidden=32, layers=2, projection_dim=32))
-    _randomize(text_encoder, seed=seed)
+    text_encoder = CLIPTextModel(clip_text_config(tokenizer, hidden=32, layers=2, projection_dim=32))
+    randomize_weights(text_encoder, seed=seed)
     unet = UNet2DConditionModel(
         sample_size=SIZE,
         in_channels=4,
@@ -146,7 +146,7 @@ def build_demo_models(seed: int = 0) -> tuple[Any, Any, Any, Any]:
         attention_head_dim=8,
     )
     text_encoder.eval().requires_grad_(False)
-    return unet, text_encoder, tokenizer, _scheduler()
+    return unet, text_encoder, tokenizer, sd_train_scheduler()
 
 
 def load_demo_models() -> tuple[Any, Any, Any, Any]:
