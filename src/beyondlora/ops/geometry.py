@@ -189,8 +189,8 @@ class LayerGeometry:
         if self.kind in ("linear", "hf_conv1d"):
             return F.linear(x, weight, bias)
         if self.kind == "conv":
-            out = self.conv(x, weight, self.groups)
-            return out if bias is None else out + bias.reshape(-1, *([1] * len(self.kernel)))
+            out = self.conv(x, weight, self.groups)  # the bias in the op's own dtype, as conv's bias argument is
+            return out if bias is None else out + bias.reshape(-1, *([1] * len(self.kernel))).to(out.dtype)
         if self.kind == "embedding":
             out = F.embedding(x, weight.t())
             return out if bias is None else out + bias
