@@ -8,11 +8,19 @@ one of two exact paths, chosen per call by a cost model (``forward_mode`` overri
 - **combined**: the base operation runs once with ``W + Σ ΔW`` (and ``b + Σ Δb``); this is exactly what
   merging computes, and it wins when the layer is small next to the number of tokens.
 
+What the bypass saves for backward (``backward_memory``): LoRA keeps the layer input and its rank-r hidden;
+LoKr on linear layers keeps only the input (its rank-sized intermediates are recomputed in backward, at no
+measurable cost).  Where recomputing would cost a convolution or a rank-r² projection (LoKr on convolutions,
+LoHa), ``"auto"`` keeps that one input-side result (faster); ``"lean"`` recomputes it, so that no adapter
+keeps more than a rank-r LoRA on the same layer.  Khatri-Rao products, ``W1 t`` and other intermediates are
+never kept.
+
 Merging adds the same deltas to the base weights in place; unmerging subtracts them again.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -24,6 +32,7 @@ from .algorithms.dora import dora_delta, weight_norm
 from .ops.geometry import LayerGeometry
 
 ForwardMode = Literal["auto", "bypass", "combined"]
+BackwardMemory = Literal["auto", "lean"]
 
 
 @dataclass
@@ -46,6 +55,7 @@ class AdapterLayer(nn.Module):
         self.active_adapters: list[str] = []
         self.disabled = False
         self.forward_mode: ForwardMode = "auto"
+        self.backward_memory: BackwardMemory = "auto"
         self.merged: dict[str, _Merged] = {}
 
     def __getattr__(self, name: str) -> Any:
@@ -161,17 +171,28 @@ class AdapterLayer(nn.Module):
         g = self.geometry
         adapters = {n: self.adapters[n] for n in names}
         scales_input, scales_output = _ia3_by_side(list(adapters.values()))
-        base_in = x
         if scales_input:
             input_scale = sum(a.multiplier * a.channel_scale() for a in scales_input)
-            base_in = x * (1 + g.per_channel(input_scale, x.dim())).to(x.dtype)
-        base_out = self.base_layer(base_in, *args, **kwargs)
+            factor = (1 + g.per_channel(input_scale, x.dim())).to(x.dtype)
+            base_in = x * factor
+            with _recomputed_if_saved(base_in, x, factor):
+                base_out = self.base_layer(base_in, *args, **kwargs)
+        else:
+            base_out = self.base_layer(x, *args, **kwargs)
         plain_out = None  # W·x without the bias, computed once if needed
         result = self._scale_output(base_out, scales_output)
         for name, adapter in adapters.items():
             t = adapter.multiplier
             if adapter.channel_scale() is not None:
                 continue  # (IA)³: folded into the base call's input or output above
+            if adapter.dora_scale is None:
+                added = adapter.add_bypass(result, x, draws[name], t, lean=self.backward_memory == "lean")
+                if added is not None:
+                    result = added
+                    bias = adapter.delta_bias()
+                    if bias is not None:
+                        result = result + (t * g.per_channel(bias, x.dim())).to(result.dtype)
+                    continue
             x_in = x if g.kind == "embedding" else x.to(adapter.param_dtype)
             if adapter.dora_scale is None and g.kind != "conv":
                 fused = self._add_low_rank(result, adapter, x_in, draws[name])
@@ -279,6 +300,60 @@ def _ia3_by_side(adapters: list[Adapter]) -> tuple[list[Adapter], list[Adapter]]
     """The (IA)³ adapters that scale the base layer's input channels, and those that scale its output."""
     ia3 = [a for a in adapters if a.channel_scale() is not None]
     return [a for a in ia3 if a.on_input], [a for a in ia3 if not a.on_input]
+
+
+class _Recompute:
+    """What :func:`_recomputed_if_saved` saves in place of ``x ⊙ factor``."""
+
+    def __init__(self, x: Tensor, factor: Tensor) -> None:
+        self.x, self.factor = x, factor
+
+
+def _recomputed_if_saved(scaled: Tensor, x: Tensor, factor: Tensor) -> contextlib.AbstractContextManager:
+    """Input-side (IA)³: if the base op saves its input ``scaled = x ⊙ factor`` for backward (a convolution
+    does, even with a frozen weight), keep ``x`` (which the product itself saves anyway) and ``factor`` instead
+    and recompute the product in backward, so no second input-sized activation stays alive.
+
+    Every other tensor the base op saves goes to the caller's saved-tensor hooks if there are any
+    (checkpointing, offloading, memory accounting), else is saved as usual.  A no-op without grad and while
+    compiling.
+    """
+    if not torch.is_grad_enabled() or _compiling():
+        return contextlib.nullcontext()
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    outer = top(False) if top is not None else None
+
+    def pack(t: Tensor) -> Any:
+        if t is scaled or (
+            t.untyped_storage().data_ptr() == scaled.untyped_storage().data_ptr()
+            and t.shape == scaled.shape
+            and t.stride() == scaled.stride()
+            and t.storage_offset() == scaled.storage_offset()
+            and t.dtype == scaled.dtype
+        ):
+            return _Recompute(x.detach(), factor.detach())
+        return _Outer(outer[0](t)) if outer else t
+
+    def unpack(saved: Any) -> Tensor:
+        if isinstance(saved, _Recompute):
+            return saved.x * saved.factor
+        return outer[1](saved.packed) if isinstance(saved, _Outer) else saved
+
+    return torch.autograd.graph.saved_tensors_hooks(pack, unpack)
+
+
+class _Outer:
+    """A tensor packed by the caller's own saved-tensor hooks."""
+
+    def __init__(self, packed: Any) -> None:
+        self.packed = packed
+
+
+def _compiling() -> bool:
+    try:
+        return torch.compiler.is_compiling()
+    except AttributeError:  # torch < 2.3
+        return False
 
 
 def _autocasting(device_type: str) -> bool:

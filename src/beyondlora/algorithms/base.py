@@ -149,6 +149,16 @@ class Adapter(nn.Module):
         lead = x.shape if self.geometry.kind == "embedding" else x.shape[:-1]
         return F.linear(hidden, up * scale).reshape(*lead, self.geometry.out_dim)
 
+    def add_bypass(
+        self, result: Tensor, x: Tensor, draw: Any = None, multiplier: float = 1.0, lean: bool = False
+    ) -> Tensor | None:
+        """``result + multiplier · ΔW · x`` (times the scale) in one autograd node that saves ``x`` and the
+        factors for backward, plus at most one rank-sized intermediate whose recomputation would cost a
+        convolution or a rank-r² projection; with ``lean`` not even that (it is recomputed in backward).
+        ``None`` when this adapter has no such path here (the layer then adds :meth:`bypass`'s output).
+        ``x`` is the layer's own input, in its own dtype."""
+        return None
+
     def bypass_parts(self, x: Tensor, draw: Any = None) -> tuple[Tensor, Tensor, float] | None:
         """Linear-like layers: ``(hidden, up, scale)`` with ``ΔW · x = scale · hidden @ upᵀ``.
 

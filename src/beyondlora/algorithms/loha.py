@@ -11,12 +11,14 @@ products), i.e. a LoRA of rank r², so ΔW is never built in the forward pass.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..ops.bypass import khatri_rao_conv, khatri_rao_linear
 from ..ops.geometry import LayerGeometry
 from ..ops.products import column_khatri_rao, hadamard_product, row_khatri_rao, tucker_rebuild
 from .base import Adapter, AdapterOptions, check_init, kaiming_
@@ -82,6 +84,27 @@ class LoHa(Adapter):
             return tucker_rebuild(self.hada_t1, a1, self.hada_w1_b) * tucker_rebuild(self.hada_t2, a2, self.hada_w2_b)
         return hadamard_product(a1, self.hada_w1_b, a2, self.hada_w2_b).reshape(self.geometry.weight_shape)
 
+    def add_bypass(
+        self, result: Tensor, x: Tensor, draw: Any = None, multiplier: float = 1.0, lean: bool = False
+    ) -> Tensor | None:
+        """``result + t · s · ΔW x`` as a rank-r² product (see :mod:`beyondlora.ops.bypass`) saving x, the
+        factors and the rank-r² hidden; with ``lean`` not the hidden (recomputed in backward)."""
+        g = self.geometry
+        if g.kind == "embedding" or (g.kind == "conv" and g.groups != 1):
+            return None
+        a1, a2 = self._out_factors(draw)
+        scale = self.scale
+        if isinstance(scale, Tensor):  # a trainable scale (use_scalar) goes into w1_a
+            a1, scale = a1 * scale, 1.0
+        alpha = multiplier * scale
+        b1, b2 = self.hada_w1_b, self.hada_w2_b
+        if g.kind != "conv":
+            return khatri_rao_linear(result, x, a1, b1, a2, b2, alpha, lean)
+        if self.tucker:
+            factors = (b1, b2, self.hada_t1, self.hada_t2)
+            return khatri_rao_conv(result, x, _KhatriRaoConvHidden(g), a1.t(), a2.t(), factors, alpha, lean)
+        return khatri_rao_conv(result, x, _KhatriRaoConvHidden(g), a1, a2, (b1, b2), alpha, lean)
+
     def bypass_parts(self, x: Tensor, draw: Any = None) -> tuple[Tensor, Tensor, float]:
         """A rank-r² LoRA: ``up = w1_a •r w2_a`` (out, r²), ``down = w1_b •c w2_b`` (r², in)."""
         a1, a2 = self._out_factors(draw)
@@ -116,3 +139,19 @@ class LoHa(Adapter):
 
     def rebuild_flops(self) -> float:
         return (2 * self.rank + 1) * super().rebuild_flops()
+
+
+@dataclass(frozen=True)
+class _KhatriRaoConvHidden:
+    """LoHa's input side on a convolution: x convolved with ``b1 •c b2`` (r², in, *k), or in Tucker form
+    projected by ``b1 •c b2`` (r², in) and then convolved with the Kronecker product of the cores."""
+
+    geometry: LayerGeometry
+
+    def __call__(self, x: Tensor, b1: Tensor, b2: Tensor, t1: Tensor | None = None, t2: Tensor | None = None) -> Tensor:
+        g = self.geometry
+        down = column_khatri_rao(b1, b2)
+        if t1 is None:
+            return g.conv(x, down.reshape(-1, g.in_dim, *g.kernel))
+        core = torch.einsum("ij...,kl...->ikjl...", t1, t2).flatten(2, 3).flatten(0, 1)
+        return g.conv(g.pointwise(g.pad_input(x), down), core, padded=True)

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..ops.bypass import kron_conv, kron_linear
 from ..ops.factorization import factorization
 from ..ops.geometry import LayerGeometry
 from ..ops.products import kron, tucker_rebuild
@@ -150,6 +151,31 @@ class LoKr(Adapter):
             return self._embedding_bypass(x, draw)
         return super().bypass(x, draw)
 
+    def add_bypass(
+        self, result: Tensor, x: Tensor, draw: Any = None, multiplier: float = 1.0, lean: bool = False
+    ) -> Tensor | None:
+        """``result + t · s · (W1 ⊗ W2) x`` (see :mod:`beyondlora.ops.bypass`), saving x, the factors and W2's
+        input side ``t`` (N, c, r) (with ``lean`` not t: it is recomputed in backward)."""
+        g = self.geometry
+        if g.kind == "embedding" or (g.kind == "conv" and g.groups != 1):
+            return None
+        w1, scale = self.w1(draw), self.scale
+        if isinstance(scale, Tensor):  # a trainable scale (use_scalar) goes into the small W1
+            w1, scale = w1 * scale, 1.0
+        alpha = multiplier * scale
+        if g.kind != "conv":
+            if self.w2_is_full:
+                return kron_linear(result, x, w1, None, self.w2(draw), alpha)
+            return kron_linear(result, x, w1, self.lokr_w2_b, self._w2_out(draw), alpha, lean)
+        (_, _), (c, d) = self.out_factors, self.in_factors
+        if self.w2_is_full:
+            return kron_conv(result, x, _KronConvHidden(g, c, d, "full"), w1, None, (self.w2(draw),), alpha, lean)
+        if self.tucker:
+            hidden = _KronConvHidden(g, c, d, "tucker")
+            return kron_conv(result, x, hidden, w1, self._w2_out(draw).t(), (self.lokr_w2_b, self.lokr_t2), alpha, lean)
+        hidden = _KronConvHidden(g, c, d, "low_rank")
+        return kron_conv(result, x, hidden, w1, self._w2_out(draw), (self.lokr_w2_b,), alpha, lean)
+
     def bypass_parts(self, x: Tensor, draw: Any = None) -> tuple[Tensor, Tensor, float] | None:
         """``W1 X W2ᵀ`` with X (…, c, d): W2's input side first, then W1, leaving (…, a, R) @ upᵀ."""
         if self.geometry.kind == "embedding":
@@ -204,3 +230,23 @@ class LoKr(Adapter):
 
     def rebuild_flops(self) -> float:
         return 2.0 * super().rebuild_flops()
+
+
+@dataclass(frozen=True)
+class _KronConvHidden:
+    """W2's input side on a convolution: x (B, c·d, *S) with the c input groups folded into the batch,
+    convolved to (B·c, R, *S') by the full W2 (R = b), ``w2_b`` (R = r) or ``w2_b`` then the Tucker core."""
+
+    geometry: LayerGeometry
+    c: int
+    d: int
+    mode: str
+
+    def __call__(self, x: Tensor, first: Tensor, core: Tensor | None = None) -> Tensor:
+        g = self.geometry
+        grouped = x.reshape(x.shape[0] * self.c, self.d, *x.shape[2:])
+        if self.mode == "full":
+            return g.conv(grouped, first)
+        if self.mode == "tucker":
+            return g.conv(g.pointwise(g.pad_input(grouped), first), core, padded=True)
+        return g.conv(grouped, first.reshape(-1, self.d, *g.kernel))
