@@ -233,6 +233,10 @@ def _peft_config(algo: str, targets: list[str]) -> peft.PeftConfig:
     return peft.IA3Config(target_modules=targets, feedforward_modules=[], init_ia3_weights=False)
 
 
+def _no_lean_bypass(*args: Any, **kwargs: Any) -> None:
+    return None
+
+
 def wrap(lib: str, algo: str | None, model: nn.Module, targets: list[str]) -> Variant:
     """Wrap ``model`` in place (callers pass a copy)."""
     for p in model.parameters():
@@ -241,7 +245,14 @@ def wrap(lib: str, algo: str | None, model: nn.Module, targets: list[str]) -> Va
         return Variant(lib, algo, model, [])
     if lib.startswith("beyondlora"):
         mode = re.fullmatch(r"beyondlora(?:\[(\w+)\])?", lib).group(1) or "auto"
-        wrapped = bl.get_peft_model(model, _bl_config(algo, targets, mode))
+        forced = mode in ("lean", "stored")
+        wrapped = bl.get_peft_model(model, _bl_config(algo, targets, "bypass" if forced else mode))
+        for layer in wrapped.modules():
+            if isinstance(layer, bl.AdapterLayer) and mode == "lean":  # recompute every input side in backward
+                layer.backward_memory = "lean"
+            if isinstance(layer, bl.AdapterLayer) and mode == "stored":  # the bypass before the autograd functions
+                for adapter in layer.adapters.values():
+                    adapter.add_bypass = _no_lean_bypass
         return Variant(lib, algo, wrapped, [p for p in wrapped.parameters() if p.requires_grad])
     if lib == "peft":
         wrapped = peft.get_peft_model(model, _peft_config(algo, targets))
@@ -315,7 +326,8 @@ def build_variants(
     variants = [wrap("base", None, copy.deepcopy(base), wl.targets)]
     for algo in algos:
         torch.manual_seed(1 + ALGOS.index(algo))
-        bl_names = ["beyondlora"] + (["beyondlora[bypass]", "beyondlora[combined]"] if extra_modes else [])
+        extra = ["beyondlora[bypass]", "beyondlora[lean]", "beyondlora[stored]", "beyondlora[combined]"]
+        bl_names = ["beyondlora"] + (extra if extra_modes else [])
         reference = None
         for lib in bl_names + [lib for lib in libs if lib != "beyondlora"]:
             variant = wrap(lib, algo, copy.deepcopy(base), wl.targets)
@@ -612,7 +624,11 @@ def main(argv: list[str] | None = None) -> int:
         help="comma-separated subset of linears,convs and the single layers q,fc1,fc2,conv (diagnosis)",
     )
     parser.add_argument(
-        "--extra-modes", action="store_true", help="also time beyondlora with forward_mode bypass and combined"
+        "--extra-modes",
+        action="store_true",
+        help="also time beyondlora with forward_mode bypass and combined, 'lean': the bypass with "
+        "backward_memory='lean', and 'stored': the bypass as it was before the autograd functions that "
+        "recompute intermediates (everything stored for backward)",
     )
     parser.add_argument("--output", help="also write the markdown report to this file")
     args = parser.parse_args(argv)
