@@ -62,11 +62,13 @@ CONVS = {
     "circular_stride": lambda: nn.Conv2d(4, 6, (3, 2), stride=(2, 1), padding=1, padding_mode="circular"),
     "zeros": lambda: nn.Conv2d(4, 6, 3, padding=1),
     "conv1d_same": lambda: nn.Conv1d(4, 6, 3, padding="same"),
+    "conv1d_same_even_kernel": lambda: nn.Conv1d(4, 6, 4, padding="same", padding_mode="replicate"),
+    "conv1d_same_even_kernel_zeros": lambda: nn.Conv1d(4, 6, 2, padding="same"),
 }
 
 
 def _conv_input(name: str) -> torch.Tensor:
-    return _leaf(2, 4, 5) if name == "conv1d_same" else _leaf(2, 4, 5, 4)
+    return _leaf(2, 4, 5) if name.startswith("conv1d") else _leaf(2, 4, 5, 4)
 
 
 @pytest.mark.parametrize("recompute", [True, False], ids=["lean", "keep"])

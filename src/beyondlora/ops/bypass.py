@@ -23,12 +23,14 @@ run them), else in the promoted dtype of input and factors; gradients come back 
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
+from .geometry import LayerGeometry
 from .products import column_khatri_rao, row_khatri_rao
 
 
@@ -485,6 +487,93 @@ class KhatriRaoMix(torch.autograd.Function):
         )
 
 
+def conv_grads(
+    geometry: LayerGeometry, x: Tensor, weight: Tensor, grad: Tensor, need_x: bool, need_weight: bool
+) -> tuple[Tensor | None, Tensor | None] | None:
+    """Gradients of ``geometry.conv(x, weight)`` (one group) for the output gradient ``grad``, from the saved
+    input and weight, without running the convolution again; ``None`` when the padding has no explicit
+    symmetric form (``padding="same"`` with an odd total)."""
+    n = len(geometry.kernel)
+    padding = geometry.padding
+    if geometry.padding_mode != "zeros":
+        padding = (0,) * n  # explicit padding first (geometry.pad_input), as geometry.conv does
+    elif isinstance(padding, str):
+        if padding == "valid":
+            padding = (0,) * n
+        else:
+            total = [dil * (k - 1) for dil, k in zip(geometry.dilation, geometry.kernel, strict=True)]
+            if any(t % 2 for t in total):
+                return None
+            padding = tuple(t // 2 for t in total)
+    with torch.enable_grad() if need_x and geometry.padding_mode != "zeros" else contextlib.nullcontext():
+        leaf = x.detach().requires_grad_(need_x) if geometry.padding_mode != "zeros" else x
+        padded = geometry.pad_input(leaf)
+    grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
+        grad,
+        padded.detach(),
+        weight,
+        None,
+        list(geometry.stride),
+        list(padding),
+        list(geometry.dilation),
+        False,
+        [0] * n,
+        1,
+        [need_x, need_weight, False],
+    )
+    if need_x and geometry.padding_mode != "zeros":
+        grad_x = torch.autograd.grad(padded, leaf, grad_x)[0]
+    return grad_x, grad_w
+
+
+class KhatriRaoConvKeep(torch.autograd.Function):
+    """LoHa on a (non-Tucker) convolution keeping the rank-r² hidden: ``result + alpha · (a1 •r a2) ⊛ hidden``
+    with ``hidden = x ⊛ (b1 •c b2)``.  Saves x, the hidden and the four factors; backward rebuilds the
+    Khatri-Rao factors and runs the convolution's backward directly (no forward recomputation)."""
+
+    @staticmethod
+    def forward(ctx, result, x, geometry, alpha, a1, b1, a2, b2):
+        dtype = compute_dtype(x, a1)
+        x_saved = _input_to_save(x, dtype)
+        g = geometry
+        down = column_khatri_rao(_cast(b1, dtype), _cast(b2, dtype)).reshape(-1, g.in_dim, *g.kernel)
+        hidden = g.conv(x_saved.to(dtype), down)
+        out = _khatri_rao_mix(result, hidden, row_khatri_rao(_cast(a1, dtype), _cast(a2, dtype)), alpha, dtype)
+        ctx.save_for_backward(x_saved, hidden, a1, b1, a2, b2)
+        ctx.meta = (dtype, alpha, geometry, x.dtype, result.dtype)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x_saved, hidden, a1, b1, a2, b2 = ctx.saved_tensors
+        dtype, alpha, g, x_dtype, result_dtype = ctx.meta
+        need_result, need_x, _, _, need_a1, need_b1, need_a2, need_b2 = ctx.needs_input_grad
+        a1c, b1c, a2c, b2c = (t.to(dtype) for t in (a1, b1, a2, b2))
+        need_b = need_b1 or need_b2
+        grad_hidden, grad_a1, grad_a2 = _khatri_rao_mix_backward(
+            grad, hidden, a1c, a2c, alpha, (need_x or need_b, need_a1 or need_a2)
+        )
+        del hidden
+        grad_x = grad_b1 = grad_b2 = None
+        if need_x or need_b:
+            down = column_khatri_rao(b1c, b2c)
+            grad_x, grad_down = conv_grads(
+                g, x_saved.to(dtype), down.reshape(-1, g.in_dim, *g.kernel), grad_hidden, need_x, need_b
+            )
+            if need_b:
+                grad_b1, grad_b2 = _split_down_grad(grad_down.reshape(down.shape), b1c, b2c)
+        return (
+            grad.to(result_dtype) if need_result else None,
+            None if grad_x is None else grad_x.to(x_dtype),
+            None,
+            None,
+            _grad_like(grad_a1, a1),
+            _grad_like(grad_b1, b1),
+            _grad_like(grad_a2, a2),
+            _grad_like(grad_b2, b2),
+        )
+
+
 def khatri_rao_conv(
     result: Tensor,
     x: Tensor,
@@ -497,9 +586,20 @@ def khatri_rao_conv(
 ) -> Tensor:
     """``result + alpha · ΔW ⊛ x`` for LoHa on convolutions; see :class:`KhatriRaoConv`.
 
-    ``recompute=False`` keeps the rank-r² hidden for backward (and lets autograd keep what the input-side
-    convolution needs) instead of recomputing it; the Khatri-Rao product ``a1 •r a2`` is never kept.
+    ``recompute=False`` keeps the rank-r² hidden for backward instead of recomputing it
+    (:class:`KhatriRaoConvKeep`; in Tucker form autograd keeps what the input side's two convolutions need);
+    the Khatri-Rao products are never kept.
     """
     if recompute:
         return KhatriRaoConv.apply(result, x, alpha, hidden_fn, a1, a2, *in_factors)
+    geometry = getattr(hidden_fn, "geometry", None)
+    if len(in_factors) == 2 and geometry is not None and _explicit_padding(geometry):
+        return KhatriRaoConvKeep.apply(result, x, geometry, alpha, a1, in_factors[0], a2, in_factors[1])
     return KhatriRaoMix.apply(result, hidden_fn(x.to(compute_dtype(x, a1)), *in_factors), a1, a2, alpha)
+
+
+def _explicit_padding(geometry: LayerGeometry) -> bool:
+    """Whether :func:`conv_grads` can run this geometry's convolution backward."""
+    if geometry.padding_mode != "zeros" or not isinstance(geometry.padding, str) or geometry.padding == "valid":
+        return True
+    return not any(dil * (k - 1) % 2 for dil, k in zip(geometry.dilation, geometry.kernel, strict=True))
