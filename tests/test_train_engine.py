@@ -132,3 +132,40 @@ def test_checkpoint_keeps_the_fp16_loss_scale(tmp_path: Path) -> None:
     fresh = torch.amp.GradScaler("cpu", init_scale=1.0, growth_interval=1)
     load_checkpoint(tmp_path, {"p": param}, optimizer, scheduler, fresh)
     assert fresh.state_dict() == scaler.state_dict() and fresh.get_scale() == 2048.0
+
+
+def test_fp16_overflowing_steps_are_recorded_and_stop_the_run(
+    data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """fp16's loss scaling, driven on the CPU by giving accelerate a CPU GradScaler: a step whose gradients
+    overflow is skipped, marked in metrics.jsonl, does not advance the schedule, and a run of such steps
+    stops with a message."""
+    import beyondlora.training.trainer as trainer_module
+
+    original = Engine.__init__
+
+    def with_scaler(self: Engine, *args: Any) -> None:
+        original(self, *args)
+        self.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=float("inf"))  # every gradient overflows
+
+    monkeypatch.setattr(Engine, "__init__", with_scaler)
+    monkeypatch.setattr(trainer_module, "MAX_SKIPPED_STEPS", 3)
+    out = tmp_path / "overflow"
+    config = options(data, out, max_steps=6, save_every=0, warmup_steps=2, max_grad_norm=0.0)
+    with pytest.raises(ValueError, match="the last 3 steps had infinite or NaN gradients.*stopped at step 3"):
+        train(config)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r.get("skipped")) for r in records] == [(1, True), (2, True), (3, True)]
+    assert [r["lr"] for r in records] == pytest.approx([3e-3 / 3] * 3)  # still the first warm-up step
+
+
+def test_accelerate_launch_settings_apply_unless_a_flag_says_otherwise(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")  # what accelerate launch --mixed_precision sets
+    for flag, effective in ((None, "bf16"), ("no", "no")):
+        engine = Engine(flag)
+        assert engine.mixed_precision == effective
+        engine.close()
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")
+    with pytest.raises(TrainConfigError, match="fp16 needs a GPU"):
+        Engine(None)
+    Engine("no").close()  # the failed engine left no accelerate state behind

@@ -106,7 +106,9 @@ def load_checkpoint(
     with torch.no_grad():
         for name, param in trainable.items():
             param.copy_(saved[name])
-    optimizer.load_state_dict(torch.load(latest / "optimizer.pt", weights_only=True))
+    # onto the CPU: every process would otherwise put the main process' GPU state on its GPU 0; the
+    # optimizer moves its state to the parameters' device
+    optimizer.load_state_dict(torch.load(latest / "optimizer.pt", weights_only=True, map_location="cpu"))
     state = torch.load(latest / "state.pt", weights_only=False)
     scheduler.load_state_dict(state["scheduler"])
     if scaler is not None and "scaler" in state:

@@ -98,7 +98,13 @@ class TrainConfig:
     gradient_accumulation: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping (0: off)"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations (less memory)"})
-    mixed_precision: str = field(default="no", metadata={"help": "/".join(PRECISIONS) + " (fp16 on GPU only)"})
+    mixed_precision: str | None = field(
+        default=None,
+        metadata={
+            "help": "/".join(PRECISIONS) + " (fp16 on GPU only; default: accelerate's setting, e.g. "
+            "accelerate launch --mixed_precision, else no)"
+        },
+    )
     noise_offset: float = field(default=0.0, metadata={"help": "noise offset"})
     min_snr_gamma: float | None = field(default=None, metadata={"help": "min-SNR-γ loss weighting"})
     prediction_type: str | None = field(default=None, metadata={"help": "epsilon/v_prediction (default: the model's)"})
@@ -172,7 +178,7 @@ class TrainConfig:
             "save_precision": SAVE_DTYPES,
         }
         for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
+            if getattr(self, name) not in (*allowed, None):  # None: a default decided later
                 raise TrainConfigError(
                     f"--{_flag(name)} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}"
                 )

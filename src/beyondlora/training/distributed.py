@@ -12,36 +12,64 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator
+from datetime import timedelta
 from typing import Any
 
 import torch
 from torch import nn
 
+from .config import TrainConfigError
+
+#: how long a process waits in a collective; the main process may sample or write a grid meanwhile
+COLLECTIVE_TIMEOUT = timedelta(hours=1)
+
 
 def wants_cuda() -> bool:
-    """Train on the GPU when there is one (``BEYONDLORA_CPU=1`` forces the CPU)."""
-    return torch.cuda.is_available() and os.environ.get("BEYONDLORA_CPU", "") != "1"
+    """Train on the GPU when there is one (``BEYONDLORA_CPU=1`` or ``accelerate launch --cpu`` force the CPU)."""
+    from accelerate.utils import parse_flag_from_env
+
+    forced = os.environ.get("BEYONDLORA_CPU", "") == "1" or parse_flag_from_env("ACCELERATE_USE_CPU")
+    return torch.cuda.is_available() and not forced
 
 
 class Engine:
     """The run's :class:`accelerate.Accelerator` and the few collective operations the trainer needs.
 
-    ``find_unused_parameters``: some trainable parameters get no gradient (SDXL's first text encoder never
-    uses its last layer); DDP must then look for them after each forward, and leaves their gradient
-    ``None`` as a single process does.
+    ``mixed_precision``: ``no``/``fp16``/``bf16``, or ``None`` for accelerate's own setting
+    (``accelerate launch --mixed_precision``, its config file), else ``no``.  Raises
+    :class:`TrainConfigError` for fp16 on a CPU and for accelerate setups other than plain data parallel.
     """
 
-    def __init__(self, mixed_precision: str = "no", find_unused_parameters: bool = False) -> None:
+    def __init__(self, mixed_precision: str | None = None) -> None:
         from accelerate import Accelerator
-        from accelerate.utils import DistributedDataParallelKwargs
+        from accelerate.state import AcceleratorState
+        from accelerate.utils import DistributedType, InitProcessGroupKwargs
 
         self._owns_group = not torch.distributed.is_initialized()
-        self.accelerator = Accelerator(
-            mixed_precision=mixed_precision,
-            cpu=not wants_cuda(),
-            device_placement=False,  # the trainer places the models itself, the frozen parts in their dtype
-            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters)],
-        )
+        try:
+            self.accelerator = Accelerator(
+                mixed_precision=mixed_precision,
+                cpu=not wants_cuda(),
+                device_placement=False,  # the trainer places the models itself, the frozen parts in their dtype
+                kwargs_handlers=[InitProcessGroupKwargs(timeout=COLLECTIVE_TIMEOUT)],
+            )
+        except BaseException:
+            AcceleratorState._reset_state(reset_partial_state=True)
+            raise
+        kind = self.accelerator.distributed_type
+        problem = None
+        if kind not in (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU):
+            problem = f"accelerate is set up for {kind.value}; beyondlora train runs data-parallel (DDP) only"
+        elif self.mixed_precision == "fp16" and self.device.type == "cpu":
+            problem = "mixed precision fp16 needs a GPU; on CPU use bf16 or no"
+        if problem:
+            self.close()
+            raise TrainConfigError(problem)
+
+    @property
+    def mixed_precision(self) -> str:
+        """The precision in effect: ``no``, ``fp16`` or ``bf16``."""
+        return self.accelerator.mixed_precision
 
     @property
     def rank(self) -> int:
@@ -63,8 +91,12 @@ class Engine:
         """How the processes are joined, e.g. ``MULTI_CPU, gloo``."""
         return f"{self.accelerator.distributed_type.value}, {torch.distributed.get_backend()}"
 
-    def prepare_model(self, model: nn.Module) -> nn.Module:
+    def prepare_model(self, model: nn.Module, find_unused_parameters: bool = False) -> nn.Module:
         """``model`` ready to train: DDP over its trainable parameters when there are several processes.
+
+        ``find_unused_parameters``: some of its trainable parameters get no gradient (SDXL's first text
+        encoder never uses its last layer); DDP then looks for them after each forward and leaves their
+        gradient ``None``, as a single process does.
 
         DDP starts every process from the main process' trainable parameters.  The frozen parameters and
         the buffers are registered as ignored, so DDP neither broadcasts the base model at start nor syncs
@@ -74,6 +106,10 @@ class Engine:
             frozen = [name for name, param in model.named_parameters() if not param.requires_grad]
             frozen += [name for name, _ in model.named_buffers()]
             nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, frozen)
+        from accelerate.utils import DistributedDataParallelKwargs
+
+        # the DDP options of the next prepare_model call: the handler accelerate reads there
+        self.accelerator.ddp_handler = DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters)
         return self.accelerator.prepare_model(model)
 
     def prepare_optimizer(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:

@@ -28,6 +28,9 @@ from .outputs import finish_run, prepare_output_dir, sample_grid
 from .sampling import time_ids
 
 INTERRUPTED = 130
+#: fp16 steps skipped in a row (gradients infinite at every loss scale tried) before the run stops; the
+#: scale halves on each, so 30 take it from the default 65536 below 1e-4
+MAX_SKIPPED_STEPS = 30
 
 
 class NonFiniteLossError(ValueError):
@@ -100,10 +103,8 @@ class Trainer:
     def __init__(self, config: TrainConfig, echo: Callable[[str], None] = print) -> None:
         self.config, self.echo = config, echo
         config.validate(cuda=wants_cuda())
-        self.dist = Engine(
-            config.mixed_precision,
-            find_unused_parameters=config.train_text_encoder,  # SDXL's first encoder skips its last layer
-        )
+        self.dist = Engine(config.mixed_precision)
+        config.mixed_precision = self.dist.mixed_precision  # the effective configuration records it
         try:
             self._check()
         except BaseException:
@@ -163,7 +164,11 @@ class Trainer:
             self.adapted += self.text_encoders
         self.unet.train()
         # what the training forward calls (DDP wrappers with several processes); sampling calls the models
-        self.trained_models = [self.dist.prepare_model(model) for model in self.adapted]
+        self.trained_models = [
+            # SDXL's first text encoder feeds its penultimate layer on: its last layer gets no gradient
+            self.dist.prepare_model(model, find_unused_parameters=self.base.is_xl and number == 1)
+            for number, model in enumerate(self.adapted)
+        ]
         if self.dist.world > 1 and self.dist.is_main:
             self.echo(f"data-parallel over {self.dist.world} processes ({self.dist.describe()})")
         if config.gradient_checkpointing:
@@ -302,11 +307,13 @@ class Trainer:
             start, _ = load_checkpoint(
                 self.output_dir, self.trainable, self.optimizer, self.scheduler, self.dist.scaler
             )
-            self.echo(f"resuming {self.output_dir} from step {start}")
+            if self.dist.is_main:
+                self.echo(f"resuming {self.output_dir} from step {start}")
         metrics = MetricsLog(self.output_dir / "metrics.jsonl", start) if self.dist.is_main else None
         writer = self._tensorboard()
         bar = tqdm(total=config.max_steps, initial=start, disable=not self.dist.is_main, desc="training")
         params = list(self.trainable.values())
+        skipped_in_a_row = 0
         status = 0
         with _Stop() as stop:
             for step in range(start, config.max_steps):
@@ -330,18 +337,27 @@ class Trainer:
                     self.dist.clip_grad_norm_(params, config.max_grad_norm)
                 lr = self.scheduler.get_last_lr()[0]
                 self.optimizer.step()  # accelerate's wrapper: unscales and skips inf/NaN steps under fp16
-                self.scheduler.step()
+                skipped = self.optimizer.step_was_skipped
+                skipped_in_a_row = skipped_in_a_row + 1 if skipped else 0
+                if not skipped:  # the schedule follows the updates actually made
+                    self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 done = step + 1
                 if metrics is not None:
-                    metrics.write(
-                        {
-                            "step": done,
-                            "loss": total,
-                            "lr": lr,
-                            "epoch": step // max(1, self.batches_per_epoch),
-                            "time": round(time.perf_counter() - started, 3),
-                        }
+                    record = {
+                        "step": done,
+                        "loss": total,
+                        "lr": lr,
+                        "epoch": step // max(1, self.batches_per_epoch),
+                        "time": round(time.perf_counter() - started, 3),
+                    }
+                    metrics.write(record | ({"skipped": True} if skipped else {}))
+                if skipped_in_a_row == MAX_SKIPPED_STEPS:
+                    bar.close()
+                    raise NonFiniteLossError(
+                        f"fp16: the last {MAX_SKIPPED_STEPS} steps had infinite or NaN gradients and were skipped "
+                        f"(loss scale now {self.dist.scaler.get_scale():.3g}); stopped at step {done}. Try "
+                        "--mixed-precision bf16 or a lower --learning-rate"
                     )
                 if writer is not None:
                     writer.add_scalar("loss", total, done)
@@ -355,7 +371,8 @@ class Trainer:
                 if self.dist.any(stop.signal is not None):
                     self._save(done)
                     bar.close()
-                    self.echo(f"interrupted at step {done}: checkpoint saved; rerun with --resume to continue")
+                    if self.dist.is_main:
+                        self.echo(f"interrupted at step {done}: checkpoint saved; rerun with --resume to continue")
                     return INTERRUPTED
             bar.close()
             self._save(config.max_steps)
