@@ -8,12 +8,12 @@ one of two exact paths, chosen per call by a cost model (``forward_mode`` overri
 - **combined**: the base operation runs once with ``W + Σ ΔW`` (and ``b + Σ Δb``); this is exactly what
   merging computes, and it wins when the layer is small next to the number of tokens.
 
-What the bypass saves for backward (``backward_memory``): LoRA keeps the layer input and its rank-r hidden;
-LoKr on linear layers keeps only the input (its rank-sized intermediates are recomputed in backward, at no
-measurable cost).  Where recomputing would cost a convolution or a rank-r² projection (LoKr on convolutions,
-LoHa), ``"auto"`` keeps that one input-side result (faster); ``"lean"`` recomputes it, so that no adapter
-keeps more than a rank-r LoRA on the same layer.  Khatri-Rao products, ``W1 t`` and other intermediates are
-never kept.
+What the bypass saves for backward (``backward_memory``): LoRA keeps the layer input and its rank-r hidden.
+LoKr and LoHa keep the layer input, their factors and, with ``"auto"``, one rank-sized input-side result
+(LoKr: ``X w2_bᵀ``, c·r values per position; LoHa: the rank-r² hidden) whose recomputation would cost a
+convolution or a projection; ``"lean"`` recomputes that too, so that no adapter keeps more than a rank-r
+LoRA on the same layer (slower where the recomputation is a convolution).  Khatri-Rao products, ``W1 t`` and
+other intermediates are never kept.  Input-side (IA)³ never keeps ``x ⊙ (1 + v)`` next to ``x``.
 
 Merging adds the same deltas to the base weights in place; unmerging subtracts them again.
 """

@@ -1,11 +1,12 @@
 """Memory-lean bypass products: custom autograd functions that save the layer input and the (small) factors
-for backward and recompute every activation-sized intermediate there instead of storing it.
+for backward and recompute activation-sized intermediates there instead of storing them.
 
 Each function computes ``result + alpha · ΔW x`` (the adapter's output added to the base output in the same
-op) for one structured ΔW, so what autograd keeps alive between forward and backward is no more than a LoRA
-of the same rank keeps: the layer input ``x`` (the same storage the caller holds, not a copy, unless a dtype
-cast makes a smaller copy) plus parameter-sized tensors.  The recomputation is cheap: it is the input-side
-half of the adapter's forward (about a rank-r LoRA's down projection).
+op) for one structured ΔW.  With ``recompute=True`` what autograd keeps alive between forward and backward
+is no more than a LoRA of the same rank keeps: the layer input ``x`` (the same storage the caller holds, not
+a copy, unless a dtype cast makes a smaller copy) plus parameter-sized tensors; backward recomputes the
+input-side half of the adapter's forward (for LoKr about a rank-r LoRA's down projection, for LoHa a rank-r²
+one).
 
 - :func:`kron_linear` — LoKr on linear-like layers: ``W1 (X w2_inᵀ) w2_outᵀ`` with x reshaped to X (c × d).
 - :func:`kron_conv` — LoKr on convolutions: the input-side convolution runs on the c input groups folded
