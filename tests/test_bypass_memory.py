@@ -345,3 +345,32 @@ def test_adapters_without_lean_path_fall_back() -> None:
             adapter = cls(g, AdapterOptions(r=2, init_weights=False), weight)
             x = torch.randint(0, 10, (3,)) if g.kind == "embedding" else torch.randn(1, 4, 5, 5)
             assert adapter.add_bypass(torch.zeros(1), x) is None
+
+
+@pytest.mark.parametrize("config", ["lokr", "loha", "loha_tucker", "ia3_input"])
+@pytest.mark.parametrize("layer", ["linear", "conv2d"])
+def test_bfloat16_base_without_autocast(layer: str, config: str) -> None:
+    """A bfloat16 base keeps float32 adapters: the bypass computes in float32, returns bfloat16 like the base,
+    and its gradients match the rebuild path's."""
+    make, shape = AUTOCAST_LAYERS[layer]
+    torch.manual_seed(0)
+    cfg = MEMORY_CONFIGS[config]
+    options = {k: v for k, v in cfg.items() if k != "cls"}
+    if cfg["cls"] is not bl.IA3Config:
+        options = {"r": 3, **options}
+    peft = bl.get_peft_model(_Holder(make().to(torch.bfloat16)), cfg["cls"](target_modules=["layer"], **options))
+    randomize(peft, std=0.2)
+    peft.train()
+    x = torch.randn(*shape, dtype=torch.bfloat16)
+    results = {}
+    for mode, memory in (("combined", "auto"), ("bypass", "auto"), ("bypass", "lean")):
+        set_mode(peft, mode)
+        for lay in layers_of(peft):
+            lay.backward_memory = memory
+        out, grads = _grads(peft, x, 1.0)
+        assert out.dtype == torch.bfloat16 and grads[0].dtype == torch.bfloat16
+        assert all(g.dtype == torch.float32 for g in grads[1:])
+        results[(mode, memory)] = [out.float(), *(g.float() for g in grads)]
+    for key in (("bypass", "auto"), ("bypass", "lean")):
+        for got, want in zip(results[key], results[("combined", "auto")], strict=True):
+            torch.testing.assert_close(got, want, rtol=5e-2, atol=5e-2 * want.abs().max().item(), msg=str(key))
