@@ -55,6 +55,7 @@ def test_alias_lora_alpha_and_defaults() -> None:
         (lambda: bl.LoraConfig(init_weights="gaussian"), "init_weights"),
         (lambda: bl.DyLoraConfig(r=6, block_size=4), "block_size"),
         (lambda: bl.LoraConfig(forward_mode="fast"), "forward_mode"),
+        (lambda: bl.LoKrConfig(backward_memory="none"), "backward_memory"),
         (lambda: bl.LoraConfig(rank_pattern={"q": 0}), "rank_pattern"),
     ],
 )
@@ -160,3 +161,12 @@ def test_bad_targets_raise_and_change_nothing(config, error, message) -> None:
     assert repr(model) == before
     assert all(p.requires_grad for p in model.parameters())
     assert not any(isinstance(m, bl.AdapterLayer) for m in model.modules())
+
+
+def test_forward_mode_and_backward_memory_reach_every_layer() -> None:
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Conv1d(8, 8, 3))
+    config = bl.LoHaConfig(r=2, target_modules=["0", "2"], forward_mode="bypass", backward_memory="lean")
+    peft = bl.get_peft_model(model, config)
+    layers = [m for m in peft.modules() if isinstance(m, bl.AdapterLayer)]
+    assert len(layers) == 2
+    assert all((m.forward_mode, m.backward_memory) == ("bypass", "lean") for m in layers)

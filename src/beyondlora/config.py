@@ -42,6 +42,9 @@ class AdapterConfig:
         inference_mode: load frozen (no parameter requires grad).
         forward_mode: "auto" (cost model), "bypass" (never build ΔW where possible) or "combined"
             (one op with W + ΔW).
+        backward_memory: what the bypass keeps for backward: "auto" (recompute what is cheap to
+            recompute, keep a rank-sized input-side intermediate where recomputing it costs time) or
+            "lean" (no more than a rank-r LoRA keeps: the layer input and rank-r values per position).
     """
 
     peft_type: ClassVar[str]
@@ -59,6 +62,7 @@ class AdapterConfig:
     base_model_name_or_path: str | None = None
     revision: str | None = None
     forward_mode: str = "auto"
+    backward_memory: str = "auto"
 
     def __post_init__(self) -> None:
         if self.init_weights not in (True, False, "lycoris"):
@@ -67,6 +71,8 @@ class AdapterConfig:
             raise ValueError(f"module_dropout must be in [0, 1), got {self.module_dropout}")
         if self.forward_mode not in ("auto", "bypass", "combined"):
             raise ValueError(f"forward_mode must be 'auto', 'bypass' or 'combined', got {self.forward_mode!r}")
+        if self.backward_memory not in ("auto", "lean"):
+            raise ValueError(f"backward_memory must be 'auto' or 'lean', got {self.backward_memory!r}")
         for name in ("target_modules", "exclude_modules"):
             value = getattr(self, name)
             if isinstance(value, (set, tuple)):

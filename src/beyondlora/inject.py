@@ -47,8 +47,15 @@ def plan_adapters(model: nn.Module, config: AdapterConfig, low_cpu_mem_usage: bo
     return planned
 
 
-def attach(model: nn.Module, planned: list[PlannedAdapter], adapter_name: str, forward_mode: str = "auto") -> None:
-    """Put the planned adapters into ``model``, wrapping plain modules in :class:`AdapterLayer`."""
+def attach(
+    model: nn.Module,
+    planned: list[PlannedAdapter],
+    adapter_name: str,
+    forward_mode: str = "auto",
+    backward_memory: str = "auto",
+) -> None:
+    """Put the planned adapters into ``model``, wrapping plain modules in :class:`AdapterLayer`; the layers
+    take ``forward_mode`` and ``backward_memory`` (see :class:`beyondlora.config.AdapterConfig`)."""
     for plan in planned:
         layer = plan.module
         if not isinstance(layer, AdapterLayer):
@@ -56,6 +63,7 @@ def attach(model: nn.Module, planned: list[PlannedAdapter], adapter_name: str, f
             _replace(model, plan.name, layer)
         layer.add_adapter(adapter_name, plan.adapter)
         layer.forward_mode = forward_mode
+        layer.backward_memory = backward_memory
 
 
 def attach_modules_to_save(model: nn.Module, names: list[str] | None, adapter_name: str) -> None:

@@ -73,7 +73,7 @@ class PeftModel(nn.Module):
         if planned is None:
             planned = plan_adapters(self.base_model, peft_config, low_cpu_mem_usage=low_cpu_mem_usage)
         find_modules_to_save(self.base_model, peft_config.modules_to_save)  # validates before anything changes
-        attach(self.base_model, planned, adapter_name, peft_config.forward_mode)
+        attach(self.base_model, planned, adapter_name, peft_config.forward_mode, peft_config.backward_memory)
         attach_modules_to_save(self.base_model, peft_config.modules_to_save, adapter_name)
         for name, state in (_save_states or {}).items():
             self.base_model.get_submodule(name).modules_to_save[adapter_name].load_state_dict(state)
