@@ -1,4 +1,4 @@
-"""The memory-lean bypass (ops/bypass.py): exact gradients, and no more bytes saved for backward than LoRA.
+"""The memory-lean bypass (ops/bypass_*.py): exact gradients, and no more bytes saved for backward than LoRA.
 
 - every autograd function's gradients equal finite differences in float64 (``torch.autograd.gradcheck``);
 - through the layer, the bypass gives the same output and the same gradients (input and every factor) as
@@ -21,7 +21,8 @@ import beyondlora as bl
 from beyondlora.algorithms.base import AdapterOptions
 from beyondlora.algorithms.loha import LoHa, _KhatriRaoConvHidden
 from beyondlora.algorithms.lokr import LoKr, _KronConvHidden
-from beyondlora.ops.bypass import khatri_rao_conv, khatri_rao_linear, kron_conv, kron_linear
+from beyondlora.ops.bypass_khatri_rao import khatri_rao_conv, khatri_rao_linear
+from beyondlora.ops.bypass_kron import kron_conv, kron_linear
 from beyondlora.ops.geometry import LayerGeometry
 from layer_cases import all_cases, build, layers_of, randomize, set_mode
 

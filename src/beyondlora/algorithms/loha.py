@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..ops.bypass import khatri_rao_conv, khatri_rao_linear
+from ..ops.bypass_khatri_rao import khatri_rao_conv, khatri_rao_linear
 from ..ops.geometry import LayerGeometry
 from ..ops.products import column_khatri_rao, hadamard_product, row_khatri_rao, tucker_rebuild
 from .base import Adapter, AdapterOptions, check_init, kaiming_
@@ -87,7 +87,7 @@ class LoHa(Adapter):
     def add_bypass(
         self, result: Tensor, x: Tensor, draw: Any = None, multiplier: float = 1.0, lean: bool = False
     ) -> Tensor | None:
-        """``result + t · s · ΔW x`` as a rank-r² product (see :mod:`beyondlora.ops.bypass`) saving x, the
+        """``result + t · s · ΔW x`` as a rank-r² product (see :mod:`beyondlora.ops.bypass_khatri_rao`) saving x, the
         factors and the rank-r² hidden; with ``lean`` not the hidden (recomputed in backward)."""
         g = self.geometry
         if g.kind == "embedding" or (g.kind == "conv" and g.groups != 1):

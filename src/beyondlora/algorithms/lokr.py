@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..ops.bypass import kron_conv, kron_linear
+from ..ops.bypass_kron import kron_conv, kron_linear
 from ..ops.factorization import factorization
 from ..ops.geometry import LayerGeometry
 from ..ops.products import kron, tucker_rebuild
@@ -154,7 +154,7 @@ class LoKr(Adapter):
     def add_bypass(
         self, result: Tensor, x: Tensor, draw: Any = None, multiplier: float = 1.0, lean: bool = False
     ) -> Tensor | None:
-        """``result + t · s · (W1 ⊗ W2) x`` (see :mod:`beyondlora.ops.bypass`), saving x, the factors and W2's
+        """``result + t · s · (W1 ⊗ W2) x`` (see :mod:`beyondlora.ops.bypass_kron`), saving x, the factors and W2's
         input side ``t`` (N, c, r) (with ``lean`` not t: it is recomputed in backward)."""
         g = self.geometry
         if g.kind == "embedding" or (g.kind == "conv" and g.groups != 1):
