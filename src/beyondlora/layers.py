@@ -10,10 +10,13 @@ one of two exact paths, chosen per call by a cost model (``forward_mode`` overri
 
 What the bypass saves for backward (``backward_memory``): LoRA keeps the layer input and its rank-r hidden.
 LoKr and LoHa keep the layer input, their factors and, with ``"auto"``, one rank-sized input-side result
-(LoKr: ``X w2_bᵀ``, c·r values per position; LoHa: the rank-r² hidden) whose recomputation would cost a
-convolution or a projection; ``"lean"`` recomputes that too, so that no adapter keeps more than a rank-r
-LoRA on the same layer (slower where the recomputation is a convolution).  Khatri-Rao products, ``W1 t`` and
-other intermediates are never kept.  Input-side (IA)³ never keeps ``x ⊙ (1 + v)`` next to ``x``.
+where recomputing it measurably costs time: on convolutions (LoKr: the grouped ``x ⊛ w2_b``, c·r channels;
+LoHa: the rank-r² hidden; recomputing costs 5–19 points of step time) and for LoKr on linear-like layers
+(``X w2_bᵀ``, c·r values per position; +4 ± 3 points).  LoHa on linear-like layers recomputes its rank-r²
+hidden in any mode (one GEMM, measured no slower), so it keeps no more than a rank-r LoRA there by default.
+``"lean"`` recomputes everything, so that no adapter keeps more than a rank-r LoRA on the same layer.
+Khatri-Rao products, ``W1 t`` and other intermediates are never kept.  Input-side (IA)³ never keeps
+``x ⊙ (1 + v)`` next to ``x``.
 
 Merging adds the same deltas to the base weights in place; unmerging subtracts them again.
 """

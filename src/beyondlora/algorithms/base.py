@@ -153,8 +153,9 @@ class Adapter(nn.Module):
         self, result: Tensor, x: Tensor, draw: Any = None, multiplier: float = 1.0, lean: bool = False
     ) -> Tensor | None:
         """``result + multiplier · ΔW · x`` (times the scale) in one autograd node that saves ``x`` and the
-        factors for backward, plus at most one rank-sized intermediate whose recomputation would cost a
-        convolution or a rank-r² projection; with ``lean`` not even that (it is recomputed in backward).
+        factors for backward, plus at most one rank-sized intermediate whose recomputation measurably costs
+        time (a convolution; LoKr's grouped projection ``X w2_bᵀ``); with ``lean`` not even that (it is
+        recomputed in backward).
         ``None`` when this adapter has no such path here (the layer then adds :meth:`bypass`'s output).
         ``x`` is the layer's own input, in its own dtype."""
         return None

@@ -87,8 +87,9 @@ class LoHa(Adapter):
     def add_bypass(
         self, result: Tensor, x: Tensor, draw: Any = None, multiplier: float = 1.0, lean: bool = False
     ) -> Tensor | None:
-        """``result + t · s · ΔW x`` as a rank-r² product (see :mod:`beyondlora.ops.bypass_khatri_rao`) saving x, the
-        factors and the rank-r² hidden; with ``lean`` not the hidden (recomputed in backward)."""
+        """``result + t · s · ΔW x`` as a rank-r² product (see :mod:`beyondlora.ops.bypass_khatri_rao`) saving x
+        and the factors; on convolutions also the rank-r² hidden unless ``lean`` (on linear-like layers the
+        hidden is always recomputed in backward: one GEMM, measured no slower than keeping it)."""
         g = self.geometry
         if g.kind == "embedding" or (g.kind == "conv" and g.groups != 1):
             return None
@@ -99,7 +100,7 @@ class LoHa(Adapter):
         alpha = multiplier * scale
         b1, b2 = self.hada_w1_b, self.hada_w2_b
         if g.kind != "conv":
-            return khatri_rao_linear(result, x, a1, b1, a2, b2, alpha, lean)
+            return khatri_rao_linear(result, x, a1, b1, a2, b2, alpha)
         if self.tucker:
             factors = (b1, b2, self.hada_t1, self.hada_t2)
             return khatri_rao_conv(result, x, _KhatriRaoConvHidden(g), a1.t(), a2.t(), factors, alpha, lean)

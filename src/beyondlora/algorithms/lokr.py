@@ -154,8 +154,8 @@ class LoKr(Adapter):
     def add_bypass(
         self, result: Tensor, x: Tensor, draw: Any = None, multiplier: float = 1.0, lean: bool = False
     ) -> Tensor | None:
-        """``result + t · s · (W1 ⊗ W2) x`` (see :mod:`beyondlora.ops.bypass_kron`), saving x, the factors and W2's
-        input side ``t`` (N, c, r) (with ``lean`` not t: it is recomputed in backward)."""
+        """``result + t · s · (W1 ⊗ W2) x`` (see :mod:`beyondlora.ops.bypass_kron`), saving x, the factors and
+        W2's input side ``t`` (N, c, r) (with ``lean`` not t: it is recomputed in backward)."""
         g = self.geometry
         if g.kind == "embedding" or (g.kind == "conv" and g.groups != 1):
             return None

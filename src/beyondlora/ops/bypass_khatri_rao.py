@@ -5,8 +5,9 @@
 - :func:`khatri_rao_conv` — convolutions (plain and Tucker): the input side is a convolution with
   ``b1 •c b2`` (Tucker cores included), the output side the pointwise ``a1 •r a2`` (:data:`KHATRI_RAO_OUTPUT`).
 
-Both keep x and the four factors for backward and, with ``recompute=False``, the rank-r² hidden too; the
-Khatri-Rao products themselves are never kept (backward rebuilds them from the factors).
+Both keep x and the four factors for backward (no more than a rank-r LoRA keeps) and, on convolutions with
+``recompute=False``, the rank-r² hidden too (recomputing it there costs a convolution); the Khatri-Rao
+products themselves are never kept (backward rebuilds them from the factors).
 """
 
 from __future__ import annotations
@@ -45,35 +46,36 @@ def _split_down_grad(grad_down: Tensor, b1: Tensor, b2: Tensor) -> tuple[Tensor,
 class KhatriRaoLinear(torch.autograd.Function):
     """``result + alpha · ((a1 b1) ⊙ (a2 b2)) x`` as the rank-r² product ``(a1 •r a2) ((b1 •c b2) x)``.
 
-    Shapes: result (…, out), x (…, in), a1, a2 (out, r), b1, b2 (r, in).  Saves x and the four factors;
-    backward rebuilds the Khatri-Rao factors and (``recompute``; else it is saved too) the rank-r² hidden
-    ``x (b1 •c b2)ᵀ``.
+    Shapes: result (…, out), x (…, in), a1, a2 (out, r), b1, b2 (r, in).  Saves x and the four factors only
+    (as many bytes as a rank-r LoRA keeps); backward rebuilds the Khatri-Rao factors and the rank-r² hidden
+    ``x (b1 •c b2)ᵀ``: one well-shaped GEMM that measured no slower than keeping the hidden (see
+    benchmarks/README.md), so there is no mode that keeps it.
     """
 
     @staticmethod
-    def forward(ctx, result, x, a1, b1, a2, b2, alpha, recompute):
+    def forward(ctx, result, x, a1, b1, a2, b2, alpha):
         dtype = compute_dtype(x, a1)
         x_saved = input_to_save(x, dtype)
         up = row_khatri_rao(cast(a1, dtype), cast(a2, dtype))
         down = column_khatri_rao(cast(b1, dtype), cast(b2, dtype))
         hidden = x_saved.to(dtype).reshape(-1, down.shape[1]) @ down.t()
         out = addmm_output(result, hidden, up, alpha, dtype)
-        ctx.save_for_backward(x_saved, a1, b1, a2, b2, None if recompute else hidden)
+        ctx.save_for_backward(x_saved, a1, b1, a2, b2)
         ctx.meta = (dtype, alpha, x.shape, x.dtype, result.dtype)
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        x_saved, a1, b1, a2, b2, hidden = ctx.saved_tensors
+        x_saved, a1, b1, a2, b2 = ctx.saved_tensors
         dtype, alpha, x_shape, x_dtype, result_dtype = ctx.meta
-        need_result, need_x, need_a1, need_b1, need_a2, need_b2, _, _ = ctx.needs_input_grad
+        need_result, need_x, need_a1, need_b1, need_a2, need_b2, _ = ctx.needs_input_grad
         a1c, b1c, a2c, b2c = (t.to(dtype) for t in (a1, b1, a2, b2))
         up, down = row_khatri_rao(a1c, a2c), column_khatri_rao(b1c, b2c)
         rows = x_saved.to(dtype).reshape(-1, down.shape[1])
         g = grad.reshape(-1, up.shape[0]).to(dtype)
         grads = [None] * 4
         if need_a1 or need_a2:
-            grad_up = g.t() @ (rows @ down.t() if hidden is None else hidden)
+            grad_up = g.t() @ (rows @ down.t())
             grads[0], grads[2] = _split_up_grad(grad_up.mul_(alpha), a1c, a2c)
         gh = g @ (up * alpha)  # (N, r²)
         grad_x = (gh @ down).reshape(x_shape).to(x_dtype) if need_x else None
@@ -83,7 +85,6 @@ class KhatriRaoLinear(torch.autograd.Function):
             grad.to(result_dtype) if need_result else None,
             grad_x,
             *[grad_like(gi, p) for gi, p in zip(grads, (a1, b1, a2, b2), strict=True)],
-            None,
             None,
         )
 
@@ -96,12 +97,10 @@ def khatri_rao_linear(
     a2: Tensor,
     b2: Tensor,
     alpha: float = 1.0,
-    recompute: bool = True,
 ) -> Tensor:
     """``result + alpha · ((a1 b1) ⊙ (a2 b2)) x`` for linear-like layers (shapes as in :class:`KhatriRaoLinear`),
-    saving only ``x`` and the factors (``recompute=False``: and the rank-r² hidden, which backward then does
-    not recompute)."""
-    return KhatriRaoLinear.apply(result, x, a1, b1, a2, b2, alpha, recompute)
+    saving only ``x`` and the factors."""
+    return KhatriRaoLinear.apply(result, x, a1, b1, a2, b2, alpha)
 
 
 def _khatri_rao_mix(result: Tensor, hidden: Tensor, a1: Tensor, a2: Tensor, alpha: float, dtype: torch.dtype) -> Tensor:
