@@ -12,7 +12,7 @@ What the bypass saves for backward (``backward_memory``): LoRA keeps the layer i
 LoKr and LoHa keep the layer input, their factors and, with ``"auto"``, one rank-sized input-side result
 where recomputing it measurably costs time: on convolutions (LoKr: the grouped ``x ⊛ w2_b``, c·r channels;
 LoHa: the rank-r² hidden; recomputing costs 5–19 points of step time) and for LoKr on linear-like layers
-(``X w2_bᵀ``, c·r values per position; +4 ± 3 points).  LoHa on linear-like layers recomputes its rank-r²
+(``X w2_bᵀ``, c·r values per position; +4 ± 2 points).  LoHa on linear-like layers recomputes its rank-r²
 hidden in any mode (one GEMM, measured no slower), so it keeps no more than a rank-r LoRA there by default.
 ``"lean"`` recomputes everything, so that no adapter keeps more than a rank-r LoRA on the same layer.
 Khatri-Rao products, ``W1 t`` and other intermediates are never kept.  Input-side (IA)³ never keeps
