@@ -24,6 +24,7 @@ from beyondlora.algorithms.loha import LoHa, _KhatriRaoConvHidden
 from beyondlora.algorithms.lokr import LoKr, _KronConvHidden
 from beyondlora.ops.bypass_khatri_rao import khatri_rao_conv, khatri_rao_linear
 from beyondlora.ops.bypass_kron import kron_conv, kron_linear
+from beyondlora.ops.bypass_lowrank import low_rank_linear
 from beyondlora.ops.geometry import LayerGeometry
 from layer_cases import all_cases, build, layers_of, randomize, set_mode
 
@@ -50,6 +51,54 @@ def test_kron_linear_gradcheck(full_w2: bool, recompute: bool) -> None:
         return kron_linear(res, xx, ww1, win, next(it), 0.7, recompute)
 
     assert torch.autograd.gradcheck(fn, inputs)
+
+
+def test_low_rank_linear_gradcheck() -> None:
+    out, n, r = 4, 5, 2
+    inputs = (_leaf(2, 3, out), _leaf(2, 3, n), _leaf(r, n), _leaf(out, r))
+    assert torch.autograd.gradcheck(lambda *t: low_rank_linear(*t, alpha=0.7), inputs)
+
+
+def test_low_rank_linear_saves_what_plain_autograd_saves_and_matches_it_under_autocast() -> None:
+    """x and the rank-r hidden, as autograd of ``result + alpha · (x downᵀ) upᵀ`` keeps; same values and
+    gradients in float32 and under bfloat16 autocast."""
+    x = torch.randn(2, 64, 48, requires_grad=True)
+    down, up = torch.randn(8, 48, requires_grad=True), torch.randn(32, 8, requires_grad=True)
+    result = torch.randn(2, 64, 32, requires_grad=True)
+
+    def plain(res, xx, dd, uu):
+        return res + 0.5 * (xx @ dd.t()) @ uu.t()
+
+    for autocast in (False, True):
+        outputs = []
+        for fn in (plain, lambda *t: low_rank_linear(*t, alpha=0.5)):
+            leaves = [t.detach().clone().requires_grad_() for t in (result, x, down, up)]
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                out = fn(*leaves)
+            out.float().square().sum().backward()
+            outputs.append([out.float(), *(t.grad for t in leaves)])
+        limit = 2e-2 if autocast else 1e-5  # bfloat16, or float32 summation order
+        for got, want in zip(outputs[1], outputs[0], strict=True):
+            torch.testing.assert_close(got, want, rtol=limit, atol=limit * want.abs().max().item())
+    sizes = [
+        _saved_by(fn, (result, x, down, up), (down, up)) for fn in (plain, lambda *t: low_rank_linear(*t, alpha=0.5))
+    ]
+    assert sizes[1] <= sizes[0] == x.numel() * 4 + 2 * 64 * 8 * 4
+
+
+def _saved_by(fn, inputs: tuple[torch.Tensor, ...], params: tuple[torch.Tensor, ...]) -> int:
+    """Bytes ``fn(*inputs)`` saves for backward, one count per storage, ``params`` excluded."""
+    resident = {t.untyped_storage().data_ptr() for t in params}
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.untyped_storage().data_ptr() not in resident:
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn(*inputs)
+    return sum(saved.values())
 
 
 def test_khatri_rao_linear_gradcheck() -> None:

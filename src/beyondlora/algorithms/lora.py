@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..ops.bypass_lowrank import low_rank_linear
 from ..ops.geometry import LayerGeometry
 from ..ops.products import tucker_rebuild
 from .base import Adapter, AdapterOptions, check_init, kaiming_
@@ -62,6 +63,18 @@ class LoRA(Adapter):
         if mid is not None:
             return tucker_rebuild(mid, up.t(), down.flatten(1))
         return (up @ down.flatten(1)).reshape(self.geometry.weight_shape)
+
+    def add_bypass(
+        self, result: Tensor, x: Tensor, draw: Any = None, multiplier: float = 1.0, lean: bool = False
+    ) -> Tensor | None:
+        """Linear-like layers: ``result + t · s · up (down x)`` by :func:`beyondlora.ops.bypass_lowrank.low_rank_linear`
+        (its products in the orientation CPU BLAS runs fastest), saving x and the rank-r hidden."""
+        if self.geometry.kind not in ("linear", "hf_conv1d"):
+            return None
+        up, _, down, scale = self.factors(draw)
+        if isinstance(scale, Tensor):  # a trainable scale (kohya's use_scalar): alpha must be a number
+            up, scale = up * scale, 1.0
+        return low_rank_linear(result, self.input_dropout(x), down, up, multiplier * scale)
 
     def bypass_parts(self, x: Tensor, draw: Any = None) -> tuple[Tensor, Tensor, float]:
         up, _, down, scale = self.factors(draw)
