@@ -19,7 +19,6 @@ from torch import Tensor
 
 from .bypass_common import (
     add_output,
-    addmm_output,
     cast,
     compute_dtype,
     conv_grads,
@@ -28,6 +27,7 @@ from .bypass_common import (
     input_to_save,
 )
 from .bypass_conv import OutputSide, conv_bypass
+from .bypass_lowrank import low_rank_backward, low_rank_forward
 from .products import column_khatri_rao, row_khatri_rao
 
 
@@ -58,8 +58,8 @@ class KhatriRaoLinear(torch.autograd.Function):
         x_saved = input_to_save(x, dtype)
         up = row_khatri_rao(cast(a1, dtype), cast(a2, dtype))
         down = column_khatri_rao(cast(b1, dtype), cast(b2, dtype))
-        hidden = x_saved.to(dtype).reshape(-1, down.shape[1]) @ down.t()
-        out = addmm_output(result, hidden, up, alpha, dtype)
+        rows = x_saved.to(dtype).reshape(-1, down.shape[1])
+        out, _ = low_rank_forward(result, rows, down, up, alpha, dtype)
         ctx.save_for_backward(x_saved, a1, b1, a2, b2)
         ctx.meta = (dtype, alpha, x.shape, x.dtype, result.dtype)
         return out
@@ -73,17 +73,16 @@ class KhatriRaoLinear(torch.autograd.Function):
         up, down = row_khatri_rao(a1c, a2c), column_khatri_rao(b1c, b2c)
         rows = x_saved.to(dtype).reshape(-1, down.shape[1])
         g = grad.reshape(-1, up.shape[0]).to(dtype)
+        needs = (need_x, need_b1 or need_b2, need_a1 or need_a2)
+        grad_x, grad_down, grad_up = low_rank_backward(g, rows, None, down, up, alpha, x_shape, needs)
         grads = [None] * 4
-        if need_a1 or need_a2:
-            grad_up = g.t() @ (rows @ down.t())
-            grads[0], grads[2] = _split_up_grad(grad_up.mul_(alpha), a1c, a2c)
-        gh = g @ (up * alpha)  # (N, r²)
-        grad_x = (gh @ down).reshape(x_shape).to(x_dtype) if need_x else None
-        if need_b1 or need_b2:
-            grads[1], grads[3] = _split_down_grad(gh.t() @ rows, b1c, b2c)
+        if grad_up is not None:
+            grads[0], grads[2] = _split_up_grad(grad_up, a1c, a2c)
+        if grad_down is not None:
+            grads[1], grads[3] = _split_down_grad(grad_down, b1c, b2c)
         return (
             grad.to(result_dtype) if need_result else None,
-            grad_x,
+            None if grad_x is None else grad_x.to(x_dtype),
             *[grad_like(gi, p) for gi, p in zip(grads, (a1, b1, a2, b2), strict=True)],
             None,
         )

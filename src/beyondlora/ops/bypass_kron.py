@@ -73,7 +73,8 @@ class KronLinear(torch.autograd.Function):
         r = w2_outc.shape[1]
         grad_w1 = grad_w2_in = grad_w2_out = grad_x = None
         if need_w2_out:
-            grad_w2_out = (g.t() @ _kron_mix_rows(t_t, w1c, r)).mul_(alpha)
+            # (hᵀ g)ᵀ, not gᵀ h: CPU BLAS runs the r-row orientation several times faster
+            grad_w2_out = (_kron_mix_rows(t_t, w1c, r).t() @ g).mul_(alpha).t().contiguous()
         gh_t = (g @ (w2_outc * alpha)).reshape(-1, a, r).transpose(1, 2).reshape(-1, a)  # (N·r, a)
         if need_w1:
             grad_w1 = gh_t.t() @ t_t

@@ -20,6 +20,42 @@ from torch import Tensor
 from .bypass_common import addmm_output, cast, compute_dtype, grad_like, input_to_save
 
 
+def low_rank_forward(
+    result: Tensor, rows: Tensor, down: Tensor, up: Tensor, alpha: float, dtype: torch.dtype
+) -> tuple[Tensor, Tensor]:
+    """``(result + alpha · (hᵀ)ᵀ upᵀ, hᵀ)`` with ``hᵀ = down rowsᵀ``: rows (N, in) and down (R, in), up (out, R)
+    already in ``dtype``; result (…, out) with N rows."""
+    hidden_t = down @ rows.t()  # (R, N)
+    return addmm_output(result, hidden_t.t(), up, alpha, dtype), hidden_t
+
+
+def low_rank_backward(
+    g: Tensor,
+    rows: Tensor,
+    hidden_t: Tensor | None,
+    down: Tensor,
+    up: Tensor,
+    alpha: float,
+    x_shape: torch.Size,
+    needs: tuple[bool, bool, bool],
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """``(∂x, ∂down, ∂up)`` of :func:`low_rank_forward` for the output gradient g (N, out), each ``None``
+    unless ``needs`` (x, down, up) asks for it; ``hidden_t`` ``None`` is recomputed.  ∂x has ``x_shape``."""
+    need_x, need_down, need_up = needs
+    grad_x = grad_down = grad_up = None
+    if need_up:
+        hidden_t = down @ rows.t() if hidden_t is None else hidden_t
+        grad_up = (hidden_t @ g).mul_(alpha).t().contiguous()  # (out, R)
+    if need_down or need_x:
+        grad_hidden_t = (up.t() * alpha) @ g.t()  # (R, N)
+        if need_down:
+            grad_down = grad_hidden_t @ rows  # (R, in)
+        if need_x:
+            # matmul's folded result is no view, so autograd can add the base layer's ∂x to it in place
+            grad_x = torch.matmul(grad_hidden_t.t().reshape(*x_shape[:-1], -1), down)
+    return grad_x, grad_down, grad_up
+
+
 class LowRankLinear(torch.autograd.Function):
     """``result + alpha · x downᵀ upᵀ``.  Shapes: result (…, out), x (…, in), down (r, in), up (out, r)."""
 
@@ -28,8 +64,7 @@ class LowRankLinear(torch.autograd.Function):
         dtype = compute_dtype(x, down)
         x_saved = input_to_save(x, dtype)
         rows = x_saved.to(dtype).reshape(-1, x.shape[-1])  # (N, in)
-        hidden_t = cast(down, dtype) @ rows.t()  # (r, N)
-        out = addmm_output(result, hidden_t.t(), cast(up, dtype), alpha, dtype)
+        out, hidden_t = low_rank_forward(result, rows, cast(down, dtype), cast(up, dtype), alpha, dtype)
         ctx.save_for_backward(x_saved, down, up, hidden_t)
         ctx.meta = (dtype, alpha, x.shape, x.dtype, result.dtype)
         return out
@@ -39,17 +74,11 @@ class LowRankLinear(torch.autograd.Function):
         x_saved, down, up, hidden_t = ctx.saved_tensors
         dtype, alpha, x_shape, x_dtype, result_dtype = ctx.meta
         need_result, need_x, need_down, need_up, _ = ctx.needs_input_grad
+        rows = x_saved.to(dtype).reshape(-1, x_shape[-1])
         g = grad.reshape(-1, up.shape[0]).to(dtype)  # (N, out)
-        grad_down = grad_up = grad_x = None
-        if need_up:
-            grad_up = (hidden_t @ g).mul_(alpha).t().contiguous()  # (out, r)
-        if need_down or need_x:
-            grad_hidden_t = (cast(up, dtype).t() * alpha) @ g.t()  # (r, N)
-            if need_down:
-                grad_down = grad_hidden_t @ x_saved.to(dtype).reshape(-1, x_shape[-1])  # (r, in)
-            if need_x:
-                # matmul's folded result is no view, so autograd can add the base layer's ∂x to it in place
-                grad_x = torch.matmul(grad_hidden_t.t().reshape(*x_shape[:-1], -1), cast(down, dtype))
+        grad_x, grad_down, grad_up = low_rank_backward(
+            g, rows, hidden_t, cast(down, dtype), cast(up, dtype), alpha, x_shape, (need_x, need_down, need_up)
+        )
         return (
             grad.to(result_dtype) if need_result else None,
             None if grad_x is None else grad_x.to(x_dtype),
