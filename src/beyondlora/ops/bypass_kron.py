@@ -86,8 +86,9 @@ class KronLinear(torch.autograd.Function):
             else:
                 if need_w2_in:
                     grad_w2_in = gt.t() @ grid
-                if need_x:
-                    grad_x = (gt @ w2_inc).reshape(x_shape)
+                if need_x:  # written into a fresh tensor, not a view: autograd adds the base's ∂x to it in place
+                    grad_x = torch.empty(x_shape, dtype=dtype, device=gt.device)
+                    torch.mm(gt, w2_inc, out=grad_x.view(-1, d))
         return (
             grad.to(result_dtype) if need_result else None,
             None if grad_x is None else grad_x.to(x_dtype),
