@@ -261,19 +261,8 @@ def test_autocast_bfloat16_training(layer: str, config: str) -> None:
 # --- saved bytes ------------------------------------------------------------------------------------------------
 def saved_bytes(model: nn.Module, x: torch.Tensor) -> int:
     """Bytes autograd saves in one training forward: one count per storage, parameters excluded."""
-    resident = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    storages: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in resident:
-            storages[storage.data_ptr()] = storage.nbytes()
-        return t
-
     model.train()
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(x)
-    return sum(storages.values())
+    return _saved_by(model, (x,), tuple(model.parameters()))
 
 
 MEMORY_LAYERS = {
