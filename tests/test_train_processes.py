@@ -37,6 +37,15 @@ COMMON = [
 ]
 
 
+def train_module(data: Path, out: Path, **options: Any) -> list[str]:
+    """``-m beyondlora train`` with COMMON, the data and output folders and ``options`` as flags
+    (``batch_size=2`` → ``--batch-size 2``; ``True`` → a bare flag)."""
+    arguments = ["-m", "beyondlora", "train", *COMMON, "--train-data-dir", str(data), "--output-dir", str(out)]
+    for name, value in options.items():
+        arguments += [f"--{name.replace('_', '-')}"] + ([] if value is True else [str(value)])
+    return arguments
+
+
 def environment() -> dict[str, str]:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT / "src"))
     env.pop("WORLD_SIZE", None)
@@ -73,28 +82,8 @@ def test_two_processes_under_torchrun_equal_one(tmp_path: Path, flags: dict[str,
     data = make_dataset(tmp_path / "data")
     out = tmp_path / "ddp"
     torchrun = Path(sys.executable).with_name("torchrun")
-    command = [
-        str(torchrun),
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        "-m",
-        "beyondlora",
-        "train",
-        *COMMON,
-        "--train-data-dir",
-        str(data),
-        "--output-dir",
-        str(out),
-        "--batch-size",
-        "1",
-        "--max-steps",
-        "3",
-        "--save-every",
-        "2",
-    ]
-    for name, value in flags.items():
-        command += [f"--{name.replace('_', '-')}"] + ([] if value is True else [str(value)])
+    arguments = train_module(data, out, batch_size=1, max_steps=3, save_every=2, **flags)
+    command = [str(torchrun), "--standalone", "--nproc_per_node", "2", *arguments]
     done = subprocess.run(command, env=environment(), capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("data-parallel over 2 processes") == 1
@@ -118,23 +107,7 @@ def test_sigkill_then_resume_finishes_the_same(tmp_path: Path) -> None:
     data = make_dataset(tmp_path / "data")
     out = tmp_path / "killed"
     steps = 12
-    command = [
-        sys.executable,
-        "-m",
-        "beyondlora",
-        "train",
-        *COMMON,
-        "--train-data-dir",
-        str(data),
-        "--output-dir",
-        str(out),
-        "--batch-size",
-        "2",
-        "--max-steps",
-        str(steps),
-        "--save-every",
-        "2",
-    ]
+    command = [sys.executable, *train_module(data, out, batch_size=2, max_steps=steps, save_every=2)]
     process = subprocess.Popen(command, env=environment(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 180
     while not (out / "checkpoints" / "step-000004").is_dir():
@@ -161,23 +134,7 @@ def test_sigkill_then_resume_finishes_the_same(tmp_path: Path) -> None:
 def test_ctrl_c_in_a_real_process_saves(tmp_path: Path, signal_number: int) -> None:
     data = make_dataset(tmp_path / "data")
     out = tmp_path / "interrupted"
-    command = [
-        sys.executable,
-        "-m",
-        "beyondlora",
-        "train",
-        *COMMON,
-        "--train-data-dir",
-        str(data),
-        "--output-dir",
-        str(out),
-        "--batch-size",
-        "2",
-        "--max-steps",
-        "200",
-        "--save-every",
-        "100",
-    ]
+    command = [sys.executable, *train_module(data, out, batch_size=2, max_steps=200, save_every=100)]
     process = subprocess.Popen(command, env=environment(), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     deadline = time.monotonic() + 180
     while not (out / "metrics.jsonl").is_file() or not (out / "metrics.jsonl").read_text().strip():
@@ -197,8 +154,8 @@ def test_accelerate_launch_runs_the_same_command(tmp_path: Path) -> None:
     data = make_dataset(tmp_path / "data")
     out = tmp_path / "launched"
     launcher = Path(sys.executable).with_name("accelerate")
-    flags = [*COMMON, "--train-data-dir", str(data), "--output-dir", str(out), "--batch-size", "2", "--max-steps", "2"]
-    command = [str(launcher), "launch", "--cpu", "--num_processes", "1", "-m", "beyondlora", "train", *flags]
+    arguments = train_module(data, out, batch_size=2, max_steps=2)
+    command = [str(launcher), "launch", "--cpu", "--num_processes", "1", *arguments]
     done = subprocess.run(command, env=environment(), capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "trained lokr for 2 steps" in done.stdout
