@@ -170,5 +170,5 @@ def test_caption_processing() -> None:
 
 def test_config_errors_are_value_errors() -> None:
     with pytest.raises(TrainConfigError, match="--rank must be at least 1"):
-        TrainConfig(rank=0).validate(cuda=False)
+        TrainConfig(rank=0).validate()
     assert issubclass(TrainConfigError, ValueError)

@@ -167,8 +167,9 @@ class TrainConfig:
                 raise TrainConfigError(f"option {f.name} must be {f.type}, got {value!r}")
 
     # --- checks ------------------------------------------------------------------------------
-    def validate(self, cuda: bool) -> None:
-        """Every check that needs no model: bad values and options that contradict each other."""
+    def validate(self) -> None:
+        """Every check that needs no model: bad values and options that contradict each other (fp16 on a
+        CPU is refused where the device is known, by :class:`.distributed.Engine`)."""
         choices = {
             "algo": ALGOS,
             "preset": PRESETS,
@@ -221,8 +222,6 @@ class TrainConfig:
             raise TrainConfigError(f"--use-dora does not apply to --algo {self.algo}")
         if (self.conv_rank is not None or self.conv_alpha is not None) and self.preset != "full":
             raise TrainConfigError("--conv-rank/--conv-alpha need --preset full (the other presets adapt no 3×3 conv)")
-        if self.mixed_precision == "fp16" and not cuda:
-            raise TrainConfigError("--mixed-precision fp16 needs a GPU; on CPU use bf16 or no")
         modules = {"adamw8bit": "bitsandbytes", "prodigy": "prodigyopt"}
         if self.optimizer in modules:
             import importlib.util

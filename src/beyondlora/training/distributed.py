@@ -61,7 +61,7 @@ class Engine:
         if kind not in (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU):
             problem = f"accelerate is set up for {kind.value}; beyondlora train runs data-parallel (DDP) only"
         elif self.mixed_precision == "fp16" and self.device.type == "cpu":
-            problem = "mixed precision fp16 needs a GPU; on CPU use bf16 or no"
+            problem = "mixed precision fp16 needs a GPU (set by --mixed-precision or accelerate); on CPU use bf16 or no"
         if problem:
             self.close()
             raise TrainConfigError(problem)

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from .checkpoint import MetricsLog, checkpoint_dirs, load_checkpoint, save_checkpoint
 from .config import TrainConfig, TrainConfigError
 from .data import BucketDataset, LatentCache, batch_generator, load_pixels, process_caption, scan_dataset
-from .distributed import Engine, wants_cuda
+from .distributed import Engine
 from .models import BUILT_IN, check_model_path, load_base_model
 from .network import adapter_config
 from .outputs import finish_run, prepare_output_dir, sample_grid
@@ -102,7 +102,7 @@ class Trainer:
 
     def __init__(self, config: TrainConfig, echo: Callable[[str], None] = print) -> None:
         self.config, self.echo = config, echo
-        config.validate(cuda=wants_cuda())
+        config.validate()
         self.dist = Engine(config.mixed_precision)
         config.mixed_precision = self.dist.mixed_precision  # the effective configuration records it
         try:
