@@ -314,7 +314,6 @@ class Trainer:
         bar = tqdm(total=config.max_steps, initial=start, disable=not self.dist.is_main, desc="training")
         params = list(self.trainable.values())
         skipped_in_a_row = 0
-        status = 0
         with _Stop() as stop:
             for step in range(start, config.max_steps):
                 total = 0.0
@@ -381,7 +380,7 @@ class Trainer:
         if writer is not None:
             writer.close()
         self.dist.barrier()
-        return status
+        return 0
 
     def _tensorboard(self) -> Any:
         if not self.dist.is_main:
