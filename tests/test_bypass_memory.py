@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import copy
+from functools import partial
 
 import pytest
 import torch
@@ -20,8 +21,8 @@ from torch import nn
 
 import beyondlora as bl
 from beyondlora.algorithms.base import AdapterOptions
-from beyondlora.algorithms.loha import LoHa, _KhatriRaoConvHidden
-from beyondlora.algorithms.lokr import LoKr, _KronConvHidden
+from beyondlora.algorithms.loha import LoHa, _khatri_rao_conv_hidden
+from beyondlora.algorithms.lokr import LoKr, _kron_conv_hidden
 from beyondlora.ops.bypass_khatri_rao import khatri_rao_conv, khatri_rao_linear
 from beyondlora.ops.bypass_kron import kron_conv, kron_linear
 from beyondlora.ops.bypass_lowrank import low_rank_linear
@@ -137,7 +138,7 @@ def test_kron_conv_gradcheck(conv: str, mode: str, recompute: bool) -> None:
         w2_out, factors = _leaf(b, r), (_leaf(r, d), _leaf(r, r, *g.kernel))
     else:
         w2_out, factors = _leaf(b, r), (_leaf(r, d * g.kernel_numel),)
-    hidden = _KronConvHidden(g, c, d, mode)
+    hidden = partial(_kron_conv_hidden, g, c, d, mode)
     inputs = [t for t in (result, x, w1, w2_out, *factors) if t is not None]
 
     def fn(*args):
@@ -162,7 +163,7 @@ def test_khatri_rao_conv_gradcheck(conv: str, tucker: bool, recompute: bool) -> 
         factors = (_leaf(r, g.in_dim), _leaf(r, g.in_dim), _leaf(r, r, *g.kernel), _leaf(r, r, *g.kernel))
     else:
         factors = (_leaf(r, g.in_dim * g.kernel_numel), _leaf(r, g.in_dim * g.kernel_numel))
-    hidden = _KhatriRaoConvHidden(g)
+    hidden = partial(_khatri_rao_conv_hidden, g)
 
     def fn(res, xx, aa1, aa2, *rest):
         return khatri_rao_conv(res, xx, hidden, aa1, aa2, tuple(rest), 0.8, recompute)

@@ -11,7 +11,7 @@ products), i.e. a LoRA of rank r², so ΔW is never built in the forward pass.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -103,8 +103,8 @@ class LoHa(Adapter):
             return khatri_rao_linear(result, x, a1, b1, a2, b2, alpha)
         if self.tucker:
             factors = (b1, b2, self.hada_t1, self.hada_t2)
-            return khatri_rao_conv(result, x, _KhatriRaoConvHidden(g), a1.t(), a2.t(), factors, alpha, lean)
-        return khatri_rao_conv(result, x, _KhatriRaoConvHidden(g), a1, a2, (b1, b2), alpha, lean)
+            return khatri_rao_conv(result, x, partial(_khatri_rao_conv_hidden, g), a1.t(), a2.t(), factors, alpha, lean)
+        return khatri_rao_conv(result, x, partial(_khatri_rao_conv_hidden, g), a1, a2, (b1, b2), alpha, lean)
 
     def bypass_parts(self, x: Tensor, draw: Any = None) -> tuple[Tensor, Tensor, float]:
         """A rank-r² LoRA: ``up = w1_a •r w2_a`` (out, r²), ``down = w1_b •c w2_b`` (r², in)."""
@@ -142,17 +142,14 @@ class LoHa(Adapter):
         return (2 * self.rank + 1) * super().rebuild_flops()
 
 
-@dataclass(frozen=True)
-class _KhatriRaoConvHidden:
+def _khatri_rao_conv_hidden(
+    g: LayerGeometry, x: Tensor, b1: Tensor, b2: Tensor, t1: Tensor | None = None, t2: Tensor | None = None
+) -> Tensor:
     """LoHa's input side on a convolution: x convolved with ``b1 •c b2`` (r², in, *k), or in Tucker form
-    projected by ``b1 •c b2`` (r², in) and then convolved with the Kronecker product of the cores."""
-
-    geometry: LayerGeometry
-
-    def __call__(self, x: Tensor, b1: Tensor, b2: Tensor, t1: Tensor | None = None, t2: Tensor | None = None) -> Tensor:
-        g = self.geometry
-        down = column_khatri_rao(b1, b2)
-        if t1 is None:
-            return g.conv(x, down.reshape(-1, g.in_dim, *g.kernel))
-        core = torch.einsum("ij...,kl...->ikjl...", t1, t2).flatten(2, 3).flatten(0, 1)
-        return g.conv(g.pointwise(g.pad_input(x), down), core, padded=True)
+    projected by ``b1 •c b2`` (r², in) and then convolved with the Kronecker product of the cores.  Bound to
+    its geometry with :func:`functools.partial` (what ``torch.compile`` traces on every supported torch)."""
+    down = column_khatri_rao(b1, b2)
+    if t1 is None:
+        return g.conv(x, down.reshape(-1, g.in_dim, *g.kernel))
+    core = torch.einsum("ij...,kl...->ikjl...", t1, t2).flatten(2, 3).flatten(0, 1)
+    return g.conv(g.pointwise(g.pad_input(x), down), core, padded=True)

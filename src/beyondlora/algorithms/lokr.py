@@ -14,6 +14,7 @@ of rank r costs.  Convolutions run ``W2`` as a conv on the c input groups folded
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -169,11 +170,12 @@ class LoKr(Adapter):
             return kron_linear(result, x, w1, self.lokr_w2_b, self._w2_out(draw), alpha, lean)
         (_, _), (c, d) = self.out_factors, self.in_factors
         if self.w2_is_full:
-            return kron_conv(result, x, _KronConvHidden(g, c, d, "full"), w1, None, (self.w2(draw),), alpha, lean)
+            hidden = partial(_kron_conv_hidden, g, c, d, "full")
+            return kron_conv(result, x, hidden, w1, None, (self.w2(draw),), alpha, lean)
         if self.tucker:
-            hidden = _KronConvHidden(g, c, d, "tucker")
+            hidden = partial(_kron_conv_hidden, g, c, d, "tucker")
             return kron_conv(result, x, hidden, w1, self._w2_out(draw).t(), (self.lokr_w2_b, self.lokr_t2), alpha, lean)
-        hidden = _KronConvHidden(g, c, d, "low_rank")
+        hidden = partial(_kron_conv_hidden, g, c, d, "low_rank")
         return kron_conv(result, x, hidden, w1, self._w2_out(draw), (self.lokr_w2_b,), alpha, lean)
 
     def bypass_parts(self, x: Tensor, draw: Any = None) -> tuple[Tensor, Tensor, float] | None:
@@ -232,21 +234,16 @@ class LoKr(Adapter):
         return 2.0 * super().rebuild_flops()
 
 
-@dataclass(frozen=True)
-class _KronConvHidden:
+def _kron_conv_hidden(
+    g: LayerGeometry, c: int, d: int, mode: str, x: Tensor, first: Tensor, core: Tensor | None = None
+) -> Tensor:
     """W2's input side on a convolution: x (B, c·d, *S) with the c input groups folded into the batch,
-    convolved to (B·c, R, *S') by the full W2 (R = b), ``w2_b`` (R = r) or ``w2_b`` then the Tucker core."""
-
-    geometry: LayerGeometry
-    c: int
-    d: int
-    mode: str
-
-    def __call__(self, x: Tensor, first: Tensor, core: Tensor | None = None) -> Tensor:
-        g = self.geometry
-        grouped = x.reshape(x.shape[0] * self.c, self.d, *x.shape[2:])
-        if self.mode == "full":
-            return g.conv(grouped, first)
-        if self.mode == "tucker":
-            return g.conv(g.pointwise(g.pad_input(grouped), first), core, padded=True)
-        return g.conv(grouped, first.reshape(-1, self.d, *g.kernel))
+    convolved to (B·c, R, *S') by the full W2 (R = b, ``mode="full"``), ``w2_b`` (R = r, ``"low_rank"``) or
+    ``w2_b`` then the Tucker core (``"tucker"``).  Bound with :func:`functools.partial` up to ``x``: a plain
+    function and a partial are what ``torch.compile`` traces on every supported torch."""
+    grouped = x.reshape(x.shape[0] * c, d, *x.shape[2:])
+    if mode == "full":
+        return g.conv(grouped, first)
+    if mode == "tucker":
+        return g.conv(g.pointwise(g.pad_input(grouped), first), core, padded=True)
+    return g.conv(grouped, first.reshape(-1, d, *g.kernel))
