@@ -91,9 +91,9 @@ CASES = {
         ["extract", "{in}/base.safetensors", "{in}/tuned.safetensors", "{out}/a.safetensors", "--mode", "ratio"],
         ["'ratio' needs a parameter"],
     ),
-    "extract: no cuda": (
-        ["extract", "{in}/base.safetensors", "{in}/tuned.safetensors", "{out}/a.safetensors", "--device", "cuda"],
-        ["CUDA is not available"],
+    "extract: no such cuda device": (  # no machine has a 100th GPU; a CPU-only one has no CUDA at all
+        ["extract", "{in}/base.safetensors", "{in}/tuned.safetensors", "{out}/a.safetensors", "--device", "cuda:99"],
+        ["--device cuda:99: "],
     ),
     "extract: output not a file": (
         ["extract", "{in}/base.safetensors", "{in}/tuned.safetensors", "{out}/adapter"],

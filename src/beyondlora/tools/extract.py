@@ -75,8 +75,11 @@ class ExtractOptions:
             raise ValueError(f"--factor must be -1 or positive, got {self.factor}")
         if self.min_diff < 0:
             raise ValueError(f"--min-diff must be ≥ 0, got {self.min_diff}")
-        if torch.device(self.device).type == "cuda" and not torch.cuda.is_available():
-            raise ValueError("--device cuda: CUDA is not available")
+        device = torch.device(self.device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"--device {self.device}: CUDA is not available")
+        if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+            raise ValueError(f"--device {self.device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
 
 
 @dataclass
