@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -10,6 +11,10 @@ import torch
 from torch import nn
 
 import beyondlora as bl
+
+#: where the matrix tests run: ``cpu`` unless ``BEYONDLORA_TEST_DEVICE`` names another (``cuda`` on a GPU machine:
+#: ``BEYONDLORA_TEST_DEVICE=cuda pytest tests/test_core_matrix.py tests/test_autocast_compile.py …``)
+DEVICE = torch.device(os.environ.get("BEYONDLORA_TEST_DEVICE", "cpu"))
 
 
 def _hf_conv1d() -> nn.Module:
@@ -145,7 +150,7 @@ class Holder(nn.Module):
 
 
 def build(case: Case, dtype: torch.dtype = torch.float64, seed: int = 0) -> tuple[Holder, torch.Tensor]:
-    """A seeded holder of the case's layer (random weights, random norm affine) and an input."""
+    """A seeded holder of the case's layer (random weights, random norm affine) and an input, on :data:`DEVICE`."""
     torch.manual_seed(seed)
     make_layer, make_input = LAYERS[case.layer]
     layer = make_layer()
@@ -153,8 +158,8 @@ def build(case: Case, dtype: torch.dtype = torch.float64, seed: int = 0) -> tupl
         with torch.no_grad():
             layer.weight.normal_(1.0, 0.3)
             layer.bias.normal_(0.0, 0.3)
-    model = Holder(layer).to(dtype)
-    x = make_input(torch.Generator().manual_seed(seed + 1))
+    model = Holder(layer).to(DEVICE, dtype)
+    x = make_input(torch.Generator().manual_seed(seed + 1)).to(DEVICE)
     return model, (x.to(dtype) if x.is_floating_point() else x)
 
 

@@ -30,7 +30,7 @@ def block_kron(small: Tensor, large: Tensor) -> Tensor:
     """Kronecker product assembled block by block: block (i, p) is ``small[i, p] * large``."""
     a, c = small.shape
     b, d = large.shape[:2]
-    out = torch.zeros(a * b, c * d, *large.shape[2:], dtype=large.dtype)
+    out = torch.zeros(a * b, c * d, *large.shape[2:], dtype=large.dtype, device=large.device)
     for i in range(a):
         for p in range(c):
             out[i * b : (i + 1) * b, p * d : (p + 1) * d] = small[i, p] * large

@@ -9,7 +9,7 @@ import torch
 
 import beyondlora as bl
 from beyondlora.formats.errors import FormatError
-from layer_cases import Case, all_cases, build, layers_of, randomize, set_mode
+from layer_cases import DEVICE, Case, all_cases, build, layers_of, randomize, set_mode
 from reference import reference_module
 
 CASES = all_cases()
@@ -64,7 +64,9 @@ def test_bypass_gradients_match_combined(case: Case) -> None:
     for mode in ("bypass", "combined"):
         set_mode(peft, mode)
         peft.zero_grad()
-        (peft(x) * torch.linspace(-1, 1, peft(x).numel(), dtype=torch.float64).reshape(peft(x).shape)).sum().backward()
+        out = peft(x)
+        weights = torch.linspace(-1, 1, out.numel(), dtype=torch.float64, device=out.device).reshape(out.shape)
+        (out * weights).sum().backward()
         grads[mode] = [p.grad.clone() for p in params]
     for bypass, combined in zip(grads["bypass"], grads["combined"], strict=True):
         torch.testing.assert_close(bypass, combined, rtol=1e-9, atol=1e-10)
@@ -157,7 +159,10 @@ TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 3e-2}
 def test_low_precision_base(case: Case, dtype: torch.dtype) -> None:
     peft, base, x = _wrap(case, dtype=dtype)
     assert all(p.dtype == torch.float32 for a in _adapters(peft) for p in a.parameters())
-    torch.testing.assert_close(peft(x), base(x))
+    # at init ΔW = 0; on a GPU the library may pick another convolution kernel for W + 0 than for W, which
+    # rounds a few low-precision outputs differently (seen: 2 of 672 bf16 values, 1–2 ulp)
+    ulps = {} if DEVICE.type == "cpu" else dict(rtol=0, atol=4 * torch.finfo(dtype).eps * base(x).abs().max().item())
+    torch.testing.assert_close(peft(x), base(x), **ulps)
     randomize(peft, std=0.1)
     reference = reference_module(base.layer, _adapters(peft))
     expected = reference(x.double())
