@@ -37,6 +37,7 @@ import argparse
 import contextlib
 import copy
 import datetime
+import functools
 import gc
 import logging
 import math
@@ -271,6 +272,7 @@ def wrap(lib: str, algo: str | None, model: nn.Module, targets: list[str]) -> Va
             bypass_mode=lib == "lycoris-bypass",
         )
         net.apply_to()
+        net.to(next(model.parameters()).device)  # LyCORIS makes its modules on the CPU
         net.requires_grad_(True)
         return Variant(lib, algo, model, list(net.parameters()), net=net)
     raise ValueError(lib)
@@ -352,7 +354,7 @@ def check_equal(wl: Workload, algos: tuple[str, ...], libs: tuple[str, ...], bas
         for m in base.modules():
             if getattr(m, "bias", None) is not None:
                 m.bias.zero_()
-    x = torch.randn(wl.check_shape)
+    x = torch.randn(wl.check_shape, device=next(base.parameters()).device)
     lines = []
     with torch.no_grad():
         y_base = base(x)
@@ -419,21 +421,44 @@ def bl_paths(variant: Variant, x: torch.Tensor, grad: bool) -> str:
     return "bypass" if n == len(choices) else "combined" if n == 0 else f"{n}/{len(choices)} bypass"
 
 
-def train_step(variant: Variant, x: torch.Tensor) -> tuple[float, float]:
-    cpu, wall = time.thread_time(), time.perf_counter()
-    variant.model(x).sum().backward()
-    cpu, wall = time.thread_time() - cpu, time.perf_counter() - wall
+def _autocast(x: torch.Tensor, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    return torch.autocast(x.device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
+def _clocks(x: torch.Tensor) -> tuple[float, float]:
+    """(thread CPU time, wall clock) now; on a GPU after its queued work is done.
+
+    A GPU step's cost is its wall-clock time: the thread's CPU time only counts the kernel launches.
+    """
+    if x.device.type == "cuda":
+        torch.cuda.synchronize(x.device)
+        wall = time.perf_counter()
+        return wall, wall
+    return time.thread_time(), time.perf_counter()
+
+
+def _elapsed(x: torch.Tensor, start: tuple[float, float]) -> tuple[float, float]:
+    cpu, wall = _clocks(x)
+    return cpu - start[0], wall - start[1]
+
+
+def train_step(variant: Variant, x: torch.Tensor, autocast: torch.dtype | None = None) -> tuple[float, float]:
+    start = _clocks(x)
+    with _autocast(x, autocast):
+        out = variant.model(x)
+    out.float().sum().backward()
+    elapsed = _elapsed(x, start)
     x.grad = None
     for p in variant.trainable:
         p.grad = None
-    return cpu, wall
+    return elapsed
 
 
-def infer_step(variant: Variant, x: torch.Tensor) -> tuple[float, float]:
-    with torch.no_grad():
-        cpu, wall = time.thread_time(), time.perf_counter()
+def infer_step(variant: Variant, x: torch.Tensor, autocast: torch.dtype | None = None) -> tuple[float, float]:
+    with torch.no_grad(), _autocast(x, autocast):
+        start = _clocks(x)
         variant.model(x)
-        return time.thread_time() - cpu, time.perf_counter() - wall
+        return _elapsed(x, start)
 
 
 def round_robin(
@@ -484,7 +509,9 @@ def ratio(a: list[float], b: list[float]) -> tuple[float, float]:
 # --------------------------------------------------------------------------------------------------
 # the UNet: wrap and merge_and_unload
 # --------------------------------------------------------------------------------------------------
-def unet_bench(quick: bool, libs: tuple[str, ...], rounds: int) -> tuple[list[str], dict[str, Any]]:
+def unet_bench(
+    quick: bool, libs: tuple[str, ...], rounds: int, device: torch.device
+) -> tuple[list[str], dict[str, Any]]:
     from diffusers import UNet2DConditionModel
 
     start = time.perf_counter()
@@ -498,6 +525,7 @@ def unet_bench(quick: bool, libs: tuple[str, ...], rounds: int) -> tuple[list[st
         )
     else:
         unet = UNet2DConditionModel()  # the default config is SD-1.5's UNet (random weights)
+    unet.to(device)
     build_s = time.perf_counter() - start
     layers = [n for n, m in unet.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
     suffixes = sorted({".".join(n.split(".")[-2:]) if n.split(".")[-1].isdigit() else n.split(".")[-1] for n in layers})
@@ -507,30 +535,33 @@ def unet_bench(quick: bool, libs: tuple[str, ...], rounds: int) -> tuple[list[st
     wrap_times: dict[str, Timings] = {lib: Timings() for lib in names}
     merge_times: dict[str, Timings] = {lib: Timings() for lib in names}
     adapted: dict[str, int] = {}
+    probe = torch.empty(0, device=device)  # where the clocks synchronize
     # One UNet serves every library and round: merge_and_unload hands back plain torch modules (with changed,
     # still random weights), which the next library wraps.  No 3.5 GB deepcopy, no rebuild.
     for _ in range(rounds):
         for lib in names:
             gc.collect()
             torch.manual_seed(0)
-            cpu, wall = time.thread_time(), time.perf_counter()
+            start = _clocks(probe)
             variant = wrap(lib, "lokr", unet, suffixes)
-            wrap_times[lib].cpu.append(time.thread_time() - cpu)
-            wrap_times[lib].wall.append(time.perf_counter() - wall)
+            cpu, wall = _elapsed(probe, start)
+            wrap_times[lib].cpu.append(cpu)
+            wrap_times[lib].wall.append(wall)
             adapted[lib] = len({layer for layer, _ in adapter_params(variant)})
             with torch.no_grad():  # LyCORIS starts with one zero factor: make every factor non-zero
                 for p in variant.trainable:
                     if torch.count_nonzero(p) == 0:
                         p.normal_(0.0, 0.01)
-            cpu, wall = time.thread_time(), time.perf_counter()
+            start = _clocks(probe)
             if lib == "lycoris":  # LyCORIS' merge_and_unload: merge into the weights, then unhook the forwards
                 variant.net.merge_to(1.0)
                 variant.net.restore()
                 unet = variant.model
             else:
                 unet = variant.model.merge_and_unload()
-            merge_times[lib].cpu.append(time.thread_time() - cpu)
-            merge_times[lib].wall.append(time.perf_counter() - wall)
+            cpu, wall = _elapsed(probe, start)
+            merge_times[lib].cpu.append(cpu)
+            merge_times[lib].wall.append(wall)
             leftovers = [
                 n
                 for n, m in unet.named_modules()
@@ -571,7 +602,7 @@ def judge(value: float, se: float, limit: float) -> str:
     return "MISSED" if value - 2 * se > limit or math.isnan(se) else "MISSED (within noise)"
 
 
-def env_lines() -> list[str]:
+def env_lines(device: torch.device, autocast: torch.dtype | None) -> list[str]:
     cpu = platform.processor() or platform.machine()
     with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
         for line in f:
@@ -598,6 +629,8 @@ def env_lines() -> list[str]:
     return [
         f"date: {datetime.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M %Z')}, git {revision}",
         f"cpu: {cpu}, {os.cpu_count()} cores visible; torch.set_num_threads(1), set_flush_denormal(True)",
+        f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}; "
+        f"autocast: {autocast or 'off (float32)'}",
         f"python {platform.python_version()}, torch {torch.__version__}, beyondlora {bl.__version__}, "
         f"peft {ver('peft')}, lycoris-lora {ver('lycoris-lora')}, diffusers {ver('diffusers')}",
     ]
@@ -630,11 +663,18 @@ def main(argv: list[str] | None = None) -> int:
         "backward_memory='lean', and 'stored': the bypass as it was before the autograd functions that "
         "recompute intermediates (everything stored for backward)",
     )
+    parser.add_argument("--device", default="cpu", help="where the models run: cpu (default) or cuda")
+    parser.add_argument(
+        "--batch", type=int, default=1, help="batch size of the timed input (default 1; a GPU needs more work)"
+    )
+    parser.add_argument("--autocast", choices=("bf16", "fp16"), help="run forwards under autocast in this dtype")
     parser.add_argument("--output", help="also write the markdown report to this file")
     args = parser.parse_args(argv)
 
     torch.set_num_threads(1)
     torch.set_flush_denormal(True)
+    device = torch.device(args.device)
+    autocast = {"bf16": torch.bfloat16, "fp16": torch.float16, None: None}[args.autocast]
     reps = args.reps or (3 if args.quick else 15)
     warmup = args.warmup if args.warmup is not None else (1 if args.quick else 3)
     infer_reps = args.infer_reps or (3 if args.quick else 10)
@@ -651,13 +691,16 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.perf_counter()
     report: list[str] = []
 
+    def progress(message: str) -> None:  # to stderr: the report on stdout stays clean
+        print(f"[{time.perf_counter() - t_start:6.1f} s] {message}", file=sys.stderr, flush=True)
+
     def emit(line: str = "") -> None:
         report.append(line)
         print(line, flush=True)
 
     command = "python benchmarks/bench_step.py " + " ".join(sys.argv[1:] if argv is None else argv)
     emit(f"command: `{command.strip()}`  ")
-    for line in env_lines():
+    for line in env_lines(device, autocast):
         emit(line + "  ")
     emit(
         f"training: {warmup} warm-up + {reps} timed rounds, inference: {infer_warmup} + {infer_reps}; "
@@ -667,17 +710,21 @@ def main(argv: list[str] | None = None) -> int:
     verdicts: list[str] = []
     for wl in (known[name] for name in chosen):
         torch.manual_seed(0)
-        base = wl.make_base()
+        base = wl.make_base().to(device)
+        progress(f"{wl.name}: checking that every library computes the same function")
         checks = check_equal(wl, algos, libs, base)
+        progress(f"{wl.name}: building the variants")
         variants = build_variants(wl, algos, libs, base, args.extra_modes)
-        x = torch.randn(wl.input_shape, requires_grad=True)
+        x = torch.randn((args.batch, *wl.input_shape[1:]), device=device, requires_grad=True)
         for v in variants:
             v.saved_bytes = saved_bytes(v, x)
             if v.lib.startswith("beyondlora"):
                 v.paths = f"{bl_paths(v, x, True)} / {bl_paths(v, x, False)}"
         for v in variants:
             v.model.train()
-        round_robin(variants, train_step, x, warmup, reps, "train")
+        progress(f"{wl.name}: timing {len(variants)} variants' training steps")
+        round_robin(variants, functools.partial(train_step, autocast=autocast), x, warmup, reps, "train")
+        progress(f"{wl.name}: timing inference")
 
         merged = []
         for v in variants:
@@ -685,7 +732,8 @@ def main(argv: list[str] | None = None) -> int:
             if v.lib == "beyondlora":
                 m = copy.deepcopy(v.model).merge_and_unload().eval()
                 merged.append(Variant("beyondlora-merged", v.algo, m, []))
-        round_robin(variants + merged, infer_step, x.detach(), infer_warmup, infer_reps, "infer")
+        step = functools.partial(infer_step, autocast=autocast)
+        round_robin(variants + merged, step, x.detach(), infer_warmup, infer_reps, "infer")
 
         base_v = variants[0]
         merged_by_algo = {m.algo: m for m in merged}
@@ -751,7 +799,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_unet:
         emit()
         emit("### SD-1.5-sized UNet (`diffusers.UNet2DConditionModel()`), LoKr r=8 on every Linear/Conv2d")
-        rows, info = unet_bench(args.quick, libs, args.unet_rounds)
+        progress("UNet: building, wrapping and merging")
+        rows, info = unet_bench(args.quick, libs, args.unet_rounds, device)
         emit()
         emit(
             f"{info['params'] / 1e6:.0f}M parameters, {info['layers']} Linear/Conv2d layers "
