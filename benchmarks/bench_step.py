@@ -630,7 +630,8 @@ def env_lines(device: torch.device, autocast: torch.dtype | None) -> list[str]:
         f"date: {datetime.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M %Z')}, git {revision}",
         f"cpu: {cpu}, {os.cpu_count()} cores visible; torch.set_num_threads(1), set_flush_denormal(True)",
         f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}; "
-        f"autocast: {autocast or 'off (float32)'}",
+        f"autocast: {autocast or 'off (float32)'}"
+        + (f"; LYCORIS_KERNEL_TUNE={os.environ.get('LYCORIS_KERNEL_TUNE', 'on')}" if device.type == "cuda" else ""),
         f"python {platform.python_version()}, torch {torch.__version__}, beyondlora {bl.__version__}, "
         f"peft {ver('peft')}, lycoris-lora {ver('lycoris-lora')}, diffusers {ver('diffusers')}",
     ]
@@ -674,6 +675,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     torch.set_flush_denormal(True)
     device = torch.device(args.device)
+    if device.type == "cuda":  # LyCORIS' autotuner measures kernels for minutes per new shape; its default choice
+        os.environ.setdefault("LYCORIS_KERNEL_TUNE", "off")
     autocast = {"bf16": torch.bfloat16, "fp16": torch.float16, None: None}[args.autocast]
     reps = args.reps or (3 if args.quick else 15)
     warmup = args.warmup if args.warmup is not None else (1 if args.quick else 3)
