@@ -53,6 +53,38 @@ def test_several_active_adapters_sum_with_their_multipliers() -> None:
     torch.testing.assert_close(layers_of(peft)[0].base_layer.weight, base.layer.weight, rtol=1e-12, atol=1e-12)
 
 
+def test_the_remembered_path_choice_follows_settings_merges_and_adapters() -> None:
+    """The layer remembers the cost model's choice per input size; every setting it depends on is part of
+    what it remembers by, and adding or deleting an adapter forgets it."""
+    torch.manual_seed(0)
+    peft = bl.get_peft_model(nn.Sequential(nn.Linear(64, 64)), bl.LoraConfig(r=4, target_modules=["0"]))
+    layer = layers_of(peft)[0]
+    few, many = torch.randn(1, 64), torch.randn(1000, 64)  # LoRA r=4 on 64×64: the bypass wins below 32 rows
+    with torch.no_grad():
+        assert layer._use_bypass(few, ["default"]) and not layer._use_bypass(many, ["default"])
+        layer.forward_mode = "bypass"
+        assert layer._use_bypass(many, ["default"])
+        layer.forward_mode = "combined"
+        assert not layer._use_bypass(few, ["default"])
+        layer.forward_mode = "auto"
+        assert layer._use_bypass(few, ["default"])
+    # (IA)³ reads the base output W·x: no bypass while another adapter is merged into W
+    peft.add_adapter("scale", bl.IA3Config(target_modules=["0"]))
+    assert layer._use_bypass(few, ["scale"])
+    peft.merge_adapter(["default"])
+    assert not layer._use_bypass(few, ["scale"])
+    peft.unmerge_adapter()
+    assert layer._use_bypass(few, ["scale"])
+    # the same name, another kind of adapter: at 20 rows LoRA's bypass costs less, a full ΔW's more
+    rows = torch.randn(20, 64)
+    with torch.no_grad():
+        assert layer._use_bypass(rows, ["default"])
+    peft.delete_adapter("default")
+    peft.add_adapter("default", bl.FullConfig(target_modules=["0"]))
+    with torch.no_grad():
+        assert not layer._use_bypass(rows, ["default"])
+
+
 def test_delete_adapter() -> None:
     peft, base, x = _two_adapters()
     peft.delete_adapter("default")

@@ -60,6 +60,9 @@ class AdapterLayer(nn.Module):
         self.forward_mode: ForwardMode = "auto"
         self.backward_memory: BackwardMemory = "auto"
         self.merged: dict[str, _Merged] = {}
+        # the path taken per (adapters, merged, forward_mode, tokens, grad mode): it depends on shapes and
+        # settings only, and working it out costs about as much as a small layer's forward
+        self._path_choices: dict[tuple[tuple[str, ...], bool, str, int, bool], bool] = {}
 
     def __getattr__(self, name: str) -> Any:
         """Attributes of the base layer (``weight``, ``in_features``, …) read through, so code that inspects
@@ -77,11 +80,13 @@ class AdapterLayer(nn.Module):
         if name in self.adapters:
             raise ValueError(f"adapter {name!r} already exists on this layer")
         self.adapters[name] = adapter.train(self.training)
+        self._path_choices.clear()
 
     def delete_adapter(self, name: str) -> None:
         if name in self.merged:
             raise ValueError(f"adapter {name!r} is merged; unmerge it before deleting")
         del self.adapters[name]
+        self._path_choices.clear()
         if name in self.active_adapters:
             self.active_adapters.remove(name)
 
@@ -142,14 +147,25 @@ class AdapterLayer(nn.Module):
         adapters = [self.adapters[n] for n in names]
         if any(a.needs_bypass() for a in adapters):
             return True
-        if self.forward_mode == "combined" or not self._bypass_possible(adapters):
+        if self.forward_mode == "combined":
             return False
-        if self.forward_mode == "bypass":
-            return True
-        tokens = self.geometry.tokens(x)
+        tokens, grad = self.geometry.tokens(x), torch.is_grad_enabled()
+        key = (tuple(names), bool(self.merged), self.forward_mode, tokens, grad)
+        choice = self._path_choices.get(key)
+        if choice is None:
+            choice = self._bypass_possible(adapters) and (
+                self.forward_mode == "bypass" or self._bypass_cheaper(adapters, tokens, grad)
+            )
+            if len(self._path_choices) >= 64:  # many input sizes (bucketed resolutions): keep it small
+                self._path_choices.clear()
+            self._path_choices[key] = choice
+        return choice
+
+    def _bypass_cheaper(self, adapters: list[Adapter], tokens: int, grad: bool) -> bool:
+        """The cost model: the bypass's multiply-adds against rebuilding ΔW and running W + ΔW."""
         bypass = sum(a.bypass_flops(tokens) for a in adapters)
         combined = sum(a.rebuild_flops() for a in adapters)
-        if torch.is_grad_enabled():
+        if grad:
             # the combined weight needs its own gradient: one more full-size matmul in backward
             combined += tokens * self.geometry.out_dim * self.geometry.in_dim * self.geometry.kernel_numel
         return bypass <= combined

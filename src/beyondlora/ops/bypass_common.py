@@ -49,13 +49,14 @@ def input_to_save(x: Tensor, dtype: torch.dtype) -> Tensor:
 
 
 def cast(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
-    """``t`` in ``dtype`` (``None`` stays ``None``: an optional factor)."""
-    return None if t is None else t.to(dtype)
+    """``t`` in ``dtype`` (``None`` stays ``None``: an optional factor).  The dtype test first: a no-op
+    ``Tensor.to`` still costs a dispatcher round trip, which adds up over every layer of a small model."""
+    return t if t is None or t.dtype == dtype else t.to(dtype)
 
 
 def grad_like(grad: Tensor | None, like: Tensor | None) -> Tensor | None:
     """A gradient in the dtype of the input it belongs to (``None`` when there is none)."""
-    return None if grad is None or like is None else grad.to(like.dtype)
+    return None if grad is None or like is None else cast(grad, like.dtype)
 
 
 def add_output(result: Tensor, delta: Tensor, alpha: float, dtype: torch.dtype) -> Tensor:

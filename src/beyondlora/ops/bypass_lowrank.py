@@ -15,6 +15,7 @@ Saved for backward: x (the caller's storage) and hᵀ, as autograd would save fo
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .bypass_common import addmm_output, cast, compute_dtype, grad_like, input_to_save
@@ -25,7 +26,7 @@ def low_rank_forward(
 ) -> tuple[Tensor, Tensor]:
     """``(result + alpha · (hᵀ)ᵀ upᵀ, hᵀ)`` with ``hᵀ = down rowsᵀ``: rows (N, in) and down (R, in), up (out, R)
     already in ``dtype``; result (…, out) with N rows."""
-    hidden_t = down @ rows.t()  # (R, N)
+    hidden_t = F.linear(down, rows)  # (R, N) = down rowsᵀ
     return addmm_output(result, hidden_t.t(), up, alpha, dtype), hidden_t
 
 
@@ -44,10 +45,10 @@ def low_rank_backward(
     need_x, need_down, need_up = needs
     grad_x = grad_down = grad_up = None
     if need_up:
-        hidden_t = down @ rows.t() if hidden_t is None else hidden_t
+        hidden_t = F.linear(down, rows) if hidden_t is None else hidden_t
         grad_up = (hidden_t @ g).mul_(alpha).t().contiguous()  # (out, R)
     if need_down or need_x:
-        grad_hidden_t = (up.t() * alpha) @ g.t()  # (R, N)
+        grad_hidden_t = F.linear(up.t() * alpha, g)  # (R, N) = alpha upᵀ gᵀ
         if need_down:
             grad_down = grad_hidden_t @ rows  # (R, in)
         if need_x:
@@ -63,7 +64,7 @@ class LowRankLinear(torch.autograd.Function):
     def forward(ctx, result, x, down, up, alpha):
         dtype = compute_dtype(x, down)
         x_saved = input_to_save(x, dtype)
-        rows = x_saved.to(dtype).reshape(-1, x.shape[-1])  # (N, in)
+        rows = cast(x_saved, dtype).reshape(-1, x.shape[-1])  # (N, in)
         out, hidden_t = low_rank_forward(result, rows, cast(down, dtype), cast(up, dtype), alpha, dtype)
         ctx.save_for_backward(x_saved, down, up, hidden_t)
         ctx.meta = (dtype, alpha, x.shape, x.dtype, result.dtype)
@@ -74,14 +75,14 @@ class LowRankLinear(torch.autograd.Function):
         x_saved, down, up, hidden_t = ctx.saved_tensors
         dtype, alpha, x_shape, x_dtype, result_dtype = ctx.meta
         need_result, need_x, need_down, need_up, _ = ctx.needs_input_grad
-        rows = x_saved.to(dtype).reshape(-1, x_shape[-1])
-        g = grad.reshape(-1, up.shape[0]).to(dtype)  # (N, out)
+        rows = cast(x_saved, dtype).reshape(-1, x_shape[-1])
+        g = cast(grad.reshape(-1, up.shape[0]), dtype)  # (N, out)
         grad_x, grad_down, grad_up = low_rank_backward(
             g, rows, hidden_t, cast(down, dtype), cast(up, dtype), alpha, x_shape, (need_x, need_down, need_up)
         )
         return (
-            grad.to(result_dtype) if need_result else None,
-            None if grad_x is None else grad_x.to(x_dtype),
+            cast(grad, result_dtype) if need_result else None,
+            cast(grad_x, x_dtype),
             grad_like(grad_down, down),
             grad_like(grad_up, up),
             None,
@@ -89,5 +90,10 @@ class LowRankLinear(torch.autograd.Function):
 
 
 def low_rank_linear(result: Tensor, x: Tensor, down: Tensor, up: Tensor, alpha: float = 1.0) -> Tensor:
-    """``result + alpha · up (down x)`` for linear-like layers (shapes as in :class:`LowRankLinear`)."""
-    return LowRankLinear.apply(result, x, down, up, alpha)
+    """``result + alpha · up (down x)`` for linear-like layers (shapes as in :class:`LowRankLinear`).  With
+    nothing to differentiate (inference) the products run without the autograd node and its bookkeeping."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (result, x, down, up)):
+        return LowRankLinear.apply(result, x, down, up, alpha)
+    dtype = compute_dtype(x, down)
+    rows = cast(x, dtype).reshape(-1, x.shape[-1])
+    return low_rank_forward(result, rows, cast(down, dtype), cast(up, dtype), alpha, dtype)[0]
