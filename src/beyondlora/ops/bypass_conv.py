@@ -41,7 +41,7 @@ class ConvBypass(torch.autograd.Function):
     def forward(ctx, result, x, alpha, hidden_fn, side, o1, o2, *in_factors):
         dtype = compute_dtype(x, o1)
         x_saved = input_to_save(x, dtype)
-        hidden = hidden_fn(x_saved.to(dtype), *[cast(f, dtype) for f in in_factors])
+        hidden = hidden_fn(cast(x_saved, dtype), *[cast(f, dtype) for f in in_factors])
         out = side.add(result, hidden, cast(o1, dtype), cast(o2, dtype), alpha, dtype)
         ctx.save_for_backward(x_saved, o1, o2, *in_factors)
         ctx.meta = (dtype, alpha, hidden_fn, side, x.dtype, result.dtype)
@@ -53,7 +53,7 @@ class ConvBypass(torch.autograd.Function):
         dtype, alpha, hidden_fn, side, x_dtype, result_dtype = ctx.meta
         need_result, need_x, _, _, _, need_o1, need_o2, *need_in = ctx.needs_input_grad
         in_c = [cast(f, dtype) for f in in_factors]
-        hidden, grads_of = recompute(hidden_fn, [x_saved.to(dtype), *in_c], [need_x, *need_in])
+        hidden, grads_of = recompute(hidden_fn, [cast(x_saved, dtype), *in_c], [need_x, *need_in])
         need_hidden = need_x or any(need_in)
         grad_hidden, grad_o1, grad_o2 = side.grads(
             grad, hidden, cast(o1, dtype), cast(o2, dtype), alpha, (need_hidden, need_o1, need_o2)
@@ -61,8 +61,8 @@ class ConvBypass(torch.autograd.Function):
         del hidden
         grad_x, *grad_in = grads_of(grad_hidden) if need_hidden else [None] * (1 + len(in_factors))
         return (
-            grad.to(result_dtype) if need_result else None,
-            None if grad_x is None else grad_x.to(x_dtype),
+            cast(grad, result_dtype) if need_result else None,
+            cast(grad_x, x_dtype),
             None,
             None,
             None,
@@ -79,7 +79,7 @@ class MixBypass(torch.autograd.Function):
     @staticmethod
     def forward(ctx, result, hidden, alpha, side, o1, o2):
         dtype = compute_dtype(hidden, o1)
-        hidden_saved = hidden.to(dtype)
+        hidden_saved = cast(hidden, dtype)
         out = side.add(result, hidden_saved, cast(o1, dtype), cast(o2, dtype), alpha, dtype)
         ctx.save_for_backward(hidden_saved, o1, o2)
         ctx.meta = (dtype, alpha, side, hidden.dtype, result.dtype)
@@ -94,8 +94,8 @@ class MixBypass(torch.autograd.Function):
             grad, hidden, cast(o1, dtype), cast(o2, dtype), alpha, (need_hidden, need_o1, need_o2)
         )
         return (
-            grad.to(result_dtype) if need_result else None,
-            None if grad_hidden is None else grad_hidden.to(hidden_dtype),
+            cast(grad, result_dtype) if need_result else None,
+            cast(grad_hidden, hidden_dtype),
             None,
             None,
             grad_like(grad_o1, o1),

@@ -58,7 +58,7 @@ class KhatriRaoLinear(torch.autograd.Function):
         x_saved = input_to_save(x, dtype)
         up = row_khatri_rao(cast(a1, dtype), cast(a2, dtype))
         down = column_khatri_rao(cast(b1, dtype), cast(b2, dtype))
-        rows = x_saved.to(dtype).reshape(-1, down.shape[1])
+        rows = cast(x_saved, dtype).reshape(-1, down.shape[1])
         out, _ = low_rank_forward(result, rows, down, up, alpha, dtype)
         ctx.save_for_backward(x_saved, a1, b1, a2, b2)
         ctx.meta = (dtype, alpha, x.shape, x.dtype, result.dtype)
@@ -69,9 +69,9 @@ class KhatriRaoLinear(torch.autograd.Function):
         x_saved, a1, b1, a2, b2 = ctx.saved_tensors
         dtype, alpha, x_shape, x_dtype, result_dtype = ctx.meta
         need_result, need_x, need_a1, need_b1, need_a2, need_b2, _ = ctx.needs_input_grad
-        a1c, b1c, a2c, b2c = (t.to(dtype) for t in (a1, b1, a2, b2))
+        a1c, b1c, a2c, b2c = (cast(t, dtype) for t in (a1, b1, a2, b2))
         up, down = row_khatri_rao(a1c, a2c), column_khatri_rao(b1c, b2c)
-        rows = x_saved.to(dtype).reshape(-1, down.shape[1])
+        rows = cast(x_saved, dtype).reshape(-1, down.shape[1])
         g = grad.reshape(-1, up.shape[0]).to(dtype)
         needs = (need_x, need_b1 or need_b2, need_a1 or need_a2)
         grad_x, grad_down, grad_up = low_rank_backward(g, rows, None, down, up, alpha, x_shape, needs)
@@ -81,8 +81,8 @@ class KhatriRaoLinear(torch.autograd.Function):
         if grad_down is not None:
             grads[1], grads[3] = _split_down_grad(grad_down, b1c, b2c)
         return (
-            grad.to(result_dtype) if need_result else None,
-            None if grad_x is None else grad_x.to(x_dtype),
+            cast(grad, result_dtype) if need_result else None,
+            cast(grad_x, x_dtype),
             *[grad_like(gi, p) for gi, p in zip(grads, (a1, b1, a2, b2), strict=True)],
             None,
         )
@@ -139,7 +139,7 @@ class KhatriRaoConvKeep(torch.autograd.Function):
         x_saved = input_to_save(x, dtype)
         g = geometry
         down = column_khatri_rao(cast(b1, dtype), cast(b2, dtype)).reshape(-1, g.in_dim, *g.kernel)
-        hidden = g.conv(x_saved.to(dtype), down)
+        hidden = g.conv(cast(x_saved, dtype), down)
         out = _khatri_rao_mix(result, hidden, cast(a1, dtype), cast(a2, dtype), alpha, dtype)
         ctx.save_for_backward(x_saved, hidden, a1, b1, a2, b2)
         ctx.meta = (dtype, alpha, geometry, x.dtype, result.dtype)
@@ -150,7 +150,7 @@ class KhatriRaoConvKeep(torch.autograd.Function):
         x_saved, hidden, a1, b1, a2, b2 = ctx.saved_tensors
         dtype, alpha, g, x_dtype, result_dtype = ctx.meta
         need_result, need_x, _, _, need_a1, need_b1, need_a2, need_b2 = ctx.needs_input_grad
-        a1c, b1c, a2c, b2c = (t.to(dtype) for t in (a1, b1, a2, b2))
+        a1c, b1c, a2c, b2c = (cast(t, dtype) for t in (a1, b1, a2, b2))
         need_b = need_b1 or need_b2
         grad_hidden, grad_a1, grad_a2 = _khatri_rao_mix_backward(
             grad, hidden, a1c, a2c, alpha, (need_x or need_b, need_a1, need_a2)
@@ -160,13 +160,13 @@ class KhatriRaoConvKeep(torch.autograd.Function):
         if need_x or need_b:
             down = column_khatri_rao(b1c, b2c)
             grad_x, grad_down = conv_grads(
-                g, x_saved.to(dtype), down.reshape(-1, g.in_dim, *g.kernel), grad_hidden, need_x, need_b
+                g, cast(x_saved, dtype), down.reshape(-1, g.in_dim, *g.kernel), grad_hidden, need_x, need_b
             )
             if need_b:
                 grad_b1, grad_b2 = _split_down_grad(grad_down.reshape(down.shape), b1c, b2c)
         return (
-            grad.to(result_dtype) if need_result else None,
-            None if grad_x is None else grad_x.to(x_dtype),
+            cast(grad, result_dtype) if need_result else None,
+            cast(grad_x, x_dtype),
             None,
             None,
             grad_like(grad_a1, a1),

@@ -51,7 +51,7 @@ class KronLinear(torch.autograd.Function):
         d = x.shape[-1] // c
         x_saved = input_to_save(x, dtype)
         w1c, w2_inc, w2_outc = cast(w1, dtype), cast(w2_in, dtype), cast(w2_out, dtype)
-        _, t_t = _kron_input_side(x_saved.to(dtype), w2_inc, c, d)
+        _, t_t = _kron_input_side(cast(x_saved, dtype), w2_inc, c, d)
         r = w2_outc.shape[1]
         out = addmm_output(result, _kron_mix_rows(t_t, w1c, r), w2_outc, alpha, dtype)
         keep = None if recompute or w2_in is None else t_t
@@ -66,10 +66,10 @@ class KronLinear(torch.autograd.Function):
         need_result, need_x, need_w1, need_w2_in, need_w2_out, _, _ = ctx.needs_input_grad
         w1c, w2_inc, w2_outc = cast(w1, dtype), cast(w2_in, dtype), cast(w2_out, dtype)
         if t_t is None:
-            grid, t_t = _kron_input_side(x_saved.to(dtype), w2_inc, c, d)  # (N·c, d), (N·r, c)
+            grid, t_t = _kron_input_side(cast(x_saved, dtype), w2_inc, c, d)  # (N·c, d), (N·r, c)
         else:
-            grid = x_saved.to(dtype).reshape(-1, d)
-        g = grad.reshape(-1, b).to(dtype)  # (N·a, b)
+            grid = cast(x_saved, dtype).reshape(-1, d)
+        g = cast(grad.reshape(-1, b), dtype)  # (N·a, b)
         r = w2_outc.shape[1]
         grad_w1 = grad_w2_in = grad_w2_out = grad_x = None
         if need_w2_out:
@@ -90,8 +90,8 @@ class KronLinear(torch.autograd.Function):
                     grad_x = torch.empty(x_shape, dtype=dtype, device=gt.device)
                     torch.mm(gt, w2_inc, out=grad_x.view(-1, d))
         return (
-            grad.to(result_dtype) if need_result else None,
-            None if grad_x is None else grad_x.to(x_dtype),
+            cast(grad, result_dtype) if need_result else None,
+            cast(grad_x, x_dtype),
             grad_like(grad_w1, w1),
             grad_like(grad_w2_in, w2_in),
             grad_like(grad_w2_out, w2_out),
