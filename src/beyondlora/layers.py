@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from .algorithms.base import Adapter
 from .algorithms.dora import dora_delta, weight_norm
+from .ops.bypass_lowrank import merged_low_rank_linear
 from .ops.geometry import LayerGeometry
 
 ForwardMode = Literal["auto", "bypass", "combined"]
@@ -62,7 +63,7 @@ class AdapterLayer(nn.Module):
         self.merged: dict[str, _Merged] = {}
         # the path taken per (adapters, merged, forward_mode, tokens, grad mode): it depends on shapes and
         # settings only, and working it out costs about as much as a small layer's forward
-        self._path_choices: dict[tuple[tuple[str, ...], bool, str, int, bool], bool] = {}
+        self._path_choices: dict[tuple, bool] = {}  # (names, merged, mode, tokens, grad, x dtype, autocast)
 
     def __getattr__(self, name: str) -> Any:
         """Attributes of the base layer (``weight``, ``in_features``, …) read through, so code that inspects
@@ -150,21 +151,24 @@ class AdapterLayer(nn.Module):
         if self.forward_mode == "combined":
             return False
         tokens, grad = self.geometry.tokens(x), torch.is_grad_enabled()
-        key = (tuple(names), bool(self.merged), self.forward_mode, tokens, grad)
+        key = (tuple(names), bool(self.merged), self.forward_mode, tokens, grad, x.dtype, _autocasting(x.device.type))
         choice = self._path_choices.get(key)
         if choice is None:
             choice = self._bypass_possible(adapters) and (
-                self.forward_mode == "bypass" or self._bypass_cheaper(adapters, tokens, grad)
+                self.forward_mode == "bypass" or self._bypass_cheaper(adapters, x, tokens, grad)
             )
             if len(self._path_choices) >= 64:  # many input sizes (bucketed resolutions): keep it small
                 self._path_choices.clear()
             self._path_choices[key] = choice
         return choice
 
-    def _bypass_cheaper(self, adapters: list[Adapter], tokens: int, grad: bool) -> bool:
+    def _bypass_cheaper(self, adapters: list[Adapter], x: Tensor, tokens: int, grad: bool) -> bool:
         """The cost model: the bypass's multiply-adds against rebuilding ΔW and running W + ΔW."""
         bypass = sum(a.bypass_flops(tokens) for a in adapters)
         combined = sum(a.rebuild_flops() for a in adapters)
+        if grad and self._trains_merged(adapters, x):
+            # bypass: B forward + 2·B backward; merged: ΔW built twice + the rank route's 2·B
+            return bypass <= 2 * combined
         if grad:
             # the combined weight needs its own gradient: one more full-size matmul in backward
             combined += tokens * self.geometry.out_dim * self.geometry.in_dim * self.geometry.kernel_numel
@@ -266,8 +270,28 @@ class AdapterLayer(nn.Module):
         bias = getattr(self.base_layer, "bias", None)
         return out if bias is None else out - self.geometry.per_channel(bias, out.dim())
 
+    def _trains_merged(self, adapters: list[Adapter], x: Tensor) -> bool:
+        """Whether the combined path trains through ``W + ΔW`` by :func:`merged_low_rank_linear` (factor
+        gradients through the rank route) rather than autograd's full-size gradient of ``W + ΔW``: one
+        adapter whose ΔW is ``scale · up @ down``, everything in one dtype, and no autocast (``W + ΔW``
+        rounded to a 16-bit autocast dtype would lose most of a small ΔW)."""
+        if len(adapters) != 1 or _autocasting(x.device.type):
+            return False
+        adapter = adapters[0]
+        if adapter.low_rank_delta() is None or adapter.delta_bias() is not None:
+            return False
+        weight = self.geometry.canonical_weight(self.base_layer)
+        return weight.dtype == x.dtype == adapter.param_dtype and not weight.requires_grad
+
     def _combined_forward(self, x: Tensor, names: list[str], draws: dict[str, Any]) -> Tensor:
         g = self.geometry
+        adapters = [self.adapters[n] for n in names]
+        if torch.is_grad_enabled() and self._trains_merged(adapters, x):
+            down, up, scale = adapters[0].low_rank_delta(draws[names[0]])
+            if isinstance(scale, Tensor):  # a trainable scale (kohya's use_scalar): alpha must be a number
+                up, scale = up * scale, 1.0
+            weight, bias = g.canonical_weight(self.base_layer), getattr(self.base_layer, "bias", None)
+            return merged_low_rank_linear(x, weight, bias, down, up, adapters[0].multiplier * scale)
         base_weight = self.base_weight()
         dtype = self.adapters[names[0]].param_dtype
         weight = g.canonical_weight(self.base_layer).to(dtype)

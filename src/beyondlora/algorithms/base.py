@@ -172,6 +172,12 @@ class Adapter(nn.Module):
         """Convolutions: ``ΔW ⊛ x`` (times the scale) without building ΔW, or ``None``."""
         return None
 
+    def low_rank_delta(self, draw: Any = None) -> tuple[Tensor, Tensor, float | Tensor] | None:
+        """Linear-like layers: ``(down, up, scale)`` with ``ΔW = scale · up @ down`` (down (R, in), up (out, R)),
+        when that is the whole adapter (no input dropout, no DoRA, no Tucker core); else ``None``.  Lets the
+        combined path train through ``W + ΔW`` without a full-size weight gradient."""
+        return None
+
     def bypass_flops(self, tokens: int) -> float:
         """Multiply-adds of :meth:`bypass` for ``tokens`` positions (forward only)."""
         return math.inf

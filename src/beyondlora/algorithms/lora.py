@@ -76,6 +76,12 @@ class LoRA(Adapter):
             up, scale = up * scale, 1.0
         return low_rank_linear(result, self.input_dropout(x), down, up, multiplier * scale)
 
+    def low_rank_delta(self, draw: Any = None) -> tuple[Tensor, Tensor, float | Tensor] | None:
+        if self.geometry.kind not in ("linear", "hf_conv1d") or self.options.dropout > 0 or self.dora_scale is not None:
+            return None
+        up, _, down, scale = self.factors(draw)
+        return down, up, scale
+
     def bypass_parts(self, x: Tensor, draw: Any = None) -> tuple[Tensor, Tensor, float]:
         up, _, down, scale = self.factors(draw)
         x = self.input_dropout(x)

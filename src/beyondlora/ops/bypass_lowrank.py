@@ -89,6 +89,47 @@ class LowRankLinear(torch.autograd.Function):
         )
 
 
+class MergedLowRankLinear(torch.autograd.Function):
+    """``x (W + alpha · up down)ᵀ + b`` as one matrix product, trained without W's full-size gradient.
+
+        forward:   out = x W'ᵀ + b            W' = W + alpha · up down  (one addmm, then one GEMM)
+        backward:  ∂x = g W'  (W' rebuilt)     ∂down, ∂up through the rank route of :func:`low_rank_backward`
+
+    Shapes: x (…, in), weight (out, in), bias (out,) or None, down (r, in), up (out, r), all one dtype;
+    W and b get no gradient.  Saves x (the caller's storage) and the factors.  Against the bypass
+    (:class:`LowRankLinear`) it trades two rebuilds of W' (2·r·in·out multiply-adds) for one rank-r product
+    less over the activations and no separate output add or ∂x accumulation: cheaper when
+    ``tokens · (in + out) > 2 · in · out``.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, down, up, alpha):
+        ctx.save_for_backward(x, weight, down, up)
+        ctx.alpha = alpha
+        return F.linear(x, torch.addmm(weight, up, down, alpha=alpha), bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, down, up = ctx.saved_tensors
+        need_x, _, _, need_down, need_up, _ = ctx.needs_input_grad
+        g = grad.reshape(-1, grad.shape[-1])
+        grad_x = None
+        if need_x:
+            grad_x = (g @ torch.addmm(weight, up, down, alpha=ctx.alpha)).reshape(x.shape)
+        rows = x.reshape(-1, x.shape[-1])
+        _, grad_down, grad_up = low_rank_backward(
+            g, rows, None, down, up, ctx.alpha, x.shape, (False, need_down, need_up)
+        )
+        return grad_x, None, None, grad_down, grad_up, None
+
+
+def merged_low_rank_linear(
+    x: Tensor, weight: Tensor, bias: Tensor | None, down: Tensor, up: Tensor, alpha: float = 1.0
+) -> Tensor:
+    """``x (W + alpha · up down)ᵀ + b`` (shapes as in :class:`MergedLowRankLinear`)."""
+    return MergedLowRankLinear.apply(x, weight, bias, down, up, alpha)
+
+
 def low_rank_linear(result: Tensor, x: Tensor, down: Tensor, up: Tensor, alpha: float = 1.0) -> Tensor:
     """``result + alpha · up (down x)`` for linear-like layers (shapes as in :class:`LowRankLinear`).  With
     nothing to differentiate (inference) the products run without the autograd node and its bookkeeping."""

@@ -1,0 +1,137 @@
+"""Training a LoRA through ``W + ΔW`` without the full-size weight gradient (ops.bypass_lowrank.MergedLowRankLinear).
+
+The combined path takes it for one low-rank adapter on a linear-like layer when everything is in one dtype
+and autocast is off; the cost model picks it over the bypass when ``tokens · (in + out) > 2 · in · out``.
+Its gradients equal finite differences, the bypass's, and an explicit float64 formula.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import beyondlora as bl
+from beyondlora.ops.bypass_lowrank import merged_low_rank_linear
+from layer_cases import layers_of
+from test_bypass_memory import _saved_by
+
+IN, OUT, RANK = 48, 40, 4
+MANY = 64  # rows: 64 · (48 + 40) = 5632 > 2 · 48 · 40 = 3840, so the merged step is cheaper
+FEW = 16
+
+
+def _leaf(*shape: int) -> torch.Tensor:
+    return (torch.randn(*shape, dtype=torch.float64) * 0.5).requires_grad_()
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_gradcheck(bias: bool) -> None:
+    x, down, up = _leaf(2, 3, IN // 8), _leaf(2, IN // 8), _leaf(OUT // 8, 2)
+    weight = torch.randn(OUT // 8, IN // 8, dtype=torch.float64)
+    b = torch.randn(OUT // 8, dtype=torch.float64) if bias else None
+    step = lambda xx, dd, uu: merged_low_rank_linear(xx, weight, b, dd, uu, 0.7)  # noqa: E731
+    assert torch.autograd.gradcheck(step, (x, down, up))
+
+
+def _model(config: bl.AdapterConfig, layer: str = "linear", dtype: torch.dtype = torch.float64) -> nn.Module:
+    torch.manual_seed(0)
+    if layer == "hf_conv1d":
+        from transformers.pytorch_utils import Conv1D
+
+        base = Conv1D(OUT, IN)
+        nn.init.normal_(base.weight, std=0.2)
+    else:
+        base = nn.Linear(IN, OUT)
+    return bl.get_peft_model(nn.Sequential(base).to(dtype), config)
+
+
+def _step(model: nn.Module, x: torch.Tensor, seed: int = 0) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Output, ∂x and the adapter's gradients of a training step on a fixed non-uniform loss."""
+    torch.manual_seed(seed)  # the same rank-dropout draw on every call
+    model.zero_grad()
+    x = x.detach().clone().requires_grad_()
+    out = model(x)
+    (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).reshape(out.shape)).sum().backward()
+    return out.detach(), [x.grad, *(p.grad for p in model.parameters() if p.requires_grad)]
+
+
+CONFIGS = {
+    "lora": bl.LoraConfig(r=RANK, alpha=3.0, target_modules=["0"], init_weights=False),
+    "rank_dropout": bl.LoraConfig(r=RANK, target_modules=["0"], init_weights=False, rank_dropout=0.5),
+    "dylora": bl.DyLoraConfig(r=RANK, block_size=2, target_modules=["0"], init_weights=False),
+}
+
+
+@pytest.mark.parametrize("layer", ["linear", "hf_conv1d"])
+@pytest.mark.parametrize("config", list(CONFIGS))
+def test_auto_trains_merged_with_the_bypass_gradients(config: str, layer: str) -> None:
+    model = _model(CONFIGS[config], layer)
+    model.set_multiplier(0.7)
+    model.train()
+    (host,) = layers_of(model)
+    x = torch.randn(2, MANY // 2, IN, dtype=torch.float64)
+    assert not host._use_bypass(x, ["default"]) and host._use_bypass(x[:, : FEW // 2], ["default"])
+    calls = []
+    original = bl.layers.merged_low_rank_linear
+
+    def counting(*args):
+        calls.append(1)
+        return original(*args)
+
+    bl.layers.merged_low_rank_linear = counting
+    try:
+        merged = _step(model, x)
+    finally:
+        bl.layers.merged_low_rank_linear = original
+    assert calls == [1]
+    host.forward_mode = "bypass"
+    bypass = _step(model, x)
+    torch.testing.assert_close(merged[0], bypass[0], rtol=1e-12, atol=1e-12)
+    for a, b in zip(merged[1], bypass[1], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_gradients_equal_an_explicit_formula() -> None:
+    """``y = x (W + t·s·up down)ᵀ + b``: autograd through that expression, written out here, in float64."""
+    model = _model(CONFIGS["lora"])
+    model.set_multiplier(0.7)
+    model.train()
+    (host,) = layers_of(model)
+    adapter = host.adapters["default"]
+    x = torch.randn(MANY, IN, dtype=torch.float64)
+    out, grads = _step(model, x)
+    leaves = [t.detach().clone().requires_grad_() for t in (x, adapter.lora_down, adapter.lora_up)]
+    xx, down, up = leaves
+    base = host.base_layer
+    expected = xx @ (base.weight + 0.7 * (3.0 / RANK) * up @ down).t() + base.bias
+    (expected * torch.linspace(-1, 1, expected.numel(), dtype=expected.dtype).reshape(expected.shape)).sum().backward()
+    torch.testing.assert_close(out, expected.detach(), rtol=1e-12, atol=1e-12)
+    for got, leaf in zip(grads, leaves, strict=True):
+        torch.testing.assert_close(got, leaf.grad, rtol=1e-10, atol=1e-12)
+
+
+def test_saves_no_more_than_the_bypass() -> None:
+    model = _model(CONFIGS["lora"], dtype=torch.float32)
+    model.train()
+    (host,) = layers_of(model)
+    x = torch.randn(MANY, IN)
+    params = tuple(model.parameters())
+    merged = _saved_by(model, (x,), params)
+    host.forward_mode = "bypass"
+    bypass = _saved_by(model, (x,), params)
+    assert x.numel() * x.element_size() <= merged <= bypass
+
+
+def test_not_under_autocast_nor_on_a_16_bit_base() -> None:
+    """``W + ΔW`` rounded to 16 bits would lose most of a small ΔW: the bypass trains there instead."""
+    model = _model(CONFIGS["lora"], dtype=torch.float32)
+    model.train()
+    (host,) = layers_of(model)
+    x = torch.randn(MANY, IN)
+    assert not host._use_bypass(x, ["default"])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert host._use_bypass(x, ["default"])
+    half = _model(CONFIGS["lora"], dtype=torch.bfloat16)
+    (host,) = layers_of(half)
+    assert not host._trains_merged(list(host.adapters.values()), x.to(torch.bfloat16))
