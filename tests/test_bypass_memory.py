@@ -165,8 +165,8 @@ def test_khatri_rao_conv_gradcheck(conv: str, tucker: bool, recompute: bool) -> 
         factors = (_leaf(r, g.in_dim * g.kernel_numel), _leaf(r, g.in_dim * g.kernel_numel))
     hidden = partial(_khatri_rao_conv_hidden, g)
 
-    def fn(res, xx, aa1, aa2, *rest):
-        return khatri_rao_conv(res, xx, hidden, aa1, aa2, tuple(rest), 0.8, recompute)
+    def fn(res, xx, aa1, aa2, *rest):  # given the geometry, "keep" runs KhatriRaoConvKeep (not Tucker)
+        return khatri_rao_conv(res, xx, hidden, aa1, aa2, tuple(rest), 0.8, recompute, geometry=g)
 
     assert torch.autograd.gradcheck(fn, (result, x, a1, a2, *factors))
 
@@ -322,6 +322,18 @@ def test_default_on_linears_saves_no_more_than_lora(config: str) -> None:
     peft, x = _wrapped("linear", MEMORY_CONFIGS[config], memory="auto")
     saved = saved_bytes(peft, x)
     assert saved <= budget, f"{config}: {saved} bytes saved, LoRA r={rank} saves {budget}"
+
+
+@pytest.mark.parametrize("layer", ["conv2d", "conv2d_reflect_stride"])
+def test_loha_conv_keeps_only_its_hidden_beyond_lean(layer: str) -> None:
+    """``auto`` on a LoHa convolution keeps the rank-r² hidden, never the Khatri-Rao product ``b1 •c b2``."""
+    saved = {}
+    for memory in ("lean", "auto"):
+        peft, x = _wrapped(layer, MEMORY_CONFIGS["loha"], memory=memory)
+        saved[memory] = saved_bytes(peft, x)
+        rank = layers_of(peft)[0].adapters["default"].rank
+        hidden = peft(x).numel() // layers_of(peft)[0].geometry.out_dim * rank * rank * x.element_size()
+    assert saved["auto"] - saved["lean"] == hidden, saved
 
 
 def _no_lean_path(*args, **kwargs):

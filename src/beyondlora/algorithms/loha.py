@@ -104,7 +104,8 @@ class LoHa(Adapter):
         if self.tucker:
             factors = (b1, b2, self.hada_t1, self.hada_t2)
             return khatri_rao_conv(result, x, partial(_khatri_rao_conv_hidden, g), a1.t(), a2.t(), factors, alpha, lean)
-        return khatri_rao_conv(result, x, partial(_khatri_rao_conv_hidden, g), a1, a2, (b1, b2), alpha, lean)
+        hidden = partial(_khatri_rao_conv_hidden, g)
+        return khatri_rao_conv(result, x, hidden, a1, a2, (b1, b2), alpha, lean, geometry=g)
 
     def bypass_parts(self, x: Tensor, draw: Any = None) -> tuple[Tensor, Tensor, float]:
         """A rank-r² LoRA: ``up = w1_a •r w2_a`` (out, r²), ``down = w1_b •c w2_b`` (r², in)."""

@@ -28,6 +28,7 @@ from .bypass_common import (
 )
 from .bypass_conv import OutputSide, conv_bypass
 from .bypass_lowrank import low_rank_backward, low_rank_forward
+from .geometry import LayerGeometry
 from .products import column_khatri_rao, row_khatri_rao
 
 
@@ -185,16 +186,16 @@ def khatri_rao_conv(
     in_factors: tuple[Tensor, ...],
     alpha: float = 1.0,
     recompute: bool = True,
+    geometry: LayerGeometry | None = None,
 ) -> Tensor:
     """``result + alpha · ΔW ⊛ x`` for LoHa on convolutions: ``hidden_fn(x, *in_factors)`` (B, r², *S') is the
     input side (a convolution with ``b1 •c b2``, Tucker cores included), ``(a1 •r a2)`` (out, r²) the output
     side (a1, a2 given as (out, r)).
 
-    ``recompute=False`` keeps the rank-r² hidden for backward instead of recomputing it
-    (:class:`KhatriRaoConvKeep` where the convolution's backward can run directly; in Tucker form autograd
-    keeps what the input side's two convolutions need); the Khatri-Rao products are never kept.
+    ``recompute=False`` keeps the rank-r² hidden for backward instead of recomputing it; given the layer's
+    ``geometry`` (and no Tucker cores) :class:`KhatriRaoConvKeep` runs the convolution's backward directly,
+    else autograd keeps what ``hidden_fn`` needs.  The Khatri-Rao products are never kept by the former.
     """
-    geometry = getattr(hidden_fn, "geometry", None)
     if not recompute and len(in_factors) == 2 and geometry is not None and explicit_padding(geometry):
         return KhatriRaoConvKeep.apply(result, x, geometry, alpha, a1, in_factors[0], a2, in_factors[1])
     return conv_bypass(result, x, hidden_fn, KHATRI_RAO_OUTPUT, a1, a2, in_factors, alpha, recompute)
