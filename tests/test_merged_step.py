@@ -1,8 +1,10 @@
-"""Training a LoRA through ``W + ΔW`` without the full-size weight gradient (ops.bypass_lowrank.MergedLowRankLinear).
+"""Training LoRA and LoKr through ``W + ΔW`` without the full-size weight gradient (``MergedLowRankLinear``,
+``MergedKronLinear``).
 
-The combined path takes it for one low-rank adapter on a linear-like layer when everything is in one dtype
-and autocast is off; the cost model picks it over the bypass when ``tokens · (in + out) > 2 · in · out``.
-Its gradients equal finite differences, the bypass's, and an explicit float64 formula.
+The combined path takes it for one such adapter on a linear-like layer when everything is in one dtype and
+autocast is off; the cost model picks it over the bypass when it needs fewer multiply-adds (LoRA: when
+``tokens · (in + out) > 2 · in · out``).  Its gradients equal finite differences, the bypass's, and an
+explicit float64 formula.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import torch
 from torch import nn
 
 import beyondlora as bl
+from beyondlora.ops.bypass_kron import merged_kron_linear
 from beyondlora.ops.bypass_lowrank import merged_low_rank_linear
 from layer_cases import layers_of
 from test_bypass_memory import _saved_by
@@ -32,6 +35,22 @@ def test_gradcheck(bias: bool) -> None:
     b = torch.randn(OUT // 8, dtype=torch.float64) if bias else None
     step = lambda xx, dd, uu: merged_low_rank_linear(xx, weight, b, dd, uu, 0.7)  # noqa: E731
     assert torch.autograd.gradcheck(step, (x, down, up))
+
+
+@pytest.mark.parametrize("full_w2", [False, True], ids=["w2_decomposed", "w2_full"])
+def test_kron_gradcheck(full_w2: bool) -> None:
+    a, b, c, d, r = 2, 3, 3, 2, 2
+    x, w1 = _leaf(2, 3, c * d), _leaf(a, c)
+    w2_in, w2_out = (None, _leaf(b, d)) if full_w2 else (_leaf(r, d), _leaf(b, r))
+    weight, bias = torch.randn(a * b, c * d, dtype=torch.float64), torch.randn(a * b, dtype=torch.float64)
+    leaves = [t for t in (x, w1, w2_in, w2_out) if t is not None]
+
+    def step(*args):
+        xx, ww1, *rest = args
+        win = None if full_w2 else rest.pop(0)
+        return merged_kron_linear(xx, weight, bias, ww1, win, rest[0], 0.6)
+
+    assert torch.autograd.gradcheck(step, leaves)
 
 
 def _model(config: bl.AdapterConfig, layer: str = "linear", dtype: torch.dtype = torch.float64) -> nn.Module:
@@ -60,6 +79,8 @@ CONFIGS = {
     "lora": bl.LoraConfig(r=RANK, alpha=3.0, target_modules=["0"], init_weights=False),
     "rank_dropout": bl.LoraConfig(r=RANK, target_modules=["0"], init_weights=False, rank_dropout=0.5),
     "dylora": bl.DyLoraConfig(r=RANK, block_size=2, target_modules=["0"], init_weights=False),
+    "lokr": bl.LoKrConfig(r=2, decompose_factor=4, target_modules=["0"], init_weights=False, rank_dropout=0.5),
+    "lokr_full_w2": bl.LoKrConfig(r=16, target_modules=["0"], init_weights=False),
 }
 
 
@@ -71,20 +92,21 @@ def test_auto_trains_merged_with_the_bypass_gradients(config: str, layer: str) -
     model.train()
     (host,) = layers_of(model)
     x = torch.randn(2, MANY // 2, IN, dtype=torch.float64)
-    assert not host._use_bypass(x, ["default"]) and host._use_bypass(x[:, : FEW // 2], ["default"])
-    calls = []
-    original = bl.layers.merged_low_rank_linear
+    assert not host._use_bypass(x, ["default"])
+    if config.startswith("lora"):  # the LoRA threshold: 16 · 88 < 2 · 48 · 40 < 64 · 88
+        assert host._use_bypass(x[:, : FEW // 2], ["default"])
+    adapter, calls = host.adapters["default"], []
+    original = adapter.merged_linear
 
     def counting(*args):
-        calls.append(1)
-        return original(*args)
+        out = original(*args)
+        calls.append(out is not None)
+        return out
 
-    bl.layers.merged_low_rank_linear = counting
-    try:
-        merged = _step(model, x)
-    finally:
-        bl.layers.merged_low_rank_linear = original
-    assert calls == [1]
+    adapter.merged_linear = counting
+    merged = _step(model, x)
+    del adapter.merged_linear
+    assert calls == [True]
     host.forward_mode = "bypass"
     bypass = _step(model, x)
     torch.testing.assert_close(merged[0], bypass[0], rtol=1e-12, atol=1e-12)

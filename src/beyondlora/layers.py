@@ -32,7 +32,6 @@ from torch import Tensor, nn
 
 from .algorithms.base import Adapter
 from .algorithms.dora import dora_delta, weight_norm
-from .ops.bypass_lowrank import merged_low_rank_linear
 from .ops.geometry import LayerGeometry
 
 ForwardMode = Literal["auto", "bypass", "combined"]
@@ -271,14 +270,14 @@ class AdapterLayer(nn.Module):
         return out if bias is None else out - self.geometry.per_channel(bias, out.dim())
 
     def _trains_merged(self, adapters: list[Adapter], x: Tensor) -> bool:
-        """Whether the combined path trains through ``W + ΔW`` by :func:`merged_low_rank_linear` (factor
-        gradients through the rank route) rather than autograd's full-size gradient of ``W + ΔW``: one
-        adapter whose ΔW is ``scale · up @ down``, everything in one dtype, and no autocast (``W + ΔW``
-        rounded to a 16-bit autocast dtype would lose most of a small ΔW)."""
+        """Whether the combined path trains through ``W + ΔW`` by the adapter's :meth:`~.Adapter.merged_linear`
+        (factor gradients through its rank-sized route) rather than autograd's full-size gradient of
+        ``W + ΔW``: one adapter that has one, everything in one dtype, and no autocast (``W + ΔW`` rounded to
+        a 16-bit autocast dtype would lose most of a small ΔW)."""
         if len(adapters) != 1 or _autocasting(x.device.type):
             return False
         adapter = adapters[0]
-        if adapter.low_rank_delta() is None or adapter.delta_bias() is not None:
+        if not adapter.has_merged_linear() or adapter.delta_bias() is not None:
             return False
         weight = self.geometry.canonical_weight(self.base_layer)
         return weight.dtype == x.dtype == adapter.param_dtype and not weight.requires_grad
@@ -287,11 +286,9 @@ class AdapterLayer(nn.Module):
         g = self.geometry
         adapters = [self.adapters[n] for n in names]
         if torch.is_grad_enabled() and self._trains_merged(adapters, x):
-            down, up, scale = adapters[0].low_rank_delta(draws[names[0]])
-            if isinstance(scale, Tensor):  # a trainable scale (kohya's use_scalar): alpha must be a number
-                up, scale = up * scale, 1.0
-            weight, bias = g.canonical_weight(self.base_layer), getattr(self.base_layer, "bias", None)
-            return merged_low_rank_linear(x, weight, bias, down, up, adapters[0].multiplier * scale)
+            adapter, weight = adapters[0], g.canonical_weight(self.base_layer)
+            bias = getattr(self.base_layer, "bias", None)
+            return adapter.merged_linear(x, weight, bias, draws[names[0]], adapter.multiplier)
         base_weight = self.base_weight()
         dtype = self.adapters[names[0]].param_dtype
         weight = g.canonical_weight(self.base_layer).to(dtype)

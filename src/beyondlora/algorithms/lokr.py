@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..ops.bypass_kron import kron_conv, kron_linear
+from ..ops.bypass_kron import kron_conv, kron_linear, merged_kron_linear
 from ..ops.factorization import factorization
 from ..ops.geometry import LayerGeometry
 from ..ops.products import kron, tucker_rebuild
@@ -177,6 +177,23 @@ class LoKr(Adapter):
             return kron_conv(result, x, hidden, w1, self._w2_out(draw).t(), (self.lokr_w2_b, self.lokr_t2), alpha, lean)
         hidden = partial(_kron_conv_hidden, g, c, d, "low_rank")
         return kron_conv(result, x, hidden, w1, self._w2_out(draw), (self.lokr_w2_b,), alpha, lean)
+
+    def has_merged_linear(self) -> bool:
+        return self.geometry.kind in ("linear", "hf_conv1d") and self.dora_scale is None
+
+    def merged_linear(
+        self, x: Tensor, weight: Tensor, bias: Tensor | None, draw: Any = None, multiplier: float = 1.0
+    ) -> Tensor | None:
+        """:func:`beyondlora.ops.bypass_kron.merged_kron_linear` with ``alpha = t · s`` (a trainable scale goes
+        into W1)."""
+        if not self.has_merged_linear():
+            return None
+        w1, scale = self.w1(draw), self.scale
+        if isinstance(scale, Tensor):
+            w1, scale = w1 * scale, 1.0
+        if self.w2_is_full:
+            return merged_kron_linear(x, weight, bias, w1, None, self.w2(draw), multiplier * scale)
+        return merged_kron_linear(x, weight, bias, w1, self.lokr_w2_b, self._w2_out(draw), multiplier * scale)
 
     def bypass_parts(self, x: Tensor, draw: Any = None) -> tuple[Tensor, Tensor, float] | None:
         """``W1 X W2ᵀ`` with X (…, c, d): W2's input side first, then W1, leaving (…, a, R) @ upᵀ."""

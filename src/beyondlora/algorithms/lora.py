@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..ops.bypass_lowrank import low_rank_linear
+from ..ops.bypass_lowrank import low_rank_linear, merged_low_rank_linear
 from ..ops.geometry import LayerGeometry
 from ..ops.products import tucker_rebuild
 from .base import Adapter, AdapterOptions, check_init, kaiming_
@@ -76,11 +76,21 @@ class LoRA(Adapter):
             up, scale = up * scale, 1.0
         return low_rank_linear(result, self.input_dropout(x), down, up, multiplier * scale)
 
-    def low_rank_delta(self, draw: Any = None) -> tuple[Tensor, Tensor, float | Tensor] | None:
-        if self.geometry.kind not in ("linear", "hf_conv1d") or self.options.dropout > 0 or self.dora_scale is not None:
+    def has_merged_linear(self) -> bool:
+        """Linear-like layers without input dropout (it exists on the bypass only) or DoRA."""
+        g = self.geometry
+        return g.kind in ("linear", "hf_conv1d") and self.options.dropout == 0 and self.dora_scale is None
+
+    def merged_linear(
+        self, x: Tensor, weight: Tensor, bias: Tensor | None, draw: Any = None, multiplier: float = 1.0
+    ) -> Tensor | None:
+        """:func:`beyondlora.ops.bypass_lowrank.merged_low_rank_linear` with ``alpha = t · s``."""
+        if not self.has_merged_linear():
             return None
         up, _, down, scale = self.factors(draw)
-        return down, up, scale
+        if isinstance(scale, Tensor):  # a trainable scale (kohya's use_scalar): alpha must be a number
+            up, scale = up * scale, 1.0
+        return merged_low_rank_linear(x, weight, bias, down, up, multiplier * scale)
 
     def bypass_parts(self, x: Tensor, draw: Any = None) -> tuple[Tensor, Tensor, float]:
         up, _, down, scale = self.factors(draw)

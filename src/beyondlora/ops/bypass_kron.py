@@ -15,6 +15,7 @@ import math
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .bypass_common import add_output, addmm_output, cast, compute_dtype, grad_like, input_to_save
@@ -47,7 +48,7 @@ class KronLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, result, x, w1, w2_in, w2_out, alpha, recompute):
         dtype = compute_dtype(x, w1)
-        (a, c), b = w1.shape, w2_out.shape[0]
+        c = w1.shape[1]
         d = x.shape[-1] // c
         x_saved = input_to_save(x, dtype)
         w1c, w2_inc, w2_outc = cast(w1, dtype), cast(w2_in, dtype), cast(w2_out, dtype)
@@ -56,39 +57,23 @@ class KronLinear(torch.autograd.Function):
         out = addmm_output(result, _kron_mix_rows(t_t, w1c, r), w2_outc, alpha, dtype)
         keep = None if recompute or w2_in is None else t_t
         ctx.save_for_backward(x_saved, w1, w2_in, w2_out, keep)
-        ctx.meta = (dtype, alpha, a, b, c, d, x.shape, x.dtype, result.dtype)
+        ctx.meta = (dtype, alpha, x.shape, x.dtype, result.dtype)
         return out
 
     @staticmethod
     def backward(ctx, grad):
         x_saved, w1, w2_in, w2_out, t_t = ctx.saved_tensors
-        dtype, alpha, a, b, c, d, x_shape, x_dtype, result_dtype = ctx.meta
+        dtype, alpha, x_shape, x_dtype, result_dtype = ctx.meta
         need_result, need_x, need_w1, need_w2_in, need_w2_out, _, _ = ctx.needs_input_grad
-        w1c, w2_inc, w2_outc = cast(w1, dtype), cast(w2_in, dtype), cast(w2_out, dtype)
-        if t_t is None:
-            grid, t_t = _kron_input_side(cast(x_saved, dtype), w2_inc, c, d)  # (N·c, d), (N·r, c)
-        else:
-            grid = cast(x_saved, dtype).reshape(-1, d)
-        g = cast(grad.reshape(-1, b), dtype)  # (N·a, b)
-        r = w2_outc.shape[1]
-        grad_w1 = grad_w2_in = grad_w2_out = grad_x = None
-        if need_w2_out:
-            # (hᵀ g)ᵀ, not gᵀ h: CPU BLAS runs the r-row orientation several times faster
-            grad_w2_out = (_kron_mix_rows(t_t, w1c, r).t() @ g).mul_(alpha).t().contiguous()
-        gh_t = (g @ (w2_outc * alpha)).reshape(-1, a, r).transpose(1, 2).reshape(-1, a)  # (N·r, a)
-        if need_w1:
-            grad_w1 = gh_t.t() @ t_t
-        del t_t
-        if need_x or need_w2_in:
-            gt = (gh_t @ w1c).reshape(-1, r, c).transpose(1, 2).reshape(-1, r)  # (N·c, r)
-            if w2_in is None:
-                grad_x = gt.reshape(x_shape) if need_x else None
-            else:
-                if need_w2_in:
-                    grad_w2_in = gt.t() @ grid
-                if need_x:  # written into a fresh tensor, not a view: autograd adds the base's ∂x to it in place
-                    grad_x = torch.empty(x_shape, dtype=dtype, device=gt.device)
-                    torch.mm(gt, w2_inc, out=grad_x.view(-1, d))
+        grad_x, grad_w1, grad_w2_in, grad_w2_out = kron_linear_grads(
+            cast(grad.reshape(-1, w2_out.shape[0]), dtype),
+            cast(x_saved, dtype),
+            t_t,
+            (cast(w1, dtype), cast(w2_in, dtype), cast(w2_out, dtype)),
+            alpha,
+            x_shape,
+            (need_x, need_w1, need_w2_in, need_w2_out),
+        )
         return (
             cast(grad, result_dtype) if need_result else None,
             cast(grad_x, x_dtype),
@@ -98,6 +83,102 @@ class KronLinear(torch.autograd.Function):
             None,
             None,
         )
+
+
+def kron_linear_grads(
+    g: Tensor,
+    x: Tensor,
+    t_t: Tensor | None,
+    factors: tuple[Tensor, Tensor | None, Tensor],
+    alpha: float,
+    x_shape: torch.Size,
+    needs: tuple[bool, bool, bool, bool],
+) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
+    """``(∂x, ∂W1, ∂w2_in, ∂w2_out)`` of :class:`KronLinear` for the output gradient g as rows (N·a, b), each
+    ``None`` unless ``needs`` (x, W1, w2_in, w2_out) asks; x, the factors (W1, w2_in, w2_out) and g in one
+    dtype; ``t_t`` the kept input side or ``None`` (recomputed)."""
+    w1, w2_in, w2_out = factors
+    need_x, need_w1, need_w2_in, need_w2_out = needs
+    (a, c), r = w1.shape, w2_out.shape[1]
+    d = x_shape[-1] // c
+    if t_t is None:
+        grid, t_t = _kron_input_side(x, w2_in, c, d)  # (N·c, d), (N·r, c)
+    else:
+        grid = x.reshape(-1, d)
+    grad_w1 = grad_w2_in = grad_w2_out = grad_x = None
+    if need_w2_out:
+        # (hᵀ g)ᵀ, not gᵀ h: CPU BLAS runs the r-row orientation several times faster
+        grad_w2_out = (_kron_mix_rows(t_t, w1, r).t() @ g).mul_(alpha).t().contiguous()
+    gh_t = (g @ (w2_out * alpha)).reshape(-1, a, r).transpose(1, 2).reshape(-1, a)  # (N·r, a)
+    if need_w1:
+        grad_w1 = gh_t.t() @ t_t
+    del t_t
+    if need_x or need_w2_in:
+        gt = (gh_t @ w1).reshape(-1, r, c).transpose(1, 2).reshape(-1, r)  # (N·c, r)
+        if w2_in is None:
+            grad_x = gt.reshape(x_shape) if need_x else None
+        else:
+            if need_w2_in:
+                grad_w2_in = gt.t() @ grid
+            if need_x:  # written into a fresh tensor, not a view: autograd adds the base's ∂x to it in place
+                grad_x = torch.empty(x_shape, dtype=gt.dtype, device=gt.device)
+                torch.mm(gt, w2_in, out=grad_x.view(-1, d))
+    return grad_x, grad_w1, grad_w2_in, grad_w2_out
+
+
+class MergedKronLinear(torch.autograd.Function):
+    """``x (W + alpha · W1 ⊗ W2)ᵀ + b`` as one matrix product, trained without W's full-size gradient.
+
+        forward:   out = x W'ᵀ + b      W' = W + alpha · W1 ⊗ (w2_out w2_in)
+        backward:  ∂x = g W' (W' rebuilt)   ∂W1, ∂w2_in, ∂w2_out by :func:`kron_linear_grads`
+
+    Shapes as in :class:`KronLinear`, weight (a·b, c·d), bias (a·b,) or None, all one dtype; W and b get no
+    gradient.  Saves x (the caller's storage) and the factors.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, w1, w2_in, w2_out, alpha):
+        ctx.save_for_backward(x, weight, w1, w2_in, w2_out)
+        ctx.alpha = alpha
+        return F.linear(x, _merged_kron_weight(weight, w1, w2_in, w2_out, alpha), bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, w1, w2_in, w2_out = ctx.saved_tensors
+        need_x, _, _, need_w1, need_w2_in, need_w2_out, _ = ctx.needs_input_grad
+        g = grad.reshape(-1, grad.shape[-1])
+        grad_x = None
+        if need_x:
+            grad_x = (g @ _merged_kron_weight(weight, w1, w2_in, w2_out, ctx.alpha)).reshape(x.shape)
+        _, grad_w1, grad_w2_in, grad_w2_out = kron_linear_grads(
+            g.reshape(-1, w2_out.shape[0]),
+            x,
+            None,
+            (w1, w2_in, w2_out),
+            ctx.alpha,
+            x.shape,
+            (False, need_w1, need_w2_in, need_w2_out),
+        )
+        return grad_x, None, None, grad_w1, grad_w2_in, grad_w2_out, None
+
+
+def _merged_kron_weight(weight: Tensor, w1: Tensor, w2_in: Tensor | None, w2_out: Tensor, alpha: float) -> Tensor:
+    """``W + alpha · W1 ⊗ W2`` with W2 = w2_out w2_in (alpha folded into the small W1)."""
+    w2 = w2_out if w2_in is None else w2_out @ w2_in
+    return torch.kron(w1 * alpha, w2).add_(weight)
+
+
+def merged_kron_linear(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    w1: Tensor,
+    w2_in: Tensor | None,
+    w2_out: Tensor,
+    alpha: float = 1.0,
+) -> Tensor:
+    """``x (W + alpha · W1 ⊗ W2)ᵀ + b`` (see :class:`MergedKronLinear`)."""
+    return MergedKronLinear.apply(x, weight, bias, w1, w2_in, w2_out, alpha)
 
 
 def kron_linear(
