@@ -1,5 +1,5 @@
-"""Training LoRA and LoKr through ``W + ΔW`` without the full-size weight gradient (``MergedLowRankLinear``,
-``MergedKronLinear``).
+"""Training LoRA, LoKr and LoHa through ``W + ΔW`` without the full-size weight gradient (``MergedLowRankLinear``,
+``MergedKronLinear``, ``MergedKhatriRaoLinear``).
 
 The combined path takes it for one such adapter on a linear-like layer when everything is in one dtype and
 autocast is off; the cost model picks it over the bypass when it needs fewer multiply-adds (LoRA: when
@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 import beyondlora as bl
+from beyondlora.ops.bypass_khatri_rao import merged_khatri_rao_linear
 from beyondlora.ops.bypass_kron import merged_kron_linear
 from beyondlora.ops.bypass_lowrank import merged_low_rank_linear
 from layer_cases import layers_of
@@ -53,6 +54,14 @@ def test_kron_gradcheck(full_w2: bool) -> None:
     assert torch.autograd.gradcheck(step, leaves)
 
 
+def test_khatri_rao_gradcheck() -> None:
+    out, n, r = 4, 5, 2
+    x, a1, b1, a2, b2 = _leaf(2, 3, n), _leaf(out, r), _leaf(r, n), _leaf(out, r), _leaf(r, n)
+    weight, bias = torch.randn(out, n, dtype=torch.float64), torch.randn(out, dtype=torch.float64)
+    step = lambda *t: merged_khatri_rao_linear(t[0], weight, bias, *t[1:], 1.3)  # noqa: E731
+    assert torch.autograd.gradcheck(step, (x, a1, b1, a2, b2))
+
+
 def _model(config: bl.AdapterConfig, layer: str = "linear", dtype: torch.dtype = torch.float64) -> nn.Module:
     torch.manual_seed(0)
     if layer == "hf_conv1d":
@@ -81,6 +90,7 @@ CONFIGS = {
     "dylora": bl.DyLoraConfig(r=RANK, block_size=2, target_modules=["0"], init_weights=False),
     "lokr": bl.LoKrConfig(r=2, decompose_factor=4, target_modules=["0"], init_weights=False, rank_dropout=0.5),
     "lokr_full_w2": bl.LoKrConfig(r=16, target_modules=["0"], init_weights=False),
+    "loha": bl.LoHaConfig(r=RANK, target_modules=["0"], init_weights=False, rank_dropout=0.5),
 }
 
 

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..ops.bypass_khatri_rao import khatri_rao_conv, khatri_rao_linear
+from ..ops.bypass_khatri_rao import khatri_rao_conv, khatri_rao_linear, merged_khatri_rao_linear
 from ..ops.geometry import LayerGeometry
 from ..ops.products import column_khatri_rao, hadamard_product, row_khatri_rao, tucker_rebuild
 from .base import Adapter, AdapterOptions, check_init, kaiming_
@@ -106,6 +106,22 @@ class LoHa(Adapter):
             return khatri_rao_conv(result, x, partial(_khatri_rao_conv_hidden, g), a1.t(), a2.t(), factors, alpha, lean)
         hidden = partial(_khatri_rao_conv_hidden, g)
         return khatri_rao_conv(result, x, hidden, a1, a2, (b1, b2), alpha, lean, geometry=g)
+
+    def has_merged_linear(self) -> bool:
+        return self.geometry.kind in ("linear", "hf_conv1d") and self.dora_scale is None
+
+    def merged_linear(
+        self, x: Tensor, weight: Tensor, bias: Tensor | None, draw: Any = None, multiplier: float = 1.0
+    ) -> Tensor | None:
+        """:func:`beyondlora.ops.bypass_khatri_rao.merged_khatri_rao_linear` with ``alpha = t · s`` (a trainable
+        scale goes into w1_a)."""
+        if not self.has_merged_linear():
+            return None
+        a1, a2 = self._out_factors(draw)
+        scale = self.scale
+        if isinstance(scale, Tensor):
+            a1, scale = a1 * scale, 1.0
+        return merged_khatri_rao_linear(x, weight, bias, a1, self.hada_w1_b, a2, self.hada_w2_b, multiplier * scale)
 
     def bypass_parts(self, x: Tensor, draw: Any = None) -> tuple[Tensor, Tensor, float]:
         """A rank-r² LoRA: ``up = w1_a •r w2_a`` (out, r²), ``down = w1_b •c w2_b`` (r², in)."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .bypass_common import (
@@ -87,6 +88,62 @@ class KhatriRaoLinear(torch.autograd.Function):
             *[grad_like(gi, p) for gi, p in zip(grads, (a1, b1, a2, b2), strict=True)],
             None,
         )
+
+
+class MergedKhatriRaoLinear(torch.autograd.Function):
+    """``x (W + alpha · (a1 b1) ⊙ (a2 b2))ᵀ + b`` as one matrix product, trained without W's full gradient.
+
+        forward:   out = x W'ᵀ + b      W' = W + alpha · (a1 b1) ⊙ (a2 b2)
+        backward:  ∂x = g W' (W' rebuilt)   the factors through the rank-r² route of :func:`low_rank_backward`
+
+    Shapes as in :class:`KhatriRaoLinear`, weight (out, in), bias (out,) or None, all one dtype; W and b get
+    no gradient.  Saves x (the caller's storage) and the four factors.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, a1, b1, a2, b2, alpha):
+        ctx.save_for_backward(x, weight, a1, b1, a2, b2)
+        ctx.alpha = alpha
+        return F.linear(x, _merged_hadamard_weight(weight, a1, b1, a2, b2, alpha), bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, a1, b1, a2, b2 = ctx.saved_tensors
+        need_x, _, _, need_a1, need_b1, need_a2, need_b2, _ = ctx.needs_input_grad
+        up, down = row_khatri_rao(a1, a2), column_khatri_rao(b1, b2)
+        g = grad.reshape(-1, grad.shape[-1])
+        grad_x = None
+        if need_x:
+            grad_x = (g @ _merged_hadamard_weight(weight, a1, b1, a2, b2, ctx.alpha)).reshape(x.shape)
+        rows = x.reshape(-1, x.shape[-1])
+        needs = (False, need_b1 or need_b2, need_a1 or need_a2)
+        _, grad_down, grad_up = low_rank_backward(g, rows, None, down, up, ctx.alpha, x.shape, needs)
+        grads = [None] * 4
+        if grad_up is not None:
+            grads[0], grads[2] = _split_up_grad(grad_up, a1, a2)
+        if grad_down is not None:
+            grads[1], grads[3] = _split_down_grad(grad_down, b1, b2)
+        return grad_x, None, None, *grads, None
+
+
+def _merged_hadamard_weight(weight: Tensor, a1: Tensor, b1: Tensor, a2: Tensor, b2: Tensor, alpha: float) -> Tensor:
+    """``W + alpha · (a1 b1) ⊙ (a2 b2)``: two rank-r products (2·r·out·in multiply-adds), not the rank-r²
+    Khatri-Rao one (r²·out·in)."""
+    return torch.addcmul(weight, a1 @ b1, a2 @ b2, value=alpha)
+
+
+def merged_khatri_rao_linear(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    a1: Tensor,
+    b1: Tensor,
+    a2: Tensor,
+    b2: Tensor,
+    alpha: float = 1.0,
+) -> Tensor:
+    """``x (W + alpha · (a1 b1) ⊙ (a2 b2))ᵀ + b`` (see :class:`MergedKhatriRaoLinear`)."""
+    return MergedKhatriRaoLinear.apply(x, weight, bias, a1, b1, a2, b2, alpha)
 
 
 def khatri_rao_linear(
