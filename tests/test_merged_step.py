@@ -167,3 +167,17 @@ def test_not_under_autocast_nor_on_a_16_bit_base() -> None:
     half = _model(CONFIGS["lora"], dtype=torch.bfloat16)
     (host,) = layers_of(half)
     assert not host._trains_merged(list(host.adapters.values()), x.to(torch.bfloat16))
+
+
+def test_a_trainable_base_bias_keeps_its_gradient() -> None:
+    """The merged step gives W and b no gradient: with b unfrozen the combined path's autograd runs instead."""
+    model = _model(CONFIGS["lora"])
+    model.train()
+    (host,) = layers_of(model)
+    x = torch.randn(MANY, IN, dtype=torch.float64)
+    host.base_layer.bias.requires_grad_(True)
+    assert not host._trains_merged(list(host.adapters.values()), x)
+    host.forward_mode = "combined"
+    out = model(x)
+    out.square().sum().backward()
+    torch.testing.assert_close(host.base_layer.bias.grad, 2 * out.detach().sum(0))

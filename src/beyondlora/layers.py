@@ -279,8 +279,9 @@ class AdapterLayer(nn.Module):
         adapter = adapters[0]
         if not adapter.has_merged_linear() or adapter.delta_bias() is not None:
             return False
-        weight = self.geometry.canonical_weight(self.base_layer)
-        return weight.dtype == x.dtype == adapter.param_dtype and not weight.requires_grad
+        weight, bias = self.geometry.canonical_weight(self.base_layer), getattr(self.base_layer, "bias", None)
+        frozen = not weight.requires_grad and (bias is None or not bias.requires_grad)  # W and b get no gradient
+        return frozen and weight.dtype == x.dtype == adapter.param_dtype
 
     def _combined_forward(self, x: Tensor, names: list[str], draws: dict[str, Any]) -> Tensor:
         g = self.geometry
