@@ -101,10 +101,10 @@ class LoHa(Adapter):
         b1, b2 = self.hada_w1_b, self.hada_w2_b
         if g.kind != "conv":
             return khatri_rao_linear(result, x, a1, b1, a2, b2, alpha)
+        hidden = partial(_khatri_rao_conv_hidden, g)
         if self.tucker:
             factors = (b1, b2, self.hada_t1, self.hada_t2)
-            return khatri_rao_conv(result, x, partial(_khatri_rao_conv_hidden, g), a1.t(), a2.t(), factors, alpha, lean)
-        hidden = partial(_khatri_rao_conv_hidden, g)
+            return khatri_rao_conv(result, x, hidden, a1.t(), a2.t(), factors, alpha, lean)
         return khatri_rao_conv(result, x, hidden, a1, a2, (b1, b2), alpha, lean, geometry=g)
 
     def has_merged_linear(self) -> bool:
