@@ -106,16 +106,16 @@ def test_auto_trains_merged_with_the_bypass_gradients(config: str, layer: str) -
     if config.startswith("lora"):  # the LoRA threshold: 16 · 88 < 2 · 48 · 40 < 64 · 88
         assert host._use_bypass(x[:, : FEW // 2], ["default"])
     adapter, calls = host.adapters["default"], []
-    original = adapter.merged_linear
+    original = adapter.merged_step
 
     def counting(*args):
         out = original(*args)
         calls.append(out is not None)
         return out
 
-    adapter.merged_linear = counting
+    adapter.merged_step = counting
     merged = _step(model, x)
-    del adapter.merged_linear
+    del adapter.merged_step
     assert calls == [True]
     host.forward_mode = "bypass"
     bypass = _step(model, x)

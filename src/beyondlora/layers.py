@@ -270,14 +270,14 @@ class AdapterLayer(nn.Module):
         return out if bias is None else out - self.geometry.per_channel(bias, out.dim())
 
     def _trains_merged(self, adapters: list[Adapter], x: Tensor) -> bool:
-        """Whether the combined path trains through ``W + ΔW`` by the adapter's :meth:`~.Adapter.merged_linear`
+        """Whether the combined path trains through ``W + ΔW`` by the adapter's :meth:`~.Adapter.merged_step`
         (factor gradients through its rank-sized route) rather than autograd's full-size gradient of
         ``W + ΔW``: one adapter that has one, everything in one dtype, and no autocast (``W + ΔW`` rounded to
         a 16-bit autocast dtype would lose most of a small ΔW)."""
         if len(adapters) != 1 or _autocasting(x.device.type):
             return False
         adapter = adapters[0]
-        if not adapter.has_merged_linear() or adapter.delta_bias() is not None:
+        if not adapter.has_merged_step() or adapter.delta_bias() is not None:
             return False
         weight, bias = self.geometry.canonical_weight(self.base_layer), getattr(self.base_layer, "bias", None)
         frozen = not weight.requires_grad and (bias is None or not bias.requires_grad)  # W and b get no gradient
@@ -289,7 +289,7 @@ class AdapterLayer(nn.Module):
         if torch.is_grad_enabled() and self._trains_merged(adapters, x):
             adapter, weight = adapters[0], g.canonical_weight(self.base_layer)
             bias = getattr(self.base_layer, "bias", None)
-            return adapter.merged_linear(x, weight, bias, draws[names[0]], adapter.multiplier)
+            return adapter.merged_step(x, weight, bias, draws[names[0]], adapter.multiplier)
         base_weight = self.base_weight()
         dtype = self.adapters[names[0]].param_dtype
         weight = g.canonical_weight(self.base_layer).to(dtype)

@@ -172,17 +172,17 @@ class Adapter(nn.Module):
         """Convolutions: ``ΔW ⊛ x`` (times the scale) without building ΔW, or ``None``."""
         return None
 
-    def has_merged_linear(self) -> bool:
-        """Whether :meth:`merged_linear` exists for this adapter on this layer."""
+    def has_merged_step(self) -> bool:
+        """Whether :meth:`merged_step` exists for this adapter on this layer."""
         return False
 
-    def merged_linear(
+    def merged_step(
         self, x: Tensor, weight: Tensor, bias: Tensor | None, draw: Any = None, multiplier: float = 1.0
     ) -> Tensor | None:
-        """Linear-like layers: ``x (W + t · ΔW)ᵀ + b`` as one matrix product whose backward gives the factors
-        their gradients through the adapter's rank-sized route, never the full-size gradient of W + ΔW.
-        ``weight`` is the canonical (out, in) W, x, W and the factors share one dtype; ``None`` where the
-        adapter has no such path (:meth:`has_merged_linear`)."""
+        """Linear-like layers in training: ``x (W + t · ΔW)ᵀ + b`` as one matrix product whose backward gives the
+        factors their gradients through the adapter's rank-sized route, never the full-size gradient of
+        W + ΔW.  ``weight`` is the canonical (out, in) W; x, W and the factors share one dtype; ``None`` where
+        the adapter has no such path (:meth:`has_merged_step`)."""
         return None
 
     def bypass_flops(self, tokens: int) -> float:

@@ -107,15 +107,15 @@ class LoHa(Adapter):
             return khatri_rao_conv(result, x, hidden, a1.t(), a2.t(), factors, alpha, lean)
         return khatri_rao_conv(result, x, hidden, a1, a2, (b1, b2), alpha, lean, geometry=g)
 
-    def has_merged_linear(self) -> bool:
+    def has_merged_step(self) -> bool:
         return self.geometry.kind in ("linear", "hf_conv1d") and self.dora_scale is None
 
-    def merged_linear(
+    def merged_step(
         self, x: Tensor, weight: Tensor, bias: Tensor | None, draw: Any = None, multiplier: float = 1.0
     ) -> Tensor | None:
         """:func:`beyondlora.ops.bypass_khatri_rao.merged_khatri_rao_linear` with ``alpha = t · s`` (a trainable
         scale goes into w1_a)."""
-        if not self.has_merged_linear():
+        if not self.has_merged_step():
             return None
         a1, a2 = self._out_factors(draw)
         scale = self.scale

@@ -178,15 +178,15 @@ class LoKr(Adapter):
         hidden = partial(_kron_conv_hidden, g, c, d, "low_rank")
         return kron_conv(result, x, hidden, w1, self._w2_out(draw), (self.lokr_w2_b,), alpha, lean)
 
-    def has_merged_linear(self) -> bool:
+    def has_merged_step(self) -> bool:
         return self.geometry.kind in ("linear", "hf_conv1d") and self.dora_scale is None
 
-    def merged_linear(
+    def merged_step(
         self, x: Tensor, weight: Tensor, bias: Tensor | None, draw: Any = None, multiplier: float = 1.0
     ) -> Tensor | None:
         """:func:`beyondlora.ops.bypass_kron.merged_kron_linear` with ``alpha = t · s`` (a trainable scale goes
         into W1)."""
-        if not self.has_merged_linear():
+        if not self.has_merged_step():
             return None
         w1, scale = self.w1(draw), self.scale
         if isinstance(scale, Tensor):
