@@ -1,5 +1,5 @@
-"""Training LoRA, LoKr and LoHa through ``W + ΔW`` without the full-size weight gradient (``MergedLowRankLinear``,
-``MergedKronLinear``, ``MergedKhatriRaoLinear``).
+"""Training LoRA, LoKr and LoHa through ``W + ΔW`` without the full-size weight gradient (ops.bypass_merged:
+``merged_low_rank_linear``, ``merged_kron_linear``, ``merged_khatri_rao_linear``).
 
 The combined path takes it for one such adapter on a linear-like layer when everything is in one dtype and
 autocast is off; the cost model picks it over the bypass when it needs fewer multiply-adds (LoRA: when

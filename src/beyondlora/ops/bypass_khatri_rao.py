@@ -15,7 +15,6 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from .bypass_common import (
@@ -29,6 +28,7 @@ from .bypass_common import (
 )
 from .bypass_conv import OutputSide, conv_bypass
 from .bypass_lowrank import low_rank_backward, low_rank_forward
+from .bypass_merged import merged_linear
 from .geometry import LayerGeometry
 from .products import column_khatri_rao, row_khatri_rao
 
@@ -72,16 +72,9 @@ class KhatriRaoLinear(torch.autograd.Function):
         dtype, alpha, x_shape, x_dtype, result_dtype = ctx.meta
         need_result, need_x, need_a1, need_b1, need_a2, need_b2, _ = ctx.needs_input_grad
         a1c, b1c, a2c, b2c = (cast(t, dtype) for t in (a1, b1, a2, b2))
-        up, down = row_khatri_rao(a1c, a2c), column_khatri_rao(b1c, b2c)
-        rows = cast(x_saved, dtype).reshape(-1, down.shape[1])
-        g = grad.reshape(-1, up.shape[0]).to(dtype)
-        needs = (need_x, need_b1 or need_b2, need_a1 or need_a2)
-        grad_x, grad_down, grad_up = low_rank_backward(g, rows, None, down, up, alpha, x_shape, needs)
-        grads = [None] * 4
-        if grad_up is not None:
-            grads[0], grads[2] = _split_up_grad(grad_up, a1c, a2c)
-        if grad_down is not None:
-            grads[1], grads[3] = _split_down_grad(grad_down, b1c, b2c)
+        g = cast(grad.reshape(-1, a1.shape[0]), dtype)
+        needs = (need_x, need_a1, need_b1, need_a2, need_b2)
+        grad_x, *grads = khatri_rao_linear_grads(g, cast(x_saved, dtype), (a1c, b1c, a2c, b2c), alpha, x_shape, needs)
         return (
             cast(grad, result_dtype) if need_result else None,
             cast(grad_x, x_dtype),
@@ -90,46 +83,42 @@ class KhatriRaoLinear(torch.autograd.Function):
         )
 
 
-class MergedKhatriRaoLinear(torch.autograd.Function):
-    """``x (W + alpha · (a1 b1) ⊙ (a2 b2))ᵀ + b`` as one matrix product, trained without W's full gradient.
-
-        forward:   out = x W'ᵀ + b      W' = W + alpha · (a1 b1) ⊙ (a2 b2)
-        backward:  ∂x = g W' (W' rebuilt)   the factors through the rank-r² route of :func:`low_rank_backward`
-
-    Shapes as in :class:`KhatriRaoLinear`, weight (out, in), bias (out,) or None, all one dtype; W and b get
-    no gradient.  Saves x (the caller's storage) and the four factors.
-    """
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, a1, b1, a2, b2, alpha):
-        ctx.save_for_backward(x, weight, a1, b1, a2, b2)
-        ctx.alpha = alpha
-        return F.linear(x, _merged_hadamard_weight(weight, a1, b1, a2, b2, alpha), bias)
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, weight, a1, b1, a2, b2 = ctx.saved_tensors
-        need_x, _, _, need_a1, need_b1, need_a2, need_b2, _ = ctx.needs_input_grad
-        up, down = row_khatri_rao(a1, a2), column_khatri_rao(b1, b2)
-        g = grad.reshape(-1, grad.shape[-1])
-        grad_x = None
-        if need_x:
-            grad_x = (g @ _merged_hadamard_weight(weight, a1, b1, a2, b2, ctx.alpha)).reshape(x.shape)
-        rows = x.reshape(-1, x.shape[-1])
-        needs = (False, need_b1 or need_b2, need_a1 or need_a2)
-        _, grad_down, grad_up = low_rank_backward(g, rows, None, down, up, ctx.alpha, x.shape, needs)
-        grads = [None] * 4
-        if grad_up is not None:
-            grads[0], grads[2] = _split_up_grad(grad_up, a1, a2)
-        if grad_down is not None:
-            grads[1], grads[3] = _split_down_grad(grad_down, b1, b2)
-        return grad_x, None, None, *grads, None
+def khatri_rao_linear_grads(
+    g: Tensor,
+    x: Tensor,
+    factors: tuple[Tensor, Tensor, Tensor, Tensor],
+    alpha: float,
+    x_shape: torch.Size,
+    needs: tuple[bool, bool, bool, bool, bool],
+) -> list[Tensor | None]:
+    """``[∂x, ∂a1, ∂b1, ∂a2, ∂b2]`` of ``alpha · (a1 •r a2)((b1 •c b2) x)`` for the output gradient g as rows
+    (N, out), each ``None`` unless ``needs`` (x, a1, b1, a2, b2) asks: the rank-r² route of
+    :func:`low_rank_backward`, then the Khatri-Rao products' gradients split back onto the four factors."""
+    a1, b1, a2, b2 = factors
+    need_x, need_a1, need_b1, need_a2, need_b2 = needs
+    up, down = row_khatri_rao(a1, a2), column_khatri_rao(b1, b2)
+    rows = x.reshape(-1, down.shape[1])
+    low_rank_needs = (need_x, need_b1 or need_b2, need_a1 or need_a2)
+    grad_x, grad_down, grad_up = low_rank_backward(g, rows, None, down, up, alpha, x_shape, low_rank_needs)
+    grads = [None] * 4
+    if grad_up is not None:
+        grads[0], grads[2] = _split_up_grad(grad_up, a1, a2)
+    if grad_down is not None:
+        grads[1], grads[3] = _split_down_grad(grad_down, b1, b2)
+    return [grad_x, *grads]
 
 
-def _merged_hadamard_weight(weight: Tensor, a1: Tensor, b1: Tensor, a2: Tensor, b2: Tensor, alpha: float) -> Tensor:
+def _hadamard_merged(weight: Tensor, factors: tuple[Tensor, Tensor, Tensor, Tensor], alpha: float) -> Tensor:
     """``W + alpha · (a1 b1) ⊙ (a2 b2)``: two rank-r products (2·r·out·in multiply-adds), not the rank-r²
     Khatri-Rao one (r²·out·in)."""
+    a1, b1, a2, b2 = factors
     return torch.addcmul(weight, a1 @ b1, a2 @ b2, value=alpha)
+
+
+def _hadamard_factor_grads(
+    g: Tensor, x: Tensor, factors: tuple[Tensor, Tensor, Tensor, Tensor], alpha: float, needs: tuple[bool, ...]
+) -> list[Tensor | None]:
+    return khatri_rao_linear_grads(g, x, factors, alpha, x.shape, (False, *needs))[1:]
 
 
 def merged_khatri_rao_linear(
@@ -142,8 +131,10 @@ def merged_khatri_rao_linear(
     b2: Tensor,
     alpha: float = 1.0,
 ) -> Tensor:
-    """``x (W + alpha · (a1 b1) ⊙ (a2 b2))ᵀ + b`` (see :class:`MergedKhatriRaoLinear`)."""
-    return MergedKhatriRaoLinear.apply(x, weight, bias, a1, b1, a2, b2, alpha)
+    """``x (W + alpha · (a1 b1) ⊙ (a2 b2))ᵀ + b`` trained without W's gradient (:mod:`.bypass_merged`): the
+    factors' gradients by :func:`khatri_rao_linear_grads`.  Shapes as in :class:`KhatriRaoLinear`."""
+    factors = (a1, b1, a2, b2)
+    return merged_linear(x, weight, bias, alpha, _hadamard_merged, _hadamard_factor_grads, factors)
 
 
 def khatri_rao_linear(

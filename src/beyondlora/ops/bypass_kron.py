@@ -15,11 +15,11 @@ import math
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from .bypass_common import add_output, addmm_output, cast, compute_dtype, grad_like, input_to_save
 from .bypass_conv import OutputSide, conv_bypass
+from .bypass_merged import merged_linear
 
 
 def _kron_input_side(x: Tensor, w2_in: Tensor | None, c: int, d: int) -> tuple[Tensor, Tensor]:
@@ -126,46 +126,18 @@ def kron_linear_grads(
     return grad_x, grad_w1, grad_w2_in, grad_w2_out
 
 
-class MergedKronLinear(torch.autograd.Function):
-    """``x (W + alpha · W1 ⊗ W2)ᵀ + b`` as one matrix product, trained without W's full-size gradient.
-
-        forward:   out = x W'ᵀ + b      W' = W + alpha · W1 ⊗ (w2_out w2_in)
-        backward:  ∂x = g W' (W' rebuilt)   ∂W1, ∂w2_in, ∂w2_out by :func:`kron_linear_grads`
-
-    Shapes as in :class:`KronLinear`, weight (a·b, c·d), bias (a·b,) or None, all one dtype; W and b get no
-    gradient.  Saves x (the caller's storage) and the factors.
-    """
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, w1, w2_in, w2_out, alpha):
-        ctx.save_for_backward(x, weight, w1, w2_in, w2_out)
-        ctx.alpha = alpha
-        return F.linear(x, _merged_kron_weight(weight, w1, w2_in, w2_out, alpha), bias)
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, weight, w1, w2_in, w2_out = ctx.saved_tensors
-        need_x, _, _, need_w1, need_w2_in, need_w2_out, _ = ctx.needs_input_grad
-        g = grad.reshape(-1, grad.shape[-1])
-        grad_x = None
-        if need_x:
-            grad_x = (g @ _merged_kron_weight(weight, w1, w2_in, w2_out, ctx.alpha)).reshape(x.shape)
-        _, grad_w1, grad_w2_in, grad_w2_out = kron_linear_grads(
-            g.reshape(-1, w2_out.shape[0]),
-            x,
-            None,
-            (w1, w2_in, w2_out),
-            ctx.alpha,
-            x.shape,
-            (False, need_w1, need_w2_in, need_w2_out),
-        )
-        return grad_x, None, None, grad_w1, grad_w2_in, grad_w2_out, None
-
-
-def _merged_kron_weight(weight: Tensor, w1: Tensor, w2_in: Tensor | None, w2_out: Tensor, alpha: float) -> Tensor:
+def _kron_merged(weight: Tensor, factors: tuple[Tensor, Tensor | None, Tensor], alpha: float) -> Tensor:
     """``W + alpha · W1 ⊗ W2`` with W2 = w2_out w2_in (alpha folded into the small W1)."""
+    w1, w2_in, w2_out = factors
     w2 = w2_out if w2_in is None else w2_out @ w2_in
     return torch.kron(w1 * alpha, w2).add_(weight)
+
+
+def _kron_factor_grads(
+    g: Tensor, x: Tensor, factors: tuple[Tensor, Tensor | None, Tensor], alpha: float, needs: tuple[bool, ...]
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    rows = g.reshape(-1, factors[2].shape[0])  # (N·a, b)
+    return kron_linear_grads(rows, x, None, factors, alpha, x.shape, (False, *needs))[1:]
 
 
 def merged_kron_linear(
@@ -177,8 +149,9 @@ def merged_kron_linear(
     w2_out: Tensor,
     alpha: float = 1.0,
 ) -> Tensor:
-    """``x (W + alpha · W1 ⊗ W2)ᵀ + b`` (see :class:`MergedKronLinear`)."""
-    return MergedKronLinear.apply(x, weight, bias, w1, w2_in, w2_out, alpha)
+    """``x (W + alpha · W1 ⊗ W2)ᵀ + b`` trained without W's gradient (:mod:`.bypass_merged`): the factors'
+    gradients by :func:`kron_linear_grads`.  Shapes as in :class:`KronLinear`, weight (a·b, c·d)."""
+    return merged_linear(x, weight, bias, alpha, _kron_merged, _kron_factor_grads, (w1, w2_in, w2_out))
 
 
 def kron_linear(

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .bypass_common import addmm_output, cast, compute_dtype, grad_like, input_to_save
+from .bypass_merged import merged_linear
 
 
 def low_rank_forward(
@@ -89,45 +90,28 @@ class LowRankLinear(torch.autograd.Function):
         )
 
 
-class MergedLowRankLinear(torch.autograd.Function):
-    """``x (W + alpha · up down)ᵀ + b`` as one matrix product, trained without W's full-size gradient.
+def _low_rank_merged(weight: Tensor, factors: tuple[Tensor, Tensor], alpha: float) -> Tensor:
+    down, up = factors
+    return torch.addmm(weight, up, down, alpha=alpha)
 
-        forward:   out = x W'ᵀ + b            W' = W + alpha · up down  (one addmm, then one GEMM)
-        backward:  ∂x = g W'  (W' rebuilt)     ∂down, ∂up through the rank route of :func:`low_rank_backward`
 
-    Shapes: x (…, in), weight (out, in), bias (out,) or None, down (r, in), up (out, r), all one dtype;
-    W and b get no gradient.  Saves x (the caller's storage) and the factors.  Against the bypass
-    (:class:`LowRankLinear`) it trades two rebuilds of W' (2·r·in·out multiply-adds) for one rank-r product
-    less over the activations and no separate output add or ∂x accumulation: cheaper when
-    ``tokens · (in + out) > 2 · in · out``.
-    """
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, down, up, alpha):
-        ctx.save_for_backward(x, weight, down, up)
-        ctx.alpha = alpha
-        return F.linear(x, torch.addmm(weight, up, down, alpha=alpha), bias)
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, weight, down, up = ctx.saved_tensors
-        need_x, _, _, need_down, need_up, _ = ctx.needs_input_grad
-        g = grad.reshape(-1, grad.shape[-1])
-        grad_x = None
-        if need_x:
-            grad_x = (g @ torch.addmm(weight, up, down, alpha=ctx.alpha)).reshape(x.shape)
-        rows = x.reshape(-1, x.shape[-1])
-        _, grad_down, grad_up = low_rank_backward(
-            g, rows, None, down, up, ctx.alpha, x.shape, (False, need_down, need_up)
-        )
-        return grad_x, None, None, grad_down, grad_up, None
+def _low_rank_factor_grads(
+    g: Tensor, x: Tensor, factors: tuple[Tensor, Tensor], alpha: float, needs: tuple[bool, bool]
+) -> tuple[Tensor | None, Tensor | None]:
+    down, up = factors
+    rows = x.reshape(-1, x.shape[-1])
+    return low_rank_backward(g, rows, None, down, up, alpha, x.shape, (False, *needs))[1:]
 
 
 def merged_low_rank_linear(
     x: Tensor, weight: Tensor, bias: Tensor | None, down: Tensor, up: Tensor, alpha: float = 1.0
 ) -> Tensor:
-    """``x (W + alpha · up down)ᵀ + b`` (shapes as in :class:`MergedLowRankLinear`)."""
-    return MergedLowRankLinear.apply(x, weight, bias, down, up, alpha)
+    """``x (W + alpha · up down)ᵀ + b`` trained without W's gradient (:mod:`.bypass_merged`): W' by one addmm,
+    the factors' gradients through the rank-r route of :func:`low_rank_backward`.  Shapes: x (…, in), weight
+    (out, in), down (r, in), up (out, r).  Against the bypass (:class:`LowRankLinear`) it trades two rebuilds
+    of W' (2·r·in·out multiply-adds) for one rank-r product less over the activations and no separate output
+    add or ∂x accumulation: cheaper when ``tokens · (in + out) > 2 · in · out``."""
+    return merged_linear(x, weight, bias, alpha, _low_rank_merged, _low_rank_factor_grads, (down, up))
 
 
 def low_rank_linear(result: Tensor, x: Tensor, down: Tensor, up: Tensor, alpha: float = 1.0) -> Tensor:
