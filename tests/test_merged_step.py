@@ -17,7 +17,7 @@ import beyondlora as bl
 from beyondlora.ops.bypass_khatri_rao import merged_khatri_rao_linear
 from beyondlora.ops.bypass_kron import merged_kron_linear
 from beyondlora.ops.bypass_lowrank import merged_low_rank_linear
-from layer_cases import layers_of
+from layer_cases import DEVICE, layers_of
 from test_bypass_memory import _saved_by
 
 IN, OUT, RANK = 48, 40, 4
@@ -71,7 +71,7 @@ def _model(config: bl.AdapterConfig, layer: str = "linear", dtype: torch.dtype =
         nn.init.normal_(base.weight, std=0.2)
     else:
         base = nn.Linear(IN, OUT)
-    return bl.get_peft_model(nn.Sequential(base).to(dtype), config)
+    return bl.get_peft_model(nn.Sequential(base).to(DEVICE, dtype), config)
 
 
 def _step(model: nn.Module, x: torch.Tensor, seed: int = 0) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -80,7 +80,7 @@ def _step(model: nn.Module, x: torch.Tensor, seed: int = 0) -> tuple[torch.Tenso
     model.zero_grad()
     x = x.detach().clone().requires_grad_()
     out = model(x)
-    (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).reshape(out.shape)).sum().backward()
+    (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype, device=out.device).reshape(out.shape)).sum().backward()
     return out.detach(), [x.grad, *(p.grad for p in model.parameters() if p.requires_grad)]
 
 
@@ -101,10 +101,10 @@ def test_auto_trains_merged_with_the_bypass_gradients(config: str, layer: str) -
     model.set_multiplier(0.7)
     model.train()
     (host,) = layers_of(model)
-    x = torch.randn(2, MANY // 2, IN, dtype=torch.float64)
+    x = torch.randn(2, MANY // 2, IN, dtype=torch.float64, device=DEVICE)
     assert not host._use_bypass(x, ["default"])
-    if config.startswith("lora"):  # the LoRA threshold: 16 · 88 < 2 · 48 · 40 < 64 · 88
-        assert host._use_bypass(x[:, : FEW // 2], ["default"])
+    if config.startswith("lora") and DEVICE.type == "cpu":  # the threshold: 16 · 88 < 2 · 48 · 40 < 64 · 88
+        assert host._use_bypass(x[:, : FEW // 2], ["default"])  # (a GPU prices the bypass's work higher)
     adapter, calls = host.adapters["default"], []
     original = adapter.merged_step
 
@@ -131,13 +131,14 @@ def test_gradients_equal_an_explicit_formula() -> None:
     model.train()
     (host,) = layers_of(model)
     adapter = host.adapters["default"]
-    x = torch.randn(MANY, IN, dtype=torch.float64)
+    x = torch.randn(MANY, IN, dtype=torch.float64, device=DEVICE)
     out, grads = _step(model, x)
     leaves = [t.detach().clone().requires_grad_() for t in (x, adapter.lora_down, adapter.lora_up)]
     xx, down, up = leaves
     base = host.base_layer
     expected = xx @ (base.weight + 0.7 * (3.0 / RANK) * up @ down).t() + base.bias
-    (expected * torch.linspace(-1, 1, expected.numel(), dtype=expected.dtype).reshape(expected.shape)).sum().backward()
+    ramp = torch.linspace(-1, 1, expected.numel(), dtype=expected.dtype, device=DEVICE)
+    (expected * ramp.reshape(expected.shape)).sum().backward()
     torch.testing.assert_close(out, expected.detach(), rtol=1e-12, atol=1e-12)
     for got, leaf in zip(grads, leaves, strict=True):
         torch.testing.assert_close(got, leaf.grad, rtol=1e-10, atol=1e-12)
@@ -147,7 +148,7 @@ def test_saves_no_more_than_the_bypass() -> None:
     model = _model(CONFIGS["lora"], dtype=torch.float32)
     model.train()
     (host,) = layers_of(model)
-    x = torch.randn(MANY, IN)
+    x = torch.randn(MANY, IN, device=DEVICE)
     params = tuple(model.parameters())
     merged = _saved_by(model, (x,), params)
     host.forward_mode = "bypass"
@@ -156,14 +157,17 @@ def test_saves_no_more_than_the_bypass() -> None:
 
 
 def test_not_under_autocast_nor_on_a_16_bit_base() -> None:
-    """``W + ΔW`` rounded to 16 bits would lose most of a small ΔW: the bypass trains there instead."""
+    """``W + ΔW`` rounded to 16 bits would lose most of a small ΔW: the bypass trains there instead (or, where
+    it is cheaper, autograd through ``W + ΔW`` in float32, cast by autocast like the base weight)."""
     model = _model(CONFIGS["lora"], dtype=torch.float32)
     model.train()
     (host,) = layers_of(model)
-    x = torch.randn(MANY, IN)
-    assert not host._use_bypass(x, ["default"])
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert host._use_bypass(x, ["default"])
+    adapters = list(host.adapters.values())
+    x = torch.randn(MANY, IN, device=DEVICE)
+    assert not host._use_bypass(x, ["default"]) and host._trains_merged(adapters, x)
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+        assert not host._trains_merged(adapters, x)
+        assert host._use_bypass(x, ["default"]) or DEVICE.type != "cpu"
     half = _model(CONFIGS["lora"], dtype=torch.bfloat16)
     (host,) = layers_of(half)
     assert not host._trains_merged(list(host.adapters.values()), x.to(torch.bfloat16))
@@ -174,7 +178,7 @@ def test_a_trainable_base_bias_keeps_its_gradient() -> None:
     model = _model(CONFIGS["lora"])
     model.train()
     (host,) = layers_of(model)
-    x = torch.randn(MANY, IN, dtype=torch.float64)
+    x = torch.randn(MANY, IN, dtype=torch.float64, device=DEVICE)
     host.base_layer.bias.requires_grad_(True)
     assert not host._trains_merged(list(host.adapters.values()), x)
     host.forward_mode = "combined"

@@ -42,9 +42,10 @@ class AdapterConfig:
         inference_mode: load frozen (no parameter requires grad).
         forward_mode: "auto" (cost model), "bypass" (never build ΔW where possible) or "combined"
             (one op with W + ΔW).
-        backward_memory: what the bypass keeps for backward: "auto" (recompute what is cheap to
-            recompute, keep a rank-sized input-side intermediate where recomputing it costs time) or
-            "lean" (no more than a rank-r LoRA keeps: the layer input and rank-r values per position).
+        backward_memory: what training keeps for backward: "auto" (the bypass recomputes what is cheap to
+            recompute and keeps a rank-sized input-side intermediate where recomputing it costs time; the
+            combined path, where the cost model picks it, keeps W + ΔW) or "lean" (no more than a rank-r
+            LoRA keeps: the layer input and rank-r values per position; never a full-size W + ΔW).
     """
 
     peft_type: ClassVar[str]

@@ -6,7 +6,8 @@ one of two exact paths, chosen per call by a cost model (``forward_mode`` overri
 - **bypass**: the base layer runs unchanged and each adapter adds its low-rank output; ΔW is never built
   (DoRA builds it only for its norm).  (IA)³ is folded into the base call's input or output.
 - **combined**: the base operation runs once with ``W + Σ ΔW`` (and ``b + Σ Δb``); this is exactly what
-  merging computes, and it wins when the layer is small next to the number of tokens.
+  merging computes, and it wins when the layer is small next to the number of tokens, and on GPUs, whose
+  full-size products run many times faster than the bypass's rank-sized ones (:mod:`.cost_model`).
 
 What the bypass saves for backward (``backward_memory``): LoRA keeps the layer input and its rank-r hidden.
 LoKr and LoHa keep the layer input, their factors and, with ``"auto"``, one rank-sized input-side result
@@ -14,7 +15,8 @@ where recomputing it measurably costs time: on convolutions (LoKr: the grouped `
 LoHa: the rank-r² hidden; recomputing costs 5–19 points of step time) and for LoKr on linear-like layers
 (``X w2_bᵀ``, c·r values per position; +4 ± 2 points).  LoHa on linear-like layers recomputes its rank-r²
 hidden in any mode (one GEMM, measured no slower), so it keeps no more than a rank-r LoRA there by default.
-``"lean"`` recomputes everything, so that no adapter keeps more than a rank-r LoRA on the same layer.
+``"lean"`` recomputes everything, so that no adapter keeps more than a rank-r LoRA on the same layer, and
+never trains through the combined path's full-size ``W + ΔW`` (autograd would keep it for backward).
 Khatri-Rao products, ``W1 t`` and other intermediates are never kept.  Input-side (IA)³ never keeps
 ``x ⊙ (1 + v)`` next to ``x``.
 
@@ -23,7 +25,6 @@ Merging adds the same deltas to the base weights in place; unmerging subtracts t
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -32,7 +33,10 @@ from torch import Tensor, nn
 
 from .algorithms.base import Adapter
 from .algorithms.dora import dora_delta, weight_norm
+from .cost_model import rank_work_price
+from .ops.bypass_common import cast
 from .ops.geometry import LayerGeometry
+from .ops.recompute import recomputed_if_saved
 
 ForwardMode = Literal["auto", "bypass", "combined"]
 BackwardMemory = Literal["auto", "lean"]
@@ -149,8 +153,9 @@ class AdapterLayer(nn.Module):
             return True
         if self.forward_mode == "combined":
             return False
-        tokens, grad = self.geometry.tokens(x), torch.is_grad_enabled()
-        key = (tuple(names), bool(self.merged), self.forward_mode, tokens, grad, x.dtype, _autocasting(x.device.type))
+        tokens, grad, device = self.geometry.tokens(x), torch.is_grad_enabled(), x.device.type
+        key = (tuple(names), bool(self.merged), self.forward_mode, self.backward_memory, tokens, grad, device,
+               x.dtype, _autocasting(device))  # fmt: skip
         choice = self._path_choices.get(key)
         if choice is None:
             choice = self._bypass_possible(adapters) and (
@@ -162,13 +167,16 @@ class AdapterLayer(nn.Module):
         return choice
 
     def _bypass_cheaper(self, adapters: list[Adapter], x: Tensor, tokens: int, grad: bool) -> bool:
-        """The cost model: the bypass's multiply-adds against rebuilding ΔW and running W + ΔW."""
-        bypass = sum(a.bypass_flops(tokens) for a in adapters)
+        """The cost model: the bypass's multiply-adds, priced for the device, against rebuilding ΔW and
+        running W + ΔW (in training also W + ΔW's full-size gradient, unless the merged step avoids it)."""
+        bypass = rank_work_price(x.device.type) * sum(a.bypass_flops(tokens) for a in adapters)
         combined = sum(a.rebuild_flops() for a in adapters)
         if grad and self._trains_merged(adapters, x):
             # bypass: B forward + 2·B backward; merged: ΔW built twice + the rank route's 2·B
             return bypass <= 2 * combined
         if grad:
+            if self.backward_memory == "lean":
+                return True  # autograd would keep W + ΔW for backward: more than a rank-r LoRA keeps
             # the combined weight needs its own gradient: one more full-size matmul in backward
             combined += tokens * self.geometry.out_dim * self.geometry.in_dim * self.geometry.kernel_numel
         return bypass <= combined
@@ -193,16 +201,19 @@ class AdapterLayer(nn.Module):
         g = self.geometry
         adapters = {n: self.adapters[n] for n in names}
         scales_input, scales_output = _ia3_by_side(list(adapters.values()))
-        if scales_input:
-            input_scale = sum(a.multiplier * a.channel_scale() for a in scales_input)
-            factor = (1 + g.per_channel(input_scale, x.dim())).to(x.dtype)
+        plain_out = None  # W·x without the bias, computed once if needed
+        if scales_input:  # then no output-side (IA)³ (see _bypass_possible)
+            factor = (1 + g.per_channel(_scale_sum(scales_input), x.dim())).to(x.dtype)
             base_in = x * factor
-            with _recomputed_if_saved(base_in, x, factor):
-                base_out = self.base_layer(base_in, *args, **kwargs)
+            with recomputed_if_saved(base_in, x, factor):
+                result = base_out = self.base_layer(base_in, *args, **kwargs)
+        elif scales_output and not (args or kwargs) and self._bias_free_call_exact(x):
+            # the base op without its bias: then the bias needs no correction pass, forward or backward
+            plain_out = g.apply(x, g.canonical_weight(self.base_layer))
+            result = self._scale_output(plain_out, scales_output, has_bias=False)
         else:
             base_out = self.base_layer(x, *args, **kwargs)
-        plain_out = None  # W·x without the bias, computed once if needed
-        result = self._scale_output(base_out, scales_output)
+            result = self._scale_output(base_out, scales_output)
         for name, adapter in adapters.items():
             t = adapter.multiplier
             if adapter.channel_scale() is not None:
@@ -215,7 +226,7 @@ class AdapterLayer(nn.Module):
                     if bias is not None:
                         result = result + (t * g.per_channel(bias, x.dim())).to(result.dtype)
                     continue
-            x_in = x if g.kind == "embedding" else x.to(adapter.param_dtype)
+            x_in = x if g.kind == "embedding" else cast(x, adapter.param_dtype)
             if adapter.dora_scale is None and g.kind != "conv":
                 fused = self._add_low_rank(result, adapter, x_in, draws[name])
                 if fused is not None:
@@ -228,22 +239,24 @@ class AdapterLayer(nn.Module):
                 merged = weight + adapter.delta_weight(weight, draws[name])
                 ratio = g.per_channel((adapter.dora_scale / weight_norm(merged, True)).flatten(), x.dim())
                 delta_out = (ratio - 1) * plain_out + ratio * delta_out
-            result = result + (t * delta_out).to(result.dtype)
+            result = result + cast(delta_out if t == 1 else t * delta_out, result.dtype)
             bias = adapter.delta_bias()
             if bias is not None:
                 result = result + (t * g.per_channel(bias, x.dim())).to(result.dtype)
         return result
 
-    def _scale_output(self, base_out: Tensor, ia3: list[Adapter]) -> Tensor:
-        """Output-side (IA)³ in one pass: ``(Wx + b) ⊙ (1 + v) − v ⊙ b`` with ``v = Σ t · v_i``."""
+    def _scale_output(self, out: Tensor, ia3: list[Adapter], has_bias: bool = True) -> Tensor:
+        """Output-side (IA)³ in one pass, ``v = Σ t · v_i``: ``(W x + b) ⊙ (1 + v) − v ⊙ b`` from the base
+        layer's output, ``W x ⊙ (1 + v) + b`` from ``W x`` (``has_bias=False``)."""
         if not ia3:
-            return base_out
+            return out
         g = self.geometry
-        v = g.per_channel(sum(a.multiplier * a.channel_scale() for a in ia3), base_out.dim()).to(base_out.dtype)
+        v = cast(g.per_channel(_scale_sum(ia3), out.dim()), out.dtype)
         bias = getattr(self.base_layer, "bias", None)
         if bias is None:
-            return base_out * (1 + v)
-        return torch.addcmul(-(v * g.per_channel(bias, base_out.dim()).to(v.dtype)), base_out, 1 + v)
+            return out * (1 + v)
+        bias = cast(g.per_channel(bias, out.dim()), out.dtype)
+        return torch.addcmul(-(v * bias) if has_bias else bias, out, 1 + v)
 
     @staticmethod
     def _add_low_rank(result: Tensor, adapter: Adapter, x: Tensor, draw: Any) -> Tensor | None:
@@ -264,6 +277,13 @@ class AdapterLayer(nn.Module):
             result.reshape(-1, up.shape[0]), hidden.reshape(-1, up.shape[1]), up.t(), alpha=adapter.multiplier * scale
         )
         return flat.reshape(result.shape)
+
+    def _bias_free_call_exact(self, x: Tensor) -> bool:
+        """Whether ``W x`` then ``+ b`` gives what the base layer gives: a plain linear or convolution with a
+        bias, in float32 or float64 (16 bits would round ``W x`` once more than the base layer's own op)."""
+        base = self.base_layer
+        wide = x.dtype in (torch.float32, torch.float64) and not _autocasting(x.device.type)
+        return wide and getattr(base, "bias", None) is not None and _plain(base)
 
     def _without_bias(self, out: Tensor) -> Tensor:
         bias = getattr(self.base_layer, "bias", None)
@@ -337,64 +357,27 @@ class AdapterLayer(nn.Module):
         return f"active={self.active_adapters}, merged={list(self.merged)}"
 
 
+def _scale_sum(ia3: list[Adapter]) -> Tensor:
+    """``Σ t · v_i`` over (IA)³ adapters, with no op for one adapter at multiplier 1 (each op is a kernel launch)."""
+    terms = [a.channel_scale() if a.multiplier == 1 else a.multiplier * a.channel_scale() for a in ia3]
+    return terms[0] if len(terms) == 1 else torch.stack(terms).sum(0)
+
+
+#: Module types whose forward is exactly their geometry's ``apply(x, W, b)``
+_PLAIN_FORWARDS = {nn.Linear.forward, nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward}
+
+
+def _plain(module: nn.Module) -> bool:
+    """Whether ``module``'s forward is a plain linear or convolution (not a subclass that changes it)."""
+    if type(module).forward in _PLAIN_FORWARDS:
+        return True
+    return type(module).__name__ == "Conv1D" and type(module).__module__ == "transformers.pytorch_utils"
+
+
 def _ia3_by_side(adapters: list[Adapter]) -> tuple[list[Adapter], list[Adapter]]:
     """The (IA)³ adapters that scale the base layer's input channels, and those that scale its output."""
     ia3 = [a for a in adapters if a.channel_scale() is not None]
     return [a for a in ia3 if a.on_input], [a for a in ia3 if not a.on_input]
-
-
-class _Recompute:
-    """What :func:`_recomputed_if_saved` saves in place of ``x ⊙ factor``."""
-
-    def __init__(self, x: Tensor, factor: Tensor) -> None:
-        self.x, self.factor = x, factor
-
-
-def _recomputed_if_saved(scaled: Tensor, x: Tensor, factor: Tensor) -> contextlib.AbstractContextManager:
-    """Input-side (IA)³: if the base op saves its input ``scaled = x ⊙ factor`` for backward (a convolution
-    does, even with a frozen weight), keep ``x`` (which the product itself saves anyway) and ``factor`` instead
-    and recompute the product in backward, so no second input-sized activation stays alive.
-
-    Every other tensor the base op saves goes to the caller's saved-tensor hooks if there are any
-    (checkpointing, offloading, memory accounting), else is saved as usual.  A no-op without grad and while
-    compiling.
-    """
-    if not torch.is_grad_enabled() or _compiling():
-        return contextlib.nullcontext()
-    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
-    outer = top(False) if top is not None else None
-
-    def pack(t: Tensor) -> Any:
-        if t is scaled or (
-            t.untyped_storage().data_ptr() == scaled.untyped_storage().data_ptr()
-            and t.shape == scaled.shape
-            and t.stride() == scaled.stride()
-            and t.storage_offset() == scaled.storage_offset()
-            and t.dtype == scaled.dtype
-        ):
-            return _Recompute(x.detach(), factor.detach())
-        return _Outer(outer[0](t)) if outer else t
-
-    def unpack(saved: Any) -> Tensor:
-        if isinstance(saved, _Recompute):
-            return saved.x * saved.factor
-        return outer[1](saved.packed) if isinstance(saved, _Outer) else saved
-
-    return torch.autograd.graph.saved_tensors_hooks(pack, unpack)
-
-
-class _Outer:
-    """A tensor packed by the caller's own saved-tensor hooks."""
-
-    def __init__(self, packed: Any) -> None:
-        self.packed = packed
-
-
-def _compiling() -> bool:
-    try:
-        return torch.compiler.is_compiling()
-    except AttributeError:  # torch < 2.3
-        return False
 
 
 def _autocasting(device_type: str) -> bool:
@@ -402,6 +385,8 @@ def _autocasting(device_type: str) -> bool:
         return torch.is_autocast_enabled(device_type)
     except TypeError:  # torch < 2.4 has no device argument
         return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
+    except RuntimeError:  # a device type autocast does not know (meta): nothing there autocasts
+        return False
 
 
 def _module_dropped(adapter: Adapter) -> bool:

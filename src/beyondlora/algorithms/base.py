@@ -106,6 +106,10 @@ class Adapter(nn.Module):
 
     @property
     def param_dtype(self) -> torch.dtype:
+        # the own parameters first: ``parameters()`` walks a generator, ~15 µs a call, on every forward
+        for p in self._parameters.values():
+            if p is not None:
+                return p.dtype
         return next(self.parameters()).dtype
 
     # --- randomness --------------------------------------------------------------------------------

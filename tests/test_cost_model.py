@@ -1,0 +1,128 @@
+"""The cost model's device pricing and memory setting, and output-side (IA)³ run from the bias-free base op.
+
+- On an accelerator the bypass's rank-sized work is priced :data:`~beyondlora.cost_model.ACCELERATOR_RANK_WORK_PRICE`
+  times a full-size multiply-add, so rebuilding ``W + ΔW`` wins there on layers where the CPU keeps the bypass.
+  The choice is remembered per device type (a ``meta`` input stands for a non-CPU device here).
+- ``backward_memory="lean"`` never trains through the combined path's full-size ``W + ΔW`` (autograd would
+  keep it for backward), in inference it still may.
+- Output-side (IA)³ on a plain linear or convolution with a bias runs the base op without its bias and adds
+  the bias after scaling; its output and gradients equal ``(W ⊙ (1 + t·v)) x + b`` written out in float64.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import beyondlora as bl
+from beyondlora.cost_model import ACCELERATOR_RANK_WORK_PRICE, rank_work_price
+from layer_cases import DEVICE, layers_of
+
+
+def _conv_lora() -> tuple[nn.Module, bl.AdapterLayer]:
+    torch.manual_seed(0)
+    model = bl.get_peft_model(nn.Sequential(nn.Conv2d(16, 16, 3, padding=1)), bl.LoraConfig(r=4, target_modules=["0"]))
+    model.train()
+    return model, layers_of(model)[0]
+
+
+def test_prices() -> None:
+    assert rank_work_price("cpu") == 1.0
+    assert rank_work_price("cuda") == rank_work_price("xpu") == ACCELERATOR_RANK_WORK_PRICE > 1.0
+
+
+def test_an_accelerator_rebuilds_where_the_cpu_keeps_the_bypass() -> None:
+    """LoRA r=4 on a 16-channel 3×3 conv, 512 positions, training: the bypass does 512 · 4 · (144 + 16) =
+    0.33 M multiply-adds, W + ΔW's forward and weight gradient 16 · 144 · 4 + 512 · 16 · 144 = 1.19 M."""
+    _, layer = _conv_lora()
+    x = torch.randn(2, 16, 16, 16)
+    assert layer._use_bypass(x, ["default"])
+    assert not layer._use_bypass(x.to("meta"), ["default"])  # priced ×64: 21 M against 1.19 M
+    assert layer._use_bypass(x, ["default"])  # the CPU's choice is still its own
+
+
+def test_lean_memory_never_trains_through_the_full_size_combined_weight() -> None:
+    _, layer = _conv_lora()
+    x = torch.randn(2, 16, 16, 16, device="meta")
+    layer.backward_memory = "lean"
+    assert layer._use_bypass(x, ["default"])
+    with torch.no_grad():  # nothing is kept for backward: the cheaper path
+        assert not layer._use_bypass(x, ["default"])
+    layer.backward_memory = "auto"
+    assert not layer._use_bypass(x, ["default"])
+
+
+def test_lean_memory_still_takes_the_merged_step() -> None:
+    """The merged step keeps x only, so "lean" allows it (LoRA r=4 on 48 → 40, 64 rows)."""
+    torch.manual_seed(0)
+    model = bl.get_peft_model(
+        nn.Sequential(nn.Linear(48, 40)), bl.LoraConfig(r=4, target_modules=["0"], backward_memory="lean")
+    )
+    model.train()
+    (layer,) = layers_of(model)
+    assert not layer._use_bypass(torch.randn(64, 48), ["default"])
+
+
+class _Subclassed(nn.Linear):
+    """A linear whose forward is its own (as in quantized or patched layers): its base call must run."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x)
+
+
+def _hf_conv1d() -> nn.Module:
+    from transformers.pytorch_utils import Conv1D
+
+    layer = Conv1D(6, 5)
+    nn.init.normal_(layer.weight, std=0.3)
+    nn.init.normal_(layer.bias)
+    return layer
+
+
+BASES = {
+    "linear": (lambda: nn.Linear(5, 6), (3, 4, 5), True),
+    "hf_conv1d": (_hf_conv1d, (3, 4, 5), True),
+    "conv2d": (lambda: nn.Conv2d(5, 6, 3, padding=1, padding_mode="reflect"), (2, 5, 4, 4), True),
+    "subclassed": (lambda: _Subclassed(5, 6), (3, 4, 5), False),
+}
+
+
+def _reference(base: nn.Module, kind: str, x: torch.Tensor, v: torch.Tensor, t: float) -> torch.Tensor:
+    """``(W ⊙ (1 + t v)) x + b``: the output rows of W scaled, the bias not."""
+    if kind == "hf_conv1d":
+        return x @ (base.weight * (1 + t * v)[None, :]) + base.bias
+    if kind == "conv2d":
+        weight = base.weight * (1 + t * v)[:, None, None, None]
+        padded = nn.functional.pad(x, (1, 1, 1, 1), mode="reflect")
+        return nn.functional.conv2d(padded, weight, base.bias)
+    return x @ (base.weight * (1 + t * v)[:, None]).t() + base.bias
+
+
+@pytest.mark.parametrize("kind", list(BASES))
+def test_output_side_ia3_with_a_bias_equals_the_formula(kind: str) -> None:
+    make, shape, bias_free_call = BASES[kind]
+    torch.manual_seed(0)
+    model = bl.get_peft_model(nn.Sequential(make()).to(DEVICE, torch.float64), bl.IA3Config(target_modules=["0"]))
+    model.set_multiplier(0.7)
+    model.train()
+    (layer,) = layers_of(model)
+    layer.forward_mode = "bypass"  # (a GPU's cost model may rebuild W ⊙ (1 + t·v) instead)
+    adapter = layer.adapters["default"]
+    with torch.no_grad():
+        adapter.weight.normal_()
+    base_calls = []
+    layer.base_layer.register_forward_hook(lambda *_: base_calls.append(1))
+    x = torch.randn(*shape, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    out = model(x)
+    ramp = torch.linspace(-1, 1, out.numel(), dtype=out.dtype, device=DEVICE).reshape(out.shape)
+    (out * ramp).sum().backward()
+    assert len(base_calls) == (0 if bias_free_call else 1)
+
+    xx = x.detach().clone().requires_grad_()
+    v = adapter.weight.detach().clone().requires_grad_()
+    expected = _reference(layer.base_layer, kind, xx, v, 0.7)
+    (expected * ramp).sum().backward()
+    torch.testing.assert_close(out, expected.detach(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(x.grad, xx.grad, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(adapter.weight.grad, v.grad, rtol=1e-10, atol=1e-12)
