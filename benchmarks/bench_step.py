@@ -51,7 +51,7 @@ import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -356,7 +356,7 @@ def check_equal(wl: Workload, algos: tuple[str, ...], libs: tuple[str, ...], bas
                 m.bias.zero_()
     x = torch.randn(wl.check_shape, device=next(base.parameters()).device)
     lines = []
-    with torch.no_grad():
+    with torch.no_grad(), _full_float32():
         y_base = base(x)
         for algo in algos:
             variants = build_variants(wl, (algo,), libs, base, extra_modes=False)[1:]
@@ -377,8 +377,20 @@ def check_equal(wl: Workload, algos: tuple[str, ...], libs: tuple[str, ...], bas
 # --------------------------------------------------------------------------------------------------
 # measuring
 # --------------------------------------------------------------------------------------------------
-def saved_bytes(variant: Variant, x: torch.Tensor) -> int:
-    """Bytes of the tensors autograd saves in one training forward (one count per storage, no parameters)."""
+@contextlib.contextmanager
+def _full_float32() -> Iterator[None]:
+    """CUDA's TF32 matmuls and convolutions off: their 10-bit mantissa would swamp a small ΔW's difference."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def saved_bytes(variant: Variant, x: torch.Tensor, autocast: torch.dtype | None = None) -> int:
+    """Bytes of the tensors autograd saves in one training forward (one count per storage, no parameters;
+    under autocast its 16-bit copies of the weights count: they live until the step ends)."""
     resident = {p.untyped_storage().data_ptr() for p in variant.model.parameters()}
     resident |= {b.untyped_storage().data_ptr() for b in variant.model.buffers()}
     if variant.net is not None:
@@ -393,13 +405,13 @@ def saved_bytes(variant: Variant, x: torch.Tensor) -> int:
         return t
 
     variant.model.train()
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), _autocast(x, autocast):
         out = variant.model(x)
     del out
     return sum(storages.values())
 
 
-def bl_paths(variant: Variant, x: torch.Tensor, grad: bool) -> str:
+def bl_paths(variant: Variant, x: torch.Tensor, grad: bool, autocast: torch.dtype | None) -> str:
     """How many beyondlora layers take the bypass path in one forward (diagnostic; reads a private method)."""
     layers = [m for m in variant.model.modules() if isinstance(m, bl.AdapterLayer)]
     choices: list[bool] = []
@@ -410,7 +422,7 @@ def bl_paths(variant: Variant, x: torch.Tensor, grad: bool) -> str:
 
     handles = [layer.register_forward_pre_hook(hook) for layer in layers]
     try:
-        with torch.set_grad_enabled(grad):
+        with torch.set_grad_enabled(grad), _autocast(x, autocast):
             variant.model(x.detach().requires_grad_(grad))
     finally:
         for h in handles:
@@ -707,8 +719,9 @@ def main(argv: list[str] | None = None) -> int:
         emit(line + "  ")
     emit(
         f"training: {warmup} warm-up + {reps} timed rounds, inference: {infer_warmup} + {infer_reps}; "
-        "all variants of a workload timed round-robin in a shuffled order. Times are this thread's CPU time "
-        "(medians; wall-clock overheads alongside), ± is the standard error of the overhead"
+        "all variants of a workload timed round-robin in a shuffled order. Times are "
+        + ("wall clock after synchronizing the GPU" if device.type == "cuda" else "this thread's CPU time")
+        + " (medians; wall-clock overheads alongside), ± is the standard error of the overhead"
     )
     verdicts: list[str] = []
     for wl in (known[name] for name in chosen):
@@ -720,9 +733,9 @@ def main(argv: list[str] | None = None) -> int:
         variants = build_variants(wl, algos, libs, base, args.extra_modes)
         x = torch.randn((args.batch, *wl.input_shape[1:]), device=device, requires_grad=True)
         for v in variants:
-            v.saved_bytes = saved_bytes(v, x)
+            v.saved_bytes = saved_bytes(v, x, autocast)
             if v.lib.startswith("beyondlora"):
-                v.paths = f"{bl_paths(v, x, True)} / {bl_paths(v, x, False)}"
+                v.paths = f"{bl_paths(v, x, True, autocast)} / {bl_paths(v, x, False, autocast)}"
         for v in variants:
             v.model.train()
         progress(f"{wl.name}: timing {len(variants)} variants' training steps")
