@@ -1,7 +1,7 @@
 """The cost model's device pricing and memory setting, and output-side (IA)³ run from the bias-free base op.
 
-- On an accelerator the bypass's rank-sized work is priced :data:`~beyondlora.cost_model.ACCELERATOR_RANK_WORK_PRICE`
-  times a full-size multiply-add, so rebuilding ``W + ΔW`` wins there on layers where the CPU keeps the bypass.
+- On an accelerator the bypass's work at rank r is priced ``ACCELERATOR_BALANCE / r`` full-size multiply-adds,
+  so rebuilding ``W + ΔW`` wins there on layers where the CPU keeps the bypass, unless the rank is large.
   The choice is remembered per device type (a ``meta`` input stands for a non-CPU device here).
 - ``backward_memory="lean"`` never trains through the combined path's full-size ``W + ΔW`` (autograd would
   keep it for backward), in inference it still may.
@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 import beyondlora as bl
-from beyondlora.cost_model import ACCELERATOR_RANK_WORK_PRICE, rank_work_price
+from beyondlora.cost_model import ACCELERATOR_BALANCE, rank_work_price
 from layer_cases import DEVICE, layers_of
 
 
@@ -28,8 +28,10 @@ def _conv_lora() -> tuple[nn.Module, bl.AdapterLayer]:
 
 
 def test_prices() -> None:
-    assert rank_work_price("cpu") == 1.0
-    assert rank_work_price("cuda") == rank_work_price("xpu") == ACCELERATOR_RANK_WORK_PRICE > 1.0
+    assert rank_work_price("cpu") == rank_work_price("cpu", 8) == 1.0
+    assert rank_work_price("cuda", 8) == rank_work_price("xpu", 8) == ACCELERATOR_BALANCE / 8 == 64.0
+    assert rank_work_price("cuda") == ACCELERATOR_BALANCE  # elementwise work ((IA)³)
+    assert rank_work_price("cuda", 4096) == 1.0
 
 
 def test_an_accelerator_rebuilds_where_the_cpu_keeps_the_bypass() -> None:
@@ -38,8 +40,20 @@ def test_an_accelerator_rebuilds_where_the_cpu_keeps_the_bypass() -> None:
     _, layer = _conv_lora()
     x = torch.randn(2, 16, 16, 16)
     assert layer._use_bypass(x, ["default"])
-    assert not layer._use_bypass(x.to("meta"), ["default"])  # priced ×64: 21 M against 1.19 M
+    assert not layer._use_bypass(x.to("meta"), ["default"])  # priced ×128 at r = 4: 42 M against 1.19 M
     assert layer._use_bypass(x, ["default"])  # the CPU's choice is still its own
+
+
+def test_a_large_rank_keeps_the_bypass_on_an_accelerator() -> None:
+    """r = 256 on a 512-wide linear, 64 rows: the bypass does 64 · 256 · 1024 = 16.8 M multiply-adds priced ×2,
+    W + ΔW's rebuild and weight gradient 512 · 512 · 256 + 64 · 512 · 512 = 83.9 M (r = 8: 0.5 M ×64 against
+    18.9 M, the combined path)."""
+    for rank, bypass in ((256, True), (8, False)):
+        torch.manual_seed(0)
+        config = bl.LoraConfig(r=rank, target_modules=["0"], dropout=0.1)  # input dropout: no merged step
+        (layer,) = layers_of(bl.get_peft_model(nn.Sequential(nn.Linear(512, 512)), config))
+        x = torch.empty(64, 512, device="meta")
+        assert layer._bypass_cheaper(list(layer.adapters.values()), x, 64, grad=True) is bypass
 
 
 def test_lean_memory_never_trains_through_the_full_size_combined_weight() -> None:

@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
-#: The cost model's price of one multiply-add of the bypass's rank-sized work (matmuls r columns wide, grouped
-#: convolutions, reshapes and passes over activations) in multiply-adds of a full-size matmul or convolution.
-#: A CPU runs both at about the same rate.  A GPU runs full-size ops on its tensor cores many times faster than
-#: the memory-bound rank-sized ones: on an H100 at 16,384 tokens, W + ΔW with its full-size weight gradient
-#: matched or beat the bypass for LoRA, LoKr and LoHa on 768-wide linears (bf16 autocast) and 320-channel
-#: 3×3 convolutions (float32) while doing 33–48 times its multiply-adds (benchmarks/README.md, "GPU"); at a
-#: price of 32 LoKr's and LoRA's bypass was still kept there and measured slower.
-ACCELERATOR_RANK_WORK_PRICE = 64.0
+#: Multiply-adds a GPU's tensor cores do in the time its memory delivers one activation value (an H100: about
+#: 500 TFLOP/s of TF32 against 3.35 TB/s / 4 bytes, the same ratio for bf16).  The bypass's products with
+#: r-wide factors (matmuls r columns wide, grouped convolutions, reshapes and passes over activations) are
+#: memory-bound at small ranks: their time is the activations they read, whatever the rank, so each of their
+#: multiply-adds costs about ``ACCELERATOR_BALANCE / r`` full-size ones.  Measured on an H100 at 16,384
+#: tokens with r = 8 (a price of 64): W + ΔW with its full-size weight gradient matched or beat the bypass
+#: for LoRA, LoKr and LoHa on 768-wide linears (bf16 autocast) and 320-channel 3×3 convolutions (float32)
+#: while doing 33–48 times its multiply-adds (benchmarks/README.md, "On a GPU: step times"); at a price of
+#: 32 LoKr's and LoRA's bypass was still kept there and measured slower.
+ACCELERATOR_BALANCE = 512.0
 
 
-def rank_work_price(device_type: str) -> float:
-    """How much one multiply-add of rank-sized work costs on ``device_type``, in full-size multiply-adds."""
-    return 1.0 if device_type == "cpu" else ACCELERATOR_RANK_WORK_PRICE
+def rank_work_price(device_type: str, rank: int = 1) -> float:
+    """How much one multiply-add of the bypass's work at ``rank`` (1: elementwise, as (IA)³'s) costs on
+    ``device_type``, in multiply-adds of a full-size matmul or convolution: 1 on a CPU, which runs both at
+    about the same rate; ``max(1, ACCELERATOR_BALANCE / rank)`` on any other device."""
+    if device_type == "cpu":
+        return 1.0
+    return max(1.0, ACCELERATOR_BALANCE / max(rank, 1))

@@ -169,7 +169,8 @@ class AdapterLayer(nn.Module):
     def _bypass_cheaper(self, adapters: list[Adapter], x: Tensor, tokens: int, grad: bool) -> bool:
         """The cost model: the bypass's multiply-adds, priced for the device, against rebuilding ΔW and
         running W + ΔW (in training also W + ΔW's full-size gradient, unless the merged step avoids it)."""
-        bypass = rank_work_price(x.device.type) * sum(a.bypass_flops(tokens) for a in adapters)
+        device = x.device.type
+        bypass = sum(rank_work_price(device, a.rank if a.has_rank else 1) * a.bypass_flops(tokens) for a in adapters)
         combined = sum(a.rebuild_flops() for a in adapters)
         if grad and self._trains_merged(adapters, x):
             # bypass: B forward + 2·B backward; merged: ΔW built twice + the rank route's 2·B
