@@ -122,7 +122,7 @@ class AdapterLayer(nn.Module):
         """What adapter ``name`` adds to the weight and bias: ``t · ΔW`` (DoRA: ``t · (W' − W)``), ``t · Δb``."""
         adapter: Adapter = self.adapters[name]
         t = adapter.multiplier if multiplier is None else multiplier
-        base = base_weight.to(adapter.param_dtype)
+        base = cast(base_weight, adapter.param_dtype)
         if adapter.dora_scale is not None:
             delta = adapter.delta_weight(base, draw)
             delta = dora_delta(base, delta, adapter.dora_scale, adapter.options.dora_on_output, t)
@@ -204,7 +204,7 @@ class AdapterLayer(nn.Module):
         scales_input, scales_output = _ia3_by_side(list(adapters.values()))
         plain_out = None  # W·x without the bias, computed once if needed
         if scales_input:  # then no output-side (IA)³ (see _bypass_possible)
-            factor = (1 + g.per_channel(_scale_sum(scales_input), x.dim())).to(x.dtype)
+            factor = cast(1 + g.per_channel(_scale_sum(scales_input), x.dim()), x.dtype)
             base_in = x * factor
             with recomputed_if_saved(base_in, x, factor):
                 result = base_out = self.base_layer(base_in, *args, **kwargs)
@@ -313,19 +313,18 @@ class AdapterLayer(nn.Module):
             return adapter.merged_step(x, weight, bias, draws[names[0]], adapter.multiplier)
         base_weight = self.base_weight()
         dtype = self.adapters[names[0]].param_dtype
-        weight = g.canonical_weight(self.base_layer).to(dtype)
-        bias = getattr(self.base_layer, "bias", None)
-        bias = None if bias is None else bias.to(dtype)
+        weight = cast(g.canonical_weight(self.base_layer), dtype)
+        bias = cast(getattr(self.base_layer, "bias", None), dtype)
         for name in names:
             delta, delta_bias = self.effective_delta(name, base_weight, draws[name])
             weight = weight + delta
             if delta_bias is not None:
                 bias = delta_bias if bias is None else bias + delta_bias
-        x_in = x if g.kind == "embedding" else x.to(dtype)
+        x_in = x if g.kind == "embedding" else cast(x, dtype)
         out = g.apply(x_in, weight, bias)
         if not x.is_floating_point() or _autocasting(x.device.type):
             return out  # under autocast the op's own dtype is what the base layer would give too
-        return out.to(x.dtype)
+        return cast(out, x.dtype)
 
     # --- merging ----------------------------------------------------------------------------------
     @torch.no_grad()
