@@ -368,7 +368,10 @@ _PLAIN_FORWARDS = {nn.Linear.forward, nn.Conv1d.forward, nn.Conv2d.forward, nn.C
 
 
 def _plain(module: nn.Module) -> bool:
-    """Whether ``module``'s forward is a plain linear or convolution (not a subclass that changes it)."""
+    """Whether ``module``'s call is a plain linear or convolution: not a subclass that changes its forward, and
+    no hooks of its own (a forward pre-hook may set the weight, as the old ``weight_norm`` does)."""
+    if module._forward_pre_hooks or module._forward_hooks:
+        return False
     if type(module).forward in _PLAIN_FORWARDS:
         return True
     return type(module).__name__ == "Conv1D" and type(module).__module__ == "transformers.pytorch_utils"
