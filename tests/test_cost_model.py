@@ -11,12 +11,15 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
 
 import beyondlora as bl
 from beyondlora.cost_model import ACCELERATOR_BALANCE, rank_work_price
+from beyondlora.ops.geometry import LayerGeometry
 from layer_cases import DEVICE, layers_of
 
 
@@ -52,8 +55,7 @@ def test_a_large_rank_keeps_the_bypass_on_an_accelerator() -> None:
         torch.manual_seed(0)
         config = bl.LoraConfig(r=rank, target_modules=["0"], dropout=0.1)  # input dropout: no merged step
         (layer,) = layers_of(bl.get_peft_model(nn.Sequential(nn.Linear(512, 512)), config))
-        x = torch.empty(64, 512, device="meta")
-        assert layer._bypass_cheaper(list(layer.adapters.values()), x, 64, grad=True) is bypass
+        assert layer._bypass_cheaper(list(layer.adapters.values()), "cuda", 64, grad=True, merged_step=False) is bypass
 
 
 def test_lean_memory_never_trains_through_the_full_size_combined_weight() -> None:
@@ -78,6 +80,35 @@ def test_lean_memory_still_takes_the_merged_step() -> None:
     assert not layer._use_bypass(torch.randn(64, 48), ["default"])
 
 
+def test_the_remembered_choice_follows_what_the_merged_step_needs() -> None:
+    """The merged step needs a frozen W and b: unfreezing b after a first forward changes the choice ("lean"
+    then keeps the bypass rather than autograd's full-size W + ΔW)."""
+    torch.manual_seed(0)
+    model = bl.get_peft_model(
+        nn.Sequential(nn.Linear(48, 40)), bl.LoraConfig(r=4, target_modules=["0"], backward_memory="lean")
+    )
+    model.train()
+    (layer,) = layers_of(model)
+    x = torch.randn(64, 48)
+    assert not layer._use_bypass(x, ["default"])
+    layer.base_layer.bias.requires_grad_(True)
+    assert layer._use_bypass(x, ["default"])
+
+
+def test_input_dropout_with_adapters_the_bypass_cannot_compute_is_an_error() -> None:
+    """Input dropout exists on the bypass only; (IA)³ on both sides of one layer has no exact bypass."""
+    torch.manual_seed(0)
+    model = bl.get_peft_model(nn.Sequential(nn.Linear(6, 5)), bl.LoraConfig(r=2, target_modules=["0"], dropout=0.1))
+    model.add_adapter("inputs", bl.IA3Config(target_modules=["0"], feedforward_modules=["0"]))
+    model.add_adapter("outputs", bl.IA3Config(target_modules=["0"]))
+    model.set_adapter(["default", "inputs", "outputs"])
+    model.train()
+    with pytest.raises(ValueError, match="input dropout trains on the bypass only"):
+        model(torch.randn(3, 6))
+    model.eval()  # no dropout in eval: the combined path computes the three exactly
+    model(torch.randn(3, 6))
+
+
 class _Subclassed(nn.Linear):
     """A linear whose forward is its own (as in quantized or patched layers): its base call must run."""
 
@@ -94,66 +125,106 @@ def _hf_conv1d() -> nn.Module:
     return layer
 
 
+#: base layer, input shape, whether the bias-free op runs (else the base layer's own call)
 BASES = {
     "linear": (lambda: nn.Linear(5, 6), (3, 4, 5), True),
     "hf_conv1d": (_hf_conv1d, (3, 4, 5), True),
-    "conv2d": (lambda: nn.Conv2d(5, 6, 3, padding=1, padding_mode="reflect"), (2, 5, 4, 4), True),
+    "conv2d_reflect": (lambda: nn.Conv2d(5, 6, 3, padding=1, padding_mode="reflect"), (2, 5, 4, 4), True),
+    "conv1d_grouped_circular": (
+        lambda: nn.Conv1d(4, 6, 3, padding="same", groups=2, padding_mode="circular"), (2, 4, 7), True),
+    "conv3d_strided_replicate": (
+        lambda: nn.Conv3d(3, 4, 2, stride=2, padding=1, padding_mode="replicate"), (2, 3, 4, 5, 3), True),
+    "conv2d_channels_last": (lambda: nn.Conv2d(5, 6, 3, padding=1).to(memory_format=torch.channels_last),
+                             (2, 5, 4, 4), True),
     "subclassed": (lambda: _Subclassed(5, 6), (3, 4, 5), False),
-}
+}  # fmt: skip
 
 
-def _reference(base: nn.Module, kind: str, x: torch.Tensor, v: torch.Tensor, t: float) -> torch.Tensor:
-    """``(W ⊙ (1 + t v)) x + b``: the output rows of W scaled, the bias not."""
-    if kind == "hf_conv1d":
-        return x @ (base.weight * (1 + t * v)[None, :]) + base.bias
-    if kind == "conv2d":
-        weight = base.weight * (1 + t * v)[:, None, None, None]
-        padded = nn.functional.pad(x, (1, 1, 1, 1), mode="reflect")
-        return nn.functional.conv2d(padded, weight, base.bias)
-    return x @ (base.weight * (1 + t * v)[:, None]).t() + base.bias
-
-
-def test_a_hooked_base_layer_is_called() -> None:
-    """A hook on the base layer (the old ``weight_norm`` sets the weight in one) keeps the base layer's call."""
+def _ia3_model(make) -> tuple[nn.Module, bl.AdapterLayer]:
+    """Two output-side (IA)³ adapters on one base layer, multipliers 0.6 and −1.3, random vectors, float64."""
     torch.manual_seed(0)
-    model = bl.get_peft_model(nn.Sequential(nn.Linear(5, 6)), bl.IA3Config(target_modules=["0"]))
+    model = bl.get_peft_model(nn.Sequential(make()).to(DEVICE, torch.float64), bl.IA3Config(target_modules=["0"]))
+    model.add_adapter("second", bl.IA3Config(target_modules=["0"]))
+    model.set_adapter(["default", "second"])
+    model.set_multiplier(0.6, "default")
+    model.set_multiplier(-1.3, "second")
+    model.train()
     (layer,) = layers_of(model)
-    layer.forward_mode = "bypass"
-    calls = []
-    layer.base_layer.register_forward_pre_hook(lambda *_: calls.append(1))
-    model(torch.randn(3, 5))
-    assert calls == [1]
+    layer.forward_mode = "bypass"  # (a GPU's cost model may rebuild W ⊙ (1 + Σ t·v) instead)
+    with torch.no_grad():
+        for adapter in layer.adapters.values():
+            adapter.weight.normal_()
+    return model, layer
+
+
+def _reference(base: nn.Module, x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """The base layer's own forward with its output channels' weights scaled by ``1 + v``, the bias not."""
+    scaled = copy.deepcopy(base)
+    out_axis = 1 if type(base).__name__ == "Conv1D" else 0  # HF Conv1D stores W as (in, out)
+    shape = [1] * base.weight.dim()
+    shape[out_axis] = -1
+    del scaled.weight
+    scaled.weight = base.weight.detach() * (1 + v).reshape(shape)
+    return scaled(x)
+
+
+def _step(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    out = model(x)
+    ramp = torch.linspace(-1, 1, out.numel(), dtype=out.dtype, device=out.device).reshape(out.shape)
+    (out * ramp).sum().backward()
+    return out.detach()
 
 
 @pytest.mark.parametrize("kind", list(BASES))
-def test_output_side_ia3_with_a_bias_equals_the_formula(kind: str) -> None:
+def test_output_side_ia3_with_a_bias_equals_the_formula(kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
     make, shape, bias_free_call = BASES[kind]
-    torch.manual_seed(0)
-    model = bl.get_peft_model(nn.Sequential(make()).to(DEVICE, torch.float64), bl.IA3Config(target_modules=["0"]))
-    model.set_multiplier(0.7)
-    model.train()
-    (layer,) = layers_of(model)
-    layer.forward_mode = "bypass"  # (a GPU's cost model may rebuild W ⊙ (1 + t·v) instead)
-    adapter = layer.adapters["default"]
-    with torch.no_grad():
-        adapter.weight.normal_()
-    base_calls, forward = [], layer.base_layer.forward
-
-    def counted(*args):  # an instance attribute: the module's call runs it, its class stays as it was
-        base_calls.append(1)
-        return forward(*args)
-
-    layer.base_layer.forward = counted
+    model, layer = _ia3_model(make)
+    ops = []
+    apply = LayerGeometry.apply
+    monkeypatch.setattr(LayerGeometry, "apply", lambda *args: ops.append(1) or apply(*args))
     x = torch.randn(*shape, dtype=torch.float64, device=DEVICE, requires_grad=True)
-    out = model(x)
-    ramp = torch.linspace(-1, 1, out.numel(), dtype=out.dtype, device=DEVICE).reshape(out.shape)
-    (out * ramp).sum().backward()
-    assert len(base_calls) == (0 if bias_free_call else 1)
+    out = _step(model, x)
+    assert len(ops) == (1 if bias_free_call else 0)
 
     xx = x.detach().clone().requires_grad_()
-    v = adapter.weight.detach().clone().requires_grad_()
-    expected = _reference(layer.base_layer, kind, xx, v, 0.7)
-    (expected * ramp).sum().backward()
-    torch.testing.assert_close(out, expected.detach(), rtol=1e-12, atol=1e-12)
+    vs = [a.weight.detach().clone().requires_grad_() for a in layer.adapters.values()]
+    expected = _step(lambda inp: _reference(layer.base_layer, inp, 0.6 * vs[0] - 1.3 * vs[1]), xx)
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(x.grad, xx.grad, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(adapter.weight.grad, v.grad, rtol=1e-10, atol=1e-12)
+    for adapter, v in zip(layer.adapters.values(), vs, strict=True):
+        torch.testing.assert_close(adapter.weight.grad, v.grad, rtol=1e-10, atol=1e-12)
+
+
+def _instance_forward(module: nn.Module, calls: list) -> None:
+    forward = module.forward  # replaced on the instance, as accelerate's hooks do
+
+    def wrapped(*args):
+        calls.append(1)
+        return forward(*args)
+
+    module.forward = wrapped
+
+
+HOOKS = {
+    "forward_pre_hook": lambda m, calls: m.register_forward_pre_hook(lambda *_: calls.append(1)),
+    "full_backward_hook": lambda m, calls: m.register_full_backward_hook(lambda *_: calls.append(1)),
+    "global_forward_hook": lambda m, calls: torch.nn.modules.module.register_module_forward_hook(
+        lambda mod, *_: calls.append(1) if mod is m else None
+    ),
+    "instance_forward": _instance_forward,
+}
+
+
+@pytest.mark.parametrize("hook", list(HOOKS))
+def test_a_hooked_base_layer_is_called(hook: str) -> None:
+    """Hooks on the base layer (the old ``weight_norm`` sets the weight in one; accelerate replaces the
+    instance's forward) keep the base layer's own call."""
+    model, layer = _ia3_model(lambda: nn.Linear(5, 6))
+    calls: list = []
+    handle = HOOKS[hook](layer.base_layer, calls)
+    try:
+        _step(model, torch.randn(3, 5, dtype=torch.float64, device=DEVICE, requires_grad=True))
+    finally:
+        if handle is not None:
+            handle.remove()
+    assert calls == [1]

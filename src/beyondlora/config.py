@@ -45,7 +45,9 @@ class AdapterConfig:
         backward_memory: what training keeps for backward: "auto" (the bypass recomputes what is cheap to
             recompute and keeps a rank-sized input-side intermediate where recomputing it costs time; the
             combined path, where the cost model picks it, keeps W + ΔW) or "lean" (no more than a rank-r
-            LoRA keeps: the layer input and rank-r values per position; never a full-size W + ΔW).
+            LoRA keeps: the layer input and rank-r values per position; the cost model then never picks a
+            full-size W + ΔW in training, which forward_mode="combined" and adapter sets without an exact
+            bypass still train through).
     """
 
     peft_type: ClassVar[str]

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-#: Multiply-adds a GPU's tensor cores do in the time its memory delivers one activation value (an H100: about
-#: 500 TFLOP/s of TF32 against 3.35 TB/s / 4 bytes, the same ratio for bf16).  The bypass's products with
-#: r-wide factors (matmuls r columns wide, grouped convolutions, reshapes and passes over activations) are
-#: memory-bound at small ranks: their time is the activations they read, whatever the rank, so each of their
-#: multiply-adds costs about ``ACCELERATOR_BALANCE / r`` full-size ones.  Measured on an H100 at 16,384
-#: tokens with r = 8 (a price of 64): W + ΔW with its full-size weight gradient matched or beat the bypass
-#: for LoRA, LoKr and LoHa on 768-wide linears (bf16 autocast) and 320-channel 3×3 convolutions (float32)
-#: while doing 33–48 times its multiply-adds (benchmarks/README.md, "On a GPU: step times"); at a price of
-#: 32 LoKr's and LoRA's bypass was still kept there and measured slower.
+#: Full-size multiply-adds a GPU does in the time the bypass's rank-1 work does one, fitted to measurements.
+#: The bypass's products with r-wide factors (matmuls r columns wide, grouped convolutions, reshapes and
+#: passes over activations) are memory-bound at small ranks: their time is the activations they read,
+#: whatever the rank, so each of their multiply-adds costs about ``ACCELERATOR_BALANCE / r`` full-size ones
+#: (the order of a tensor-core GPU's compute-to-bandwidth ratio; an H100's is a few hundred per value read).
+#: Measured on an H100 at 16,384 tokens with r = 8 (a price of 64): W + ΔW with its full-size weight gradient
+#: matched or beat the bypass for LoRA, LoKr and LoHa on 768-wide linears (bf16 autocast) and 320-channel
+#: 3×3 convolutions (float32) while doing 33–48 times its multiply-adds for LoRA and LoKr, 5–10 times for
+#: LoHa (benchmarks/README.md, "On a GPU: step times"); at a price of 32 LoKr's and LoRA's bypass was still
+#: kept there and measured slower.
 ACCELERATOR_BALANCE = 512.0
 
 

@@ -16,7 +16,7 @@ LoHa: the rank-r² hidden; recomputing costs 5–19 points of step time) and for
 (``X w2_bᵀ``, c·r values per position; +4 ± 2 points).  LoHa on linear-like layers recomputes its rank-r²
 hidden in any mode (one GEMM, measured no slower), so it keeps no more than a rank-r LoRA there by default.
 ``"lean"`` recomputes everything, so that no adapter keeps more than a rank-r LoRA on the same layer, and
-never trains through the combined path's full-size ``W + ΔW`` (autograd would keep it for backward).
+the cost model never trains through the combined path's full-size ``W + ΔW`` (autograd would keep it).
 Khatri-Rao products, ``W1 t`` and other intermediates are never kept.  Input-side (IA)³ never keeps
 ``x ⊙ (1 + v)`` next to ``x``.
 
@@ -35,7 +35,7 @@ from .algorithms.base import Adapter
 from .algorithms.dora import dora_delta, weight_norm
 from .cost_model import rank_work_price
 from .ops.bypass_common import cast
-from .ops.geometry import LayerGeometry
+from .ops.geometry import LayerGeometry, is_plain_call
 from .ops.recompute import recomputed_if_saved
 
 ForwardMode = Literal["auto", "bypass", "combined"]
@@ -64,9 +64,9 @@ class AdapterLayer(nn.Module):
         self.forward_mode: ForwardMode = "auto"
         self.backward_memory: BackwardMemory = "auto"
         self.merged: dict[str, _Merged] = {}
-        # the path taken per (adapters, merged, forward_mode, tokens, grad mode): it depends on shapes and
-        # settings only, and working it out costs about as much as a small layer's forward
-        self._path_choices: dict[tuple, bool] = {}  # (names, merged, mode, tokens, grad, x dtype, autocast)
+        # the path taken, per everything it depends on (shapes and settings only; see _use_bypass): working it
+        # out costs about as much as a small layer's forward
+        self._path_choices: dict[tuple, bool] = {}
 
     def __getattr__(self, name: str) -> Any:
         """Attributes of the base layer (``weight``, ``in_features``, …) read through, so code that inspects
@@ -150,29 +150,35 @@ class AdapterLayer(nn.Module):
     def _use_bypass(self, x: Tensor, names: list[str]) -> bool:
         adapters = [self.adapters[n] for n in names]
         if any(a.needs_bypass() for a in adapters):
+            if not self._bypass_possible(adapters):
+                raise ValueError(
+                    f"adapters {names} on this {type(self.base_layer).__name__}: input dropout trains on the "
+                    "bypass only, which cannot compute this set exactly ((IA)³ on both sides or next to a merged "
+                    "adapter, DoRA with dora_on_output=False); set dropout=0 or train these adapters apart"
+                )
             return True
         if self.forward_mode == "combined":
             return False
         tokens, grad, device = self.geometry.tokens(x), torch.is_grad_enabled(), x.device.type
-        key = (tuple(names), bool(self.merged), self.forward_mode, self.backward_memory, tokens, grad, device,
-               x.dtype, _autocasting(device))  # fmt: skip
+        merged_step = grad and self._trains_merged(adapters, x)  # reads W's and b's requires_grad and dtypes
+        key = (tuple(names), bool(self.merged), self.forward_mode, self.backward_memory, tokens, grad, merged_step,
+               device, x.dtype, _autocasting(device))  # fmt: skip
         choice = self._path_choices.get(key)
         if choice is None:
             choice = self._bypass_possible(adapters) and (
-                self.forward_mode == "bypass" or self._bypass_cheaper(adapters, x, tokens, grad)
+                self.forward_mode == "bypass" or self._bypass_cheaper(adapters, device, tokens, grad, merged_step)
             )
             if len(self._path_choices) >= 64:  # many input sizes (bucketed resolutions): keep it small
                 self._path_choices.clear()
             self._path_choices[key] = choice
         return choice
 
-    def _bypass_cheaper(self, adapters: list[Adapter], x: Tensor, tokens: int, grad: bool) -> bool:
+    def _bypass_cheaper(self, adapters: list[Adapter], device: str, tokens: int, grad: bool, merged_step: bool) -> bool:
         """The cost model: the bypass's multiply-adds, priced for the device, against rebuilding ΔW and
         running W + ΔW (in training also W + ΔW's full-size gradient, unless the merged step avoids it)."""
-        device = x.device.type
         bypass = sum(rank_work_price(device, a.rank if a.has_rank else 1) * a.bypass_flops(tokens) for a in adapters)
         combined = sum(a.rebuild_flops() for a in adapters)
-        if grad and self._trains_merged(adapters, x):
+        if grad and merged_step:
             # bypass: B forward + 2·B backward; merged: ΔW built twice + the rank route's 2·B
             return bypass <= 2 * combined
         if grad:
@@ -284,7 +290,7 @@ class AdapterLayer(nn.Module):
         bias, in float32 or float64 (16 bits would round ``W x`` once more than the base layer's own op)."""
         base = self.base_layer
         wide = x.dtype in (torch.float32, torch.float64) and not _autocasting(x.device.type)
-        return wide and getattr(base, "bias", None) is not None and _plain(base)
+        return wide and getattr(base, "bias", None) is not None and is_plain_call(base)
 
     def _without_bias(self, out: Tensor) -> Tensor:
         bias = getattr(self.base_layer, "bias", None)
@@ -361,20 +367,6 @@ def _scale_sum(ia3: list[Adapter]) -> Tensor:
     """``Σ t · v_i`` over (IA)³ adapters, with no op for one adapter at multiplier 1 (each op is a kernel launch)."""
     terms = [a.channel_scale() if a.multiplier == 1 else a.multiplier * a.channel_scale() for a in ia3]
     return terms[0] if len(terms) == 1 else torch.stack(terms).sum(0)
-
-
-#: Module types whose forward is exactly their geometry's ``apply(x, W, b)``
-_PLAIN_FORWARDS = {nn.Linear.forward, nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward}
-
-
-def _plain(module: nn.Module) -> bool:
-    """Whether ``module``'s call is a plain linear or convolution: not a subclass that changes its forward, and
-    no hooks of its own (a forward pre-hook may set the weight, as the old ``weight_norm`` does)."""
-    if module._forward_pre_hooks or module._forward_hooks:
-        return False
-    if type(module).forward in _PLAIN_FORWARDS:
-        return True
-    return type(module).__name__ == "Conv1D" and type(module).__module__ == "transformers.pytorch_utils"
 
 
 def _ia3_by_side(adapters: list[Adapter]) -> tuple[list[Adapter], list[Adapter]]:

@@ -248,3 +248,24 @@ def weight_geometry(shape: tuple[int, ...], has_bias: bool = False, embedding: b
             has_bias=has_bias,
         )
     raise TypeError(f"no layer stores a weight of shape {shape}")
+
+
+#: Module types whose call is exactly their geometry's ``apply(x, W, b)`` (exact types: a subclass may change
+#: ``forward`` or ``_conv_forward``)
+_PLAIN_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
+                 "_global_backward_pre_hooks")  # fmt: skip
+
+
+def is_plain_call(module: nn.Module) -> bool:
+    """Whether calling ``module`` is a plain linear or convolution, so that :meth:`LayerGeometry.apply` on its
+    weight computes exactly what the call does and skips nothing: a stock type, its ``forward`` not replaced
+    on the instance (accelerate's hooks do that), and no hooks of its own or global ones (a forward pre-hook
+    may set the weight, as the old ``weight_norm`` does)."""
+    kind = type(module)
+    stock = kind in _PLAIN_TYPES or (kind.__name__ == "Conv1D" and kind.__module__ == "transformers.pytorch_utils")
+    if not stock or "forward" in module.__dict__:
+        return False
+    own = (module._forward_pre_hooks, module._forward_hooks, module._backward_hooks, module._backward_pre_hooks)
+    hooks = torch.nn.modules.module
+    return not any(own) and not any(getattr(hooks, name, None) for name in _GLOBAL_HOOKS)
