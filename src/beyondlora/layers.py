@@ -31,7 +31,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from .algorithms.base import Adapter
+from .algorithms.base import Adapter, fold_scale
 from .algorithms.dora import dora_delta, weight_norm
 from .cost_model import rank_work_price
 from .ops.bypass_common import cast
@@ -278,11 +278,8 @@ class AdapterLayer(nn.Module):
         hidden, up, scale = parts
         if hidden.dtype != result.dtype and not _autocasting(result.device.type):
             return None
-        if isinstance(scale, Tensor):  # a trainable scale (kohya's use_scalar): addmm's alpha must be a number
-            up, scale = up * scale, 1.0
-        flat = torch.addmm(
-            result.reshape(-1, up.shape[0]), hidden.reshape(-1, up.shape[1]), up.t(), alpha=adapter.multiplier * scale
-        )
+        up, alpha = fold_scale(up, scale, adapter.multiplier)
+        flat = torch.addmm(result.reshape(-1, up.shape[0]), hidden.reshape(-1, up.shape[1]), up.t(), alpha=alpha)
         return flat.reshape(result.shape)
 
     def _bias_free_call_exact(self, x: Tensor) -> bool:

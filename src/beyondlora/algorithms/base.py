@@ -211,6 +211,15 @@ class Adapter(nn.Module):
         return f"multiplier={self.multiplier}"
 
 
+def fold_scale(factor: Tensor, scale: float | Tensor, multiplier: float) -> tuple[Tensor, float]:
+    """``(factor, t · s)`` for a numeric scale s; ``(factor · s, t)`` for a trainable one (kohya's use_scalar),
+    so that the scalar handed to a product's ``alpha`` is always a number.  ``factor`` is the adapter's
+    smallest factor on the output side (LoRA ``up``, LoKr ``W1``, LoHa ``w1_a``)."""
+    if isinstance(scale, Tensor):
+        return factor * scale, multiplier
+    return factor, multiplier * scale
+
+
 def kaiming_(tensor: Tensor) -> Tensor:
     """The default init of ``nn.Linear`` weights (fan-in over every dimension but the first)."""
     return nn.init.kaiming_uniform_(tensor, a=math.sqrt(5))

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from ..ops.bypass_khatri_rao import khatri_rao_conv, khatri_rao_linear, merged_khatri_rao_linear
 from ..ops.geometry import LayerGeometry
 from ..ops.products import column_khatri_rao, hadamard_product, row_khatri_rao, tucker_rebuild
-from .base import Adapter, AdapterOptions, check_init, kaiming_
+from .base import Adapter, AdapterOptions, check_init, fold_scale, kaiming_
 
 
 class LoHa(Adapter):
@@ -94,10 +94,7 @@ class LoHa(Adapter):
         if g.kind == "embedding" or (g.kind == "conv" and g.groups != 1):
             return None
         a1, a2 = self._out_factors(draw)
-        scale = self.scale
-        if isinstance(scale, Tensor):  # a trainable scale (use_scalar) goes into w1_a
-            a1, scale = a1 * scale, 1.0
-        alpha = multiplier * scale
+        a1, alpha = fold_scale(a1, self.scale, multiplier)  # a trainable scale goes into w1_a
         b1, b2 = self.hada_w1_b, self.hada_w2_b
         if g.kind != "conv":
             return khatri_rao_linear(result, x, a1, b1, a2, b2, alpha)
@@ -118,10 +115,8 @@ class LoHa(Adapter):
         if not self.has_merged_step():
             return None
         a1, a2 = self._out_factors(draw)
-        scale = self.scale
-        if isinstance(scale, Tensor):
-            a1, scale = a1 * scale, 1.0
-        return merged_khatri_rao_linear(x, weight, bias, a1, self.hada_w1_b, a2, self.hada_w2_b, multiplier * scale)
+        a1, alpha = fold_scale(a1, self.scale, multiplier)
+        return merged_khatri_rao_linear(x, weight, bias, a1, self.hada_w1_b, a2, self.hada_w2_b, alpha)
 
     def bypass_parts(self, x: Tensor, draw: Any = None) -> tuple[Tensor, Tensor, float]:
         """A rank-r² LoRA: ``up = w1_a •r w2_a`` (out, r²), ``down = w1_b •c w2_b`` (r², in)."""

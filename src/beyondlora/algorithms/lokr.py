@@ -25,7 +25,7 @@ from ..ops.bypass_kron import kron_conv, kron_linear, merged_kron_linear
 from ..ops.factorization import factorization
 from ..ops.geometry import LayerGeometry
 from ..ops.products import kron, tucker_rebuild
-from .base import Adapter, AdapterOptions, check_init, kaiming_
+from .base import Adapter, AdapterOptions, check_init, fold_scale, kaiming_
 
 
 @dataclass(frozen=True)
@@ -160,10 +160,7 @@ class LoKr(Adapter):
         g = self.geometry
         if g.kind == "embedding" or (g.kind == "conv" and g.groups != 1):
             return None
-        w1, scale = self.w1(draw), self.scale
-        if isinstance(scale, Tensor):  # a trainable scale (use_scalar) goes into the small W1
-            w1, scale = w1 * scale, 1.0
-        alpha = multiplier * scale
+        w1, alpha = fold_scale(self.w1(draw), self.scale, multiplier)  # a trainable scale goes into the small W1
         if g.kind != "conv":
             if self.w2_is_full:
                 return kron_linear(result, x, w1, None, self.w2(draw), alpha)
@@ -188,12 +185,10 @@ class LoKr(Adapter):
         into W1)."""
         if not self.has_merged_step():
             return None
-        w1, scale = self.w1(draw), self.scale
-        if isinstance(scale, Tensor):
-            w1, scale = w1 * scale, 1.0
+        w1, alpha = fold_scale(self.w1(draw), self.scale, multiplier)
         if self.w2_is_full:
-            return merged_kron_linear(x, weight, bias, w1, None, self.w2(draw), multiplier * scale)
-        return merged_kron_linear(x, weight, bias, w1, self.lokr_w2_b, self._w2_out(draw), multiplier * scale)
+            return merged_kron_linear(x, weight, bias, w1, None, self.w2(draw), alpha)
+        return merged_kron_linear(x, weight, bias, w1, self.lokr_w2_b, self._w2_out(draw), alpha)
 
     def bypass_parts(self, x: Tensor, draw: Any = None) -> tuple[Tensor, Tensor, float] | None:
         """``W1 X W2ᵀ`` with X (…, c, d): W2's input side first, then W1, leaving (…, a, R) @ upᵀ."""

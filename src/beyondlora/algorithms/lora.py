@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from ..ops.bypass_lowrank import low_rank_linear, merged_low_rank_linear
 from ..ops.geometry import LayerGeometry
 from ..ops.products import tucker_rebuild
-from .base import Adapter, AdapterOptions, check_init, kaiming_
+from .base import Adapter, AdapterOptions, check_init, fold_scale, kaiming_
 
 
 class LoRA(Adapter):
@@ -72,9 +72,8 @@ class LoRA(Adapter):
         if self.geometry.kind not in ("linear", "hf_conv1d"):
             return None
         up, _, down, scale = self.factors(draw)
-        if isinstance(scale, Tensor):  # a trainable scale (kohya's use_scalar): alpha must be a number
-            up, scale = up * scale, 1.0
-        return low_rank_linear(result, self.input_dropout(x), down, up, multiplier * scale)
+        up, alpha = fold_scale(up, scale, multiplier)
+        return low_rank_linear(result, self.input_dropout(x), down, up, alpha)
 
     def has_merged_step(self) -> bool:
         """Linear-like layers without input dropout (it exists on the bypass only) or DoRA.  (On a 320-channel
@@ -89,9 +88,8 @@ class LoRA(Adapter):
         if not self.has_merged_step():
             return None
         up, _, down, scale = self.factors(draw)
-        if isinstance(scale, Tensor):  # a trainable scale (kohya's use_scalar): alpha must be a number
-            up, scale = up * scale, 1.0
-        return merged_low_rank_linear(x, weight, bias, down, up, multiplier * scale)
+        up, alpha = fold_scale(up, scale, multiplier)
+        return merged_low_rank_linear(x, weight, bias, down, up, alpha)
 
     def bypass_parts(self, x: Tensor, draw: Any = None) -> tuple[Tensor, Tensor, float]:
         up, _, down, scale = self.factors(draw)
