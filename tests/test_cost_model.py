@@ -42,9 +42,9 @@ def test_an_accelerator_rebuilds_where_the_cpu_keeps_the_bypass() -> None:
     0.33 M multiply-adds, W + ΔW's forward and weight gradient 16 · 144 · 4 + 512 · 16 · 144 = 1.19 M."""
     _, layer = _conv_lora()
     x = torch.randn(2, 16, 16, 16)
-    assert layer._use_bypass(x, ["default"])
-    assert not layer._use_bypass(x.to("meta"), ["default"])  # priced ×128 at r = 4: 42 M against 1.19 M
-    assert layer._use_bypass(x, ["default"])  # the CPU's choice is still its own
+    assert layer._path(x, ["default"]) == "bypass"
+    assert layer._path(x.to("meta"), ["default"]) != "bypass"  # priced ×128 at r = 4: 42 M against 1.19 M
+    assert layer._path(x, ["default"]) == "bypass"  # the CPU's choice is still its own
 
 
 def test_a_large_rank_keeps_the_bypass_on_an_accelerator() -> None:
@@ -62,11 +62,11 @@ def test_lean_memory_never_trains_through_the_full_size_combined_weight() -> Non
     _, layer = _conv_lora()
     x = torch.randn(2, 16, 16, 16, device="meta")
     layer.backward_memory = "lean"
-    assert layer._use_bypass(x, ["default"])
+    assert layer._path(x, ["default"]) == "bypass"
     with torch.no_grad():  # nothing is kept for backward: the cheaper path
-        assert not layer._use_bypass(x, ["default"])
+        assert layer._path(x, ["default"]) != "bypass"
     layer.backward_memory = "auto"
-    assert not layer._use_bypass(x, ["default"])
+    assert layer._path(x, ["default"]) != "bypass"
 
 
 def test_lean_memory_still_takes_the_merged_step() -> None:
@@ -77,7 +77,7 @@ def test_lean_memory_still_takes_the_merged_step() -> None:
     )
     model.train()
     (layer,) = layers_of(model)
-    assert not layer._use_bypass(torch.randn(64, 48), ["default"])
+    assert layer._path(torch.randn(64, 48), ["default"]) == "merged"
 
 
 def test_the_remembered_choice_follows_what_the_merged_step_needs() -> None:
@@ -90,9 +90,13 @@ def test_the_remembered_choice_follows_what_the_merged_step_needs() -> None:
     model.train()
     (layer,) = layers_of(model)
     x = torch.randn(64, 48)
-    assert not layer._use_bypass(x, ["default"])
+    assert layer._path(x, ["default"]) == "merged"
     layer.base_layer.bias.requires_grad_(True)
-    assert layer._use_bypass(x, ["default"])
+    assert layer._path(x, ["default"]) == "bypass"
+    layer.base_layer.bias.requires_grad_(False)
+    model.double()  # the merged step wants x, W and the factors in one dtype
+    assert layer._path(x, ["default"]) == "bypass"
+    assert layer._path(x.double(), ["default"]) == "merged"
 
 
 def test_input_dropout_with_adapters_the_bypass_cannot_compute_is_an_error() -> None:

@@ -102,9 +102,9 @@ def test_auto_trains_merged_with_the_bypass_gradients(config: str, layer: str) -
     model.train()
     (host,) = layers_of(model)
     x = torch.randn(2, MANY // 2, IN, dtype=torch.float64, device=DEVICE)
-    assert not host._use_bypass(x, ["default"])
+    assert host._path(x, ["default"]) == "merged"
     if config.startswith("lora") and DEVICE.type == "cpu":  # the threshold: 16 · 88 < 2 · 48 · 40 < 64 · 88
-        assert host._use_bypass(x[:, : FEW // 2], ["default"])  # (a GPU prices the bypass's work higher)
+        assert host._path(x[:, : FEW // 2], ["default"]) == "bypass"  # (a GPU prices the bypass's work higher)
     adapter, calls = host.adapters["default"], []
     original = adapter.merged_step
 
@@ -164,11 +164,11 @@ def test_not_under_autocast_nor_on_a_16_bit_base() -> None:
     (host,) = layers_of(model)
     adapters = list(host.adapters.values())
     x = torch.randn(MANY, IN, device=DEVICE)
-    assert not host._use_bypass(x, ["default"]) and host._trains_merged(adapters, x)
+    assert host._path(x, ["default"]) == "merged" and host._trains_merged(adapters, x)
     with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
         assert not host._trains_merged(adapters, x)
         # a CPU keeps the bypass; a GPU prices it 128× at r = 4 and runs W + ΔW through autograd
-        assert host._use_bypass(x, ["default"]) == (DEVICE.type == "cpu")
+        assert host._path(x, ["default"]) == ("bypass" if DEVICE.type == "cpu" else "combined")
     half = _model(CONFIGS["lora"], dtype=torch.bfloat16)
     (host,) = layers_of(half)
     assert not host._trains_merged(list(host.adapters.values()), x.to(torch.bfloat16))

@@ -61,28 +61,28 @@ def test_the_remembered_path_choice_follows_settings_merges_and_adapters() -> No
     layer = layers_of(peft)[0]
     few, many = torch.randn(1, 64), torch.randn(1000, 64)  # LoRA r=4 on 64×64: the bypass wins below 32 rows
     with torch.no_grad():
-        assert layer._use_bypass(few, ["default"]) and not layer._use_bypass(many, ["default"])
+        assert layer._path(few, ["default"]) == "bypass" and layer._path(many, ["default"]) != "bypass"
         layer.forward_mode = "bypass"
-        assert layer._use_bypass(many, ["default"])
+        assert layer._path(many, ["default"]) == "bypass"
         layer.forward_mode = "combined"
-        assert not layer._use_bypass(few, ["default"])
+        assert layer._path(few, ["default"]) != "bypass"
         layer.forward_mode = "auto"
-        assert layer._use_bypass(few, ["default"])
+        assert layer._path(few, ["default"]) == "bypass"
     # (IA)³ reads the base output W·x: no bypass while another adapter is merged into W
     peft.add_adapter("scale", bl.IA3Config(target_modules=["0"]))
-    assert layer._use_bypass(few, ["scale"])
+    assert layer._path(few, ["scale"]) == "bypass"
     peft.merge_adapter(["default"])
-    assert not layer._use_bypass(few, ["scale"])
+    assert layer._path(few, ["scale"]) != "bypass"
     peft.unmerge_adapter()
-    assert layer._use_bypass(few, ["scale"])
+    assert layer._path(few, ["scale"]) == "bypass"
     # the same name, another kind of adapter: at 20 rows LoRA's bypass costs less, a full ΔW's more
     rows = torch.randn(20, 64)
     with torch.no_grad():
-        assert layer._use_bypass(rows, ["default"])
+        assert layer._path(rows, ["default"]) == "bypass"
     peft.delete_adapter("default")
     peft.add_adapter("default", bl.FullConfig(target_modules=["0"]))
     with torch.no_grad():
-        assert not layer._use_bypass(rows, ["default"])
+        assert layer._path(rows, ["default"]) != "bypass"
 
 
 def test_delete_adapter() -> None:

@@ -66,7 +66,7 @@ class AdapterLayer(nn.Module):
         self.merged: dict[str, _Merged] = {}
         # the path taken, per everything it depends on (shapes and settings only; see _use_bypass): working it
         # out costs about as much as a small layer's forward
-        self._path_choices: dict[tuple, bool] = {}
+        self._path_choices: dict[tuple, str] = {}
 
     def __getattr__(self, name: str) -> Any:
         """Attributes of the base layer (``weight``, ``in_features``, …) read through, so code that inspects
@@ -143,11 +143,17 @@ class AdapterLayer(nn.Module):
         if not names:
             return self.base_layer(x, *args, **kwargs)
         draws = {n: self.adapters[n].draw() if self.training else None for n in names}
-        if self._use_bypass(x, names):
+        path = self._path(x, names)
+        if path == "bypass":
             return self._bypass_forward(x, names, draws, args, kwargs)
+        if path == "merged":
+            return self._merged_forward(x, names[0], draws[names[0]])
         return self._combined_forward(x, names, draws)
 
-    def _use_bypass(self, x: Tensor, names: list[str]) -> bool:
+    def _path(self, x: Tensor, names: list[str]) -> Literal["bypass", "merged", "combined"]:
+        """Which path this call takes: the bypass, the combined path's merged step (:meth:`_trains_merged`), or
+        the combined path through autograd.  Remembered per everything the choice reads, since working it out
+        costs about as much as a small layer's forward."""
         adapters = [self.adapters[n] for n in names]
         if any(a.needs_bypass() for a in adapters):
             if not self._bypass_possible(adapters):
@@ -156,22 +162,29 @@ class AdapterLayer(nn.Module):
                     "bypass only, which cannot compute this set exactly ((IA)³ on both sides or next to a merged "
                     "adapter, DoRA with dora_on_output=False); set dropout=0 or train these adapters apart"
                 )
-            return True
+            return "bypass"
+        grad = torch.is_grad_enabled()
         if self.forward_mode == "combined":
-            return False
-        tokens, grad, device = self.geometry.tokens(x), torch.is_grad_enabled(), x.device.type
-        merged_step = grad and self._trains_merged(adapters, x)  # reads W's and b's requires_grad and dtypes
-        key = (tuple(names), bool(self.merged), self.forward_mode, self.backward_memory, tokens, grad, merged_step,
-               device, x.dtype, _autocasting(device))  # fmt: skip
-        choice = self._path_choices.get(key)
-        if choice is None:
-            choice = self._bypass_possible(adapters) and (
+            return "merged" if grad and self._trains_merged(adapters, x) else "combined"
+        tokens, device = self.geometry.tokens(x), x.device.type
+        base = self.base_layer
+        weight, bias = getattr(base, "weight", None), getattr(base, "bias", None)
+        # what _trains_merged reads that can change between calls: W's and b's requires_grad, the dtypes
+        key = (tuple(names), bool(self.merged), self.forward_mode, self.backward_memory, tokens, grad, device, x.dtype,
+               _autocasting(device), _grad_state(weight), _grad_state(bias), adapters[0].param_dtype)  # fmt: skip
+        path = self._path_choices.get(key)
+        if path is None:
+            merged_step = grad and self._trains_merged(adapters, x)
+            if self._bypass_possible(adapters) and (
                 self.forward_mode == "bypass" or self._bypass_cheaper(adapters, device, tokens, grad, merged_step)
-            )
+            ):
+                path = "bypass"
+            else:
+                path = "merged" if merged_step else "combined"
             if len(self._path_choices) >= 64:  # many input sizes (bucketed resolutions): keep it small
                 self._path_choices.clear()
-            self._path_choices[key] = choice
-        return choice
+            self._path_choices[key] = path
+        return path
 
     def _bypass_cheaper(self, adapters: list[Adapter], device: str, tokens: int, grad: bool, merged_step: bool) -> bool:
         """The cost model: the bypass's multiply-adds, priced for the device, against rebuilding ΔW and
@@ -307,13 +320,14 @@ class AdapterLayer(nn.Module):
         frozen = not weight.requires_grad and (bias is None or not bias.requires_grad)  # W and b get no gradient
         return frozen and weight.dtype == x.dtype == adapter.param_dtype
 
+    def _merged_forward(self, x: Tensor, name: str, draw: Any) -> Tensor:
+        """The combined path in training by the adapter's :meth:`~.Adapter.merged_step` (see :meth:`_trains_merged`)."""
+        adapter, base = self.adapters[name], self.base_layer
+        weight = self.geometry.canonical_weight(base)
+        return adapter.merged_step(x, weight, getattr(base, "bias", None), draw, adapter.multiplier)
+
     def _combined_forward(self, x: Tensor, names: list[str], draws: dict[str, Any]) -> Tensor:
         g = self.geometry
-        adapters = [self.adapters[n] for n in names]
-        if torch.is_grad_enabled() and self._trains_merged(adapters, x):
-            adapter, weight = adapters[0], g.canonical_weight(self.base_layer)
-            bias = getattr(self.base_layer, "bias", None)
-            return adapter.merged_step(x, weight, bias, draws[names[0]], adapter.multiplier)
         base_weight = self.base_weight()
         dtype = self.adapters[names[0]].param_dtype
         weight = cast(g.canonical_weight(self.base_layer), dtype)
@@ -379,6 +393,10 @@ def _autocasting(device_type: str) -> bool:
         return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
     except RuntimeError:  # a device type autocast does not know (meta): nothing there autocasts
         return False
+
+
+def _grad_state(t: Tensor | None) -> tuple[bool, torch.dtype] | None:
+    return None if t is None else (t.requires_grad, t.dtype)
 
 
 def _module_dropped(adapter: Adapter) -> bool:
