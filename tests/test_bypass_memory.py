@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import copy
+import math
 from functools import partial
 
 import pytest
@@ -23,6 +24,7 @@ import beyondlora as bl
 from beyondlora.algorithms.base import AdapterOptions
 from beyondlora.algorithms.loha import LoHa, _khatri_rao_conv_hidden
 from beyondlora.algorithms.lokr import LoKr, _kron_conv_hidden
+from beyondlora.ops import bypass_lowrank
 from beyondlora.ops.bypass_khatri_rao import khatri_rao_conv, khatri_rao_linear
 from beyondlora.ops.bypass_kron import kron_conv, kron_linear
 from beyondlora.ops.bypass_lowrank import low_rank_linear
@@ -54,13 +56,31 @@ def test_kron_linear_gradcheck(full_w2: bool, recompute: bool) -> None:
     assert torch.autograd.gradcheck(fn, inputs)
 
 
-def test_low_rank_linear_gradcheck() -> None:
+@pytest.fixture(params=["oriented", "autograd"])
+def low_rank_route(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Both routes of ``low_rank_linear`` on a CPU: its own autograd node (any size) or autograd's (none)."""
+    monkeypatch.setattr(bypass_lowrank, "ORIENTED_MIN_WORK", 0 if request.param == "oriented" else math.inf)
+    return request.param
+
+
+def test_low_rank_linear_takes_its_own_node_from_the_work_threshold() -> None:
+    down, up = torch.randn(8, 48, requires_grad=True), torch.randn(32, 8, requires_grad=True)
+    few_tokens = (bypass_lowrank.ORIENTED_MIN_WORK - 1) // (8 * (48 + 32))  # the most under the threshold
+    for tokens, oriented in ((few_tokens, False), (few_tokens + 1, True)):
+        out = low_rank_linear(torch.zeros(tokens, 32), torch.randn(tokens, 48), down, up)
+        assert (type(out.grad_fn).__name__ == "LowRankLinearBackward") == oriented
+    with torch.no_grad():  # inference: no node at all
+        out = low_rank_linear(torch.zeros(few_tokens + 1, 32), torch.randn(few_tokens + 1, 48), down, up)
+    assert out.grad_fn is None
+
+
+def test_low_rank_linear_gradcheck(low_rank_route: str) -> None:
     out, n, r = 4, 5, 2
     inputs = (_leaf(2, 3, out), _leaf(2, 3, n), _leaf(r, n), _leaf(out, r))
     assert torch.autograd.gradcheck(lambda *t: low_rank_linear(*t, alpha=0.7), inputs)
 
 
-def test_low_rank_linear_saves_what_plain_autograd_saves_and_matches_it_under_autocast() -> None:
+def test_low_rank_linear_saves_what_plain_autograd_saves_and_matches_it_under_autocast(low_rank_route: str) -> None:
     """x and the rank-r hidden, as autograd of ``result + alpha · (x downᵀ) upᵀ`` keeps; same values and
     gradients in float32 and under bfloat16 autocast."""
     x = torch.randn(2, 64, 48, requires_grad=True)
