@@ -34,6 +34,7 @@ Run:  python benchmarks/bench_step.py [--quick] [--no-unet] [--output results.md
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import copy
 import datetime
@@ -412,13 +413,13 @@ def saved_bytes(variant: Variant, x: torch.Tensor, autocast: torch.dtype | None 
 
 
 def bl_paths(variant: Variant, x: torch.Tensor, grad: bool, autocast: torch.dtype | None) -> str:
-    """How many beyondlora layers take the bypass path in one forward (diagnostic; reads a private method)."""
+    """The paths beyondlora's layers take in one forward: "bypass", "merged" (the combined path's merged training
+    step) or "combined", or how many layers take each (diagnostic; reads a private method)."""
     layers = [m for m in variant.model.modules() if isinstance(m, bl.AdapterLayer)]
-    choices: list[bool] = []
+    paths: list[str] = []
 
     def hook(layer: nn.Module, args: tuple) -> None:
-        with contextlib.suppress(Exception):
-            choices.append(bool(layer._use_bypass(args[0], list(layer.active_adapters))))
+        paths.append(layer._path(args[0], list(layer.active_adapters)))
 
     handles = [layer.register_forward_pre_hook(hook) for layer in layers]
     try:
@@ -427,10 +428,10 @@ def bl_paths(variant: Variant, x: torch.Tensor, grad: bool, autocast: torch.dtyp
     finally:
         for h in handles:
             h.remove()
-    if not choices:
-        return "?"
-    n = sum(choices)
-    return "bypass" if n == len(choices) else "combined" if n == 0 else f"{n}/{len(choices)} bypass"
+    counts = collections.Counter(paths)
+    if len(counts) == 1:
+        return paths[0]
+    return " + ".join(f"{n} {path}" for path, n in counts.most_common())
 
 
 def _autocast(x: torch.Tensor, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:

@@ -64,7 +64,7 @@ class AdapterLayer(nn.Module):
         self.forward_mode: ForwardMode = "auto"
         self.backward_memory: BackwardMemory = "auto"
         self.merged: dict[str, _Merged] = {}
-        # the path taken, per everything it depends on (shapes and settings only; see _use_bypass): working it
+        # the path taken, per everything it depends on (shapes and settings only; see _path): working it
         # out costs about as much as a small layer's forward
         self._path_choices: dict[tuple, str] = {}
 
