@@ -7,7 +7,9 @@ one of two exact paths, chosen per call by a cost model (``forward_mode`` overri
   (DoRA builds it only for its norm).  (IA)³ is folded into the base call's input or output.
 - **combined**: the base operation runs once with ``W + Σ ΔW`` (and ``b + Σ Δb``); this is exactly what
   merging computes, and it wins when the layer is small next to the number of tokens, and on GPUs, whose
-  full-size products run many times faster than the bypass's rank-sized ones (:mod:`.cost_model`).
+  full-size products run many times faster than the bypass's rank-sized ones (:mod:`.cost_model`).  In
+  training a single LoRA, LoKr or LoHa on a frozen float32/64 linear-like layer takes it as the **merged
+  step**: the factors' gradients through their rank-sized route, never the full-size gradient of W + ΔW.
 
 What the bypass saves for backward (``backward_memory``): LoRA keeps the layer input and its rank-r hidden.
 LoKr and LoHa keep the layer input, their factors and, with ``"auto"``, one rank-sized input-side result
