@@ -74,6 +74,18 @@ def test_low_rank_linear_takes_its_own_node_from_the_work_threshold() -> None:
     assert out.grad_fn is None
 
 
+def test_low_rank_linear_keeps_a_16_bit_input_not_its_wider_cast(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bf16 x with float32 factors runs the products in float32: autograd would keep that cast (twice x's
+    bytes), so the node that keeps x itself runs even below the work threshold."""
+    monkeypatch.setattr(bypass_lowrank, "ORIENTED_MIN_WORK", math.inf)
+    x = torch.randn(64, 48, dtype=torch.bfloat16, requires_grad=True)
+    down, up = torch.randn(8, 48, requires_grad=True), torch.randn(32, 8, requires_grad=True)
+    result = torch.randn(64, 32, dtype=torch.bfloat16)
+    out = low_rank_linear(result, x, down, up)
+    assert type(out.grad_fn).__name__ == "LowRankLinearBackward"
+    assert _saved_by(partial(low_rank_linear, alpha=1.0), (result, x, down, up), (down, up)) == 64 * 48 * 2 + 8 * 64 * 4
+
+
 def test_low_rank_linear_gradcheck(low_rank_route: str) -> None:
     out, n, r = 4, 5, 2
     inputs = (_leaf(2, 3, out), _leaf(2, 3, n), _leaf(r, n), _leaf(out, r))

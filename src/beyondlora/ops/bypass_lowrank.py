@@ -125,16 +125,19 @@ def low_rank_linear(result: Tensor, x: Tensor, down: Tensor, up: Tensor, alpha: 
     """``result + alpha · up (down x)`` for linear-like layers (shapes as in :class:`LowRankLinear`).
 
     In training :class:`LowRankLinear` runs on a CPU where the products are large enough for its product order
-    to pay (:data:`ORIENTED_MIN_WORK`); elsewhere (small products, and devices whose BLAS takes every
-    orientation alike) autograd runs ``result + alpha · (x downᵀ) upᵀ``, which saves the same tensors (x and the
-    hidden) and spends less Python per call.  Inference runs the products without any autograd node."""
+    to pay (:data:`ORIENTED_MIN_WORK`), and wherever the products run in a wider dtype than x (it keeps x, not
+    the cast); elsewhere (small products, and devices whose BLAS takes every orientation alike) autograd runs
+    ``result + alpha · (x downᵀ) upᵀ``, which saves the same tensors (x or its smaller cast, and the hidden) and
+    spends less Python per call.  Inference runs the products without any autograd node."""
     dtype = compute_dtype(x, down)
     if not (torch.is_grad_enabled() and any(t.requires_grad for t in (result, x, down, up))):
         rows = cast(x, dtype).reshape(-1, x.shape[-1])
         return low_rank_forward(result, rows, cast(down, dtype), cast(up, dtype), alpha, dtype)[0]
-    if x.device.type == "cpu":
-        work = x.numel() // max(x.shape[-1], 1) * down.shape[0] * (down.shape[1] + up.shape[0])
-        if work >= ORIENTED_MIN_WORK:
-            return LowRankLinear.apply(result, x, down, up, alpha)
+    work = x.numel() // max(x.shape[-1], 1) * down.shape[0] * (down.shape[1] + up.shape[0])
+    oriented_pays = x.device.type == "cpu" and work >= ORIENTED_MIN_WORK
+    # autograd keeps x as the product reads it: a wider cast (a 16-bit x, float32 factors) would be kept too
+    keeps_x_or_less = x.dtype == dtype or dtype.itemsize < x.element_size()
+    if oriented_pays or not keeps_x_or_less:
+        return LowRankLinear.apply(result, x, down, up, alpha)
     hidden = F.linear(cast(x, dtype).reshape(-1, x.shape[-1]), cast(down, dtype))  # (N, R): autograd's best order
     return addmm_output(result, hidden, cast(up, dtype), alpha, dtype)
