@@ -11,6 +11,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import beyondlora as bl
+from beyondlora.integrations.scalar import add_scalar
 from beyondlora.ops.products import hadamard_product
 from layer_cases import Case, build, layers_of, randomize, set_mode
 from reference import reference_module
@@ -175,6 +176,27 @@ def test_dylora_truncation() -> None:
     assert scale == 1.0
     with pytest.raises(ValueError, match="rank must be"):
         adapter.truncated_factors(5)
+
+
+@pytest.mark.parametrize("rslora", [False, True])
+def test_dylora_block_scale_is_the_scale_at_its_rank_and_carries_a_trainable_scalar(rslora: bool) -> None:
+    """A block up to rank k trains with alpha / k (rs-LoRA alpha / √k), the eval scale at k = r; kohya's
+    use_scalar multiplies it too (scalar 0: the identity in training as in eval, and the scalar learns)."""
+    model, x = build(Case("dylora", "linear"))
+    peft = bl.get_peft_model(
+        model, bl.DyLoraConfig(r=4, alpha=2, block_size=2, use_rslora=rslora, target_modules=["layer"])
+    )
+    randomize(peft)
+    host = layers_of(peft)[0]
+    adapter = host.adapters["default"]
+    for block, k in ((0, 2), (1, 4)):
+        assert adapter.factors(block)[3] == pytest.approx(2 / (k**0.5 if rslora else k))
+    add_scalar(adapter)
+    peft.train()
+    out = peft(x)
+    torch.testing.assert_close(out, host.base_layer(x), rtol=0, atol=0)
+    out.square().sum().backward()
+    assert adapter.scalar.grad is not None and adapter.scalar.grad.abs() > 0
 
 
 def test_hadamard_product_gradcheck() -> None:

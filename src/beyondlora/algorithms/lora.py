@@ -129,8 +129,9 @@ class DyLoRA(LoRA):
     """DyLoRA: a LoRA of rank ``r`` trained one block of ``block_size`` ranks at a time.
 
     In training each forward draws a block ``b``; ranks ``[0, (b+1)·block)`` are used with scale
-    ``alpha / ((b+1)·block)`` and only block ``b`` receives gradients.  In eval the full rank is used
-    (scale ``alpha / r``); :meth:`truncated_factors` gives the adapter at any smaller rank.
+    ``alpha / ((b+1)·block)`` (rs-LoRA: ``alpha / √((b+1)·block)``, times a trainable scalar where there is one)
+    and only block ``b`` receives gradients.  In eval the full rank is used (scale ``alpha / r``);
+    :meth:`truncated_factors` gives the adapter at any smaller rank.
     """
 
     algorithm = "dylora"
@@ -154,7 +155,9 @@ class DyLoRA(LoRA):
         start, stop = draw * block, (draw + 1) * block
         down = torch.cat([self.lora_down[:start].detach(), self.lora_down[start:stop]])
         up = torch.cat([self.lora_up[:, :start].detach(), self.lora_up[:, start:stop]], dim=1)
-        return up, None, down, self.alpha / stop
+        # the scale at rank `stop` (alpha / stop, rs-LoRA alpha / √stop), through self.scale so that a trainable
+        # scalar (kohya's use_scalar) scales the block too
+        return up, None, down, self.scale * (self.rank / stop) ** (0.5 if self.options.use_rslora else 1.0)
 
     def truncated_factors(self, rank: int) -> tuple[Tensor, Tensor, float]:
         """``(up[:, :rank], down[:rank], alpha / rank)`` — the adapter cut to ``rank``."""
