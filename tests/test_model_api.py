@@ -190,7 +190,9 @@ def test_dylora_block_scale_is_the_scale_at_its_rank_and_carries_a_trainable_sca
     host = layers_of(peft)[0]
     adapter = host.adapters["default"]
     for block, k in ((0, 2), (1, 4)):
-        assert adapter.factors(block)[3] == pytest.approx(2 / (k**0.5 if rslora else k))
+        assert (
+            adapter.factors(block)[3] == adapter.truncated_factors(k)[2] == pytest.approx(2 / (k**0.5 if rslora else k))
+        )
     add_scalar(adapter)
     peft.train()
     out = peft(x)

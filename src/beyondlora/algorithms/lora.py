@@ -155,12 +155,15 @@ class DyLoRA(LoRA):
         start, stop = draw * block, (draw + 1) * block
         down = torch.cat([self.lora_down[:start].detach(), self.lora_down[start:stop]])
         up = torch.cat([self.lora_up[:, :start].detach(), self.lora_up[:, start:stop]], dim=1)
-        # the scale at rank `stop` (alpha / stop, rs-LoRA alpha / √stop), through self.scale so that a trainable
-        # scalar (kohya's use_scalar) scales the block too
-        return up, None, down, self.scale * (self.rank / stop) ** (0.5 if self.options.use_rslora else 1.0)
+        return up, None, down, self.scale_at(stop)
 
-    def truncated_factors(self, rank: int) -> tuple[Tensor, Tensor, float]:
-        """``(up[:, :rank], down[:rank], alpha / rank)`` — the adapter cut to ``rank``."""
+    def scale_at(self, rank: int) -> float | Tensor:
+        """The scale of the adapter cut to ``rank``: ``alpha / rank`` (rs-LoRA ``alpha / √rank``), times the
+        trainable scalar where there is one (kohya's use_scalar, which :attr:`scale` carries)."""
+        return self.scale * (self.rank / rank) ** (0.5 if self.options.use_rslora else 1.0)
+
+    def truncated_factors(self, rank: int) -> tuple[Tensor, Tensor, float | Tensor]:
+        """``(up[:, :rank], down[:rank], scale_at(rank))`` — the adapter cut to ``rank``."""
         if not 0 < rank <= self.rank:
             raise ValueError(f"rank must be in [1, {self.rank}], got {rank}")
-        return self.lora_up[:, :rank], self.lora_down[:rank], self.alpha / rank
+        return self.lora_up[:, :rank], self.lora_down[:rank], self.scale_at(rank)
