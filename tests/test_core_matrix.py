@@ -35,6 +35,8 @@ def test_identity_at_default_init(case: Case) -> None:
     for mode in ("bypass", "combined"):
         set_mode(peft, mode)
         torch.testing.assert_close(peft(x), expected, rtol=1e-12, atol=1e-12)
+        with torch.no_grad():  # inference takes its own routes (fused W + ΔW, products without autograd)
+            torch.testing.assert_close(peft(x), expected, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
@@ -53,6 +55,8 @@ def test_bypass_and_combined_match_reference(case: Case) -> None:
     for mode in ("bypass", "combined", "auto"):
         set_mode(peft, mode)
         torch.testing.assert_close(peft(x), expected, rtol=1e-10, atol=1e-10, msg=f"mode={mode}")
+        with torch.no_grad():
+            torch.testing.assert_close(peft(x), expected, rtol=1e-10, atol=1e-10, msg=f"mode={mode}, no grad")
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)

@@ -130,8 +130,7 @@ class AdapterLayer(nn.Module):
             delta = dora_delta(base, delta, adapter.dora_scale, adapter.options.dora_on_output, t)
         else:
             delta = adapter.delta_weight(base, draw, factor=t)
-        bias = adapter.delta_bias()
-        return delta, None if bias is None else bias * t
+        return delta, _scaled_bias(adapter, t)
 
     # --- forward ----------------------------------------------------------------------------------
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
@@ -335,8 +334,14 @@ class AdapterLayer(nn.Module):
         weight = cast(g.canonical_weight(self.base_layer), dtype)
         bias = cast(getattr(self.base_layer, "bias", None), dtype)
         for name in names:
-            delta, delta_bias = self.effective_delta(name, base_weight, draws[name])
-            weight = weight + delta
+            adapter = self.adapters[name]
+            if adapter.dora_scale is None:  # W + t · ΔW in the adapter's own pass where it has one
+                base = cast(base_weight, adapter.param_dtype)
+                weight = adapter.add_delta(weight, base, draws[name], adapter.multiplier)
+                delta_bias = _scaled_bias(adapter, adapter.multiplier)
+            else:
+                delta, delta_bias = self.effective_delta(name, base_weight, draws[name])
+                weight = weight + delta
             if delta_bias is not None:
                 bias = delta_bias if bias is None else bias + delta_bias
         x_in = x if g.kind == "embedding" else cast(x, dtype)
@@ -395,6 +400,11 @@ def _autocasting(device_type: str) -> bool:
         return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
     except RuntimeError:  # a device type autocast does not know (meta): nothing there autocasts
         return False
+
+
+def _scaled_bias(adapter: Adapter, multiplier: float) -> Tensor | None:
+    bias = adapter.delta_bias()
+    return None if bias is None else bias * multiplier
 
 
 def _grad_state(t: Tensor | None) -> tuple[bool, torch.dtype] | None:

@@ -138,6 +138,12 @@ class Adapter(nn.Module):
         """
         raise NotImplementedError
 
+    def add_delta(self, weight: Tensor, base_weight: Tensor, draw: Any = None, multiplier: float = 1.0) -> Tensor:
+        """``weight + multiplier · ΔW`` as a new tensor (canonical shape), what the combined path runs with;
+        ``base_weight`` as in :meth:`delta_weight`.  Adapters whose ΔW is a product fold the sum into the
+        product's own pass where that keeps no more for backward than the plain sum (the default)."""
+        return weight + self.delta_weight(base_weight, draw, factor=multiplier)
+
     def delta_bias(self) -> Tensor | None:
         """Bias delta of shape (out,), or ``None``."""
         return None

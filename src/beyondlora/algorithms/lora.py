@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..ops.bypass_common import autocasting
 from ..ops.bypass_lowrank import low_rank_linear, merged_low_rank_linear
 from ..ops.geometry import LayerGeometry
 from ..ops.products import tucker_rebuild
@@ -63,6 +64,15 @@ class LoRA(Adapter):
         if mid is not None:
             return tucker_rebuild(mid, up.t(), down.flatten(1))
         return (up @ down.flatten(1)).reshape(self.geometry.weight_shape)
+
+    def add_delta(self, weight: Tensor, base_weight: Tensor, draw: Any = None, multiplier: float = 1.0) -> Tensor:
+        """``W + t · s · up @ down`` as one ``addmm`` (one pass over W, no separate ΔW); Tucker, and under
+        autocast (which would round W to 16 bits before the sum), as the default."""
+        up, mid, down, scale = self.factors(draw)
+        if mid is not None or autocasting(weight.device.type):
+            return super().add_delta(weight, base_weight, draw, multiplier)
+        up, alpha = fold_scale(up, scale, multiplier)
+        return torch.addmm(weight.flatten(1), up, down.flatten(1), alpha=alpha).view(weight.shape)
 
     def add_bypass(
         self, result: Tensor, x: Tensor, draw: Any = None, multiplier: float = 1.0, lean: bool = False
