@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from .algorithms.base import Adapter, fold_scale
 from .algorithms.dora import dora_delta, weight_norm
 from .cost_model import rank_work_price
-from .ops.bypass_common import cast
+from .ops.bypass_common import autocasting, cast
 from .ops.geometry import LayerGeometry, is_plain_call
 from .ops.recompute import recomputed_if_saved
 
@@ -172,7 +172,7 @@ class AdapterLayer(nn.Module):
         weight, bias = getattr(base, "weight", None), getattr(base, "bias", None)
         # what _trains_merged reads that can change between calls: W's and b's requires_grad, the dtypes
         key = (tuple(names), bool(self.merged), self.forward_mode, self.backward_memory, tokens, grad, device, x.dtype,
-               _autocasting(device), _grad_state(weight), _grad_state(bias), adapters[0].param_dtype)  # fmt: skip
+               autocasting(device), _grad_state(weight), _grad_state(bias), adapters[0].param_dtype)  # fmt: skip
         path = self._path_choices.get(key)
         if path is None:
             merged_step = grad and self._trains_merged(adapters, x)
@@ -290,7 +290,7 @@ class AdapterLayer(nn.Module):
         if parts is None:
             return None
         hidden, up, scale = parts
-        if hidden.dtype != result.dtype and not _autocasting(result.device.type):
+        if hidden.dtype != result.dtype and not autocasting(result.device.type):
             return None
         up, alpha = fold_scale(up, scale, adapter.multiplier)
         flat = torch.addmm(result.reshape(-1, up.shape[0]), hidden.reshape(-1, up.shape[1]), up.t(), alpha=alpha)
@@ -300,7 +300,7 @@ class AdapterLayer(nn.Module):
         """Whether ``W x`` then ``+ b`` gives what the base layer gives: a plain linear or convolution with a
         bias, in float32 or float64 (16 bits would round ``W x`` once more than the base layer's own op)."""
         base = self.base_layer
-        wide = x.dtype in (torch.float32, torch.float64) and not _autocasting(x.device.type)
+        wide = x.dtype in (torch.float32, torch.float64) and not autocasting(x.device.type)
         return wide and getattr(base, "bias", None) is not None and is_plain_call(base)
 
     def _without_bias(self, out: Tensor) -> Tensor:
@@ -312,7 +312,7 @@ class AdapterLayer(nn.Module):
         (factor gradients through its rank-sized route) rather than autograd's full-size gradient of
         ``W + ΔW``: one adapter that has one, everything in one dtype, and no autocast (``W + ΔW`` rounded to
         a 16-bit autocast dtype would lose most of a small ΔW)."""
-        if len(adapters) != 1 or _autocasting(x.device.type):
+        if len(adapters) != 1 or autocasting(x.device.type):
             return False
         adapter = adapters[0]
         if not adapter.has_merged_step() or adapter.delta_bias() is not None:
@@ -346,7 +346,7 @@ class AdapterLayer(nn.Module):
                 bias = delta_bias if bias is None else bias + delta_bias
         x_in = x if g.kind == "embedding" else cast(x, dtype)
         out = g.apply(x_in, weight, bias)
-        if not x.is_floating_point() or _autocasting(x.device.type):
+        if not x.is_floating_point() or autocasting(x.device.type):
             return out  # under autocast the op's own dtype is what the base layer would give too
         return cast(out, x.dtype)
 
@@ -391,15 +391,6 @@ def _ia3_by_side(adapters: list[Adapter]) -> tuple[list[Adapter], list[Adapter]]
     """The (IA)³ adapters that scale the base layer's input channels, and those that scale its output."""
     ia3 = [a for a in adapters if a.channel_scale() is not None]
     return [a for a in ia3 if a.on_input], [a for a in ia3 if not a.on_input]
-
-
-def _autocasting(device_type: str) -> bool:
-    try:
-        return torch.is_autocast_enabled(device_type)
-    except TypeError:  # torch < 2.4 has no device argument
-        return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
-    except RuntimeError:  # a device type autocast does not know (meta): nothing there autocasts
-        return False
 
 
 def _scaled_bias(adapter: Adapter, multiplier: float) -> Tensor | None:

@@ -28,6 +28,8 @@ def autocasting(device_type: str) -> bool:
         return torch.is_autocast_enabled(device_type)
     except TypeError:  # torch < 2.4 has no device argument
         return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
+    except RuntimeError:  # a device type autocast does not know (meta): nothing there autocasts
+        return False
 
 
 def compute_dtype(x: Tensor, factor: Tensor) -> torch.dtype:
