@@ -201,6 +201,24 @@ def test_dylora_block_scale_is_the_scale_at_its_rank_and_carries_a_trainable_sca
     assert adapter.scalar.grad is not None and adapter.scalar.grad.abs() > 0
 
 
+@pytest.mark.parametrize("kind", ["linear", "conv2d", "embedding"])
+def test_stacked_adapters_in_different_dtypes_run_the_combined_path(kind: str) -> None:
+    """W + ΔW for a stack whose adapters were cast apart promotes like the sum of their deltas."""
+    model, x = build(Case("lora", kind))
+    peft = bl.get_peft_model(model, bl.LoraConfig(r=4, target_modules=["layer"], init_weights=False), adapter_name="a")
+    peft.add_adapter("b", bl.LoraConfig(r=4, target_modules=["layer"], init_weights=False))
+    peft.set_adapter(["a", "b"])
+    host = layers_of(peft)[0]
+    host.adapters["a"].double()
+    host.adapters["b"].float()
+    outputs = []
+    for mode in ("bypass", "combined"):
+        host.forward_mode = mode
+        with torch.no_grad():
+            outputs.append(peft(x).double())
+    torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-5, atol=1e-5)
+
+
 def test_hadamard_product_gradcheck() -> None:
     generator = torch.Generator().manual_seed(0)
     tensors = [

@@ -66,10 +66,11 @@ class LoRA(Adapter):
         return (up @ down.flatten(1)).reshape(self.geometry.weight_shape)
 
     def add_delta(self, weight: Tensor, base_weight: Tensor, draw: Any = None, multiplier: float = 1.0) -> Tensor:
-        """``W + t · s · up @ down`` as one ``addmm`` (one pass over W, no separate ΔW); Tucker, and under
-        autocast (which would round W to 16 bits before the sum), as the default."""
+        """``W + t · s · up @ down`` as one ``addmm`` (one pass over W, no separate ΔW); Tucker, under autocast
+        (which would round W to 16 bits before the sum) and factors in another dtype than W (``addmm`` does not
+        promote) as the default."""
         up, mid, down, scale = self.factors(draw)
-        if mid is not None or autocasting(weight.device.type):
+        if mid is not None or autocasting(weight.device.type) or up.dtype != weight.dtype:
             return super().add_delta(weight, base_weight, draw, multiplier)
         up, alpha = fold_scale(up, scale, multiplier)
         return torch.addmm(weight.flatten(1), up, down.flatten(1), alpha=alpha).view(weight.shape)
