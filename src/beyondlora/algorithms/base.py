@@ -99,10 +99,12 @@ class Adapter(nn.Module):
 
     @property
     def scale(self) -> float:
-        """``alpha / r`` (rs-LoRA: ``alpha / √r``)."""
-        if not self.has_rank:
-            return 1.0
-        return self.alpha / (math.sqrt(self.rank) if self.options.use_rslora else self.rank)
+        """``alpha / r`` (rs-LoRA: ``alpha / √r``); 1 for adapters without a rank."""
+        return self.scale_at(self.rank) if self.has_rank else 1.0
+
+    def scale_at(self, rank: int) -> float:
+        """The scale of this adapter cut to ``rank``: ``alpha / rank`` (rs-LoRA: ``alpha / √rank``)."""
+        return self.alpha / (math.sqrt(rank) if self.options.use_rslora else rank)
 
     @property
     def param_dtype(self) -> torch.dtype:

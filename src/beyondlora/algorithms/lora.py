@@ -168,12 +168,7 @@ class DyLoRA(LoRA):
         up = torch.cat([self.lora_up[:, :start].detach(), self.lora_up[:, start:stop]], dim=1)
         return up, None, down, self.scale_at(stop)
 
-    def scale_at(self, rank: int) -> float | Tensor:
-        """The scale of the adapter cut to ``rank``: ``alpha / rank`` (rs-LoRA ``alpha / √rank``), times the
-        trainable scalar where there is one (kohya's use_scalar, which :attr:`scale` carries)."""
-        return self.scale * (self.rank / rank) ** (0.5 if self.options.use_rslora else 1.0)
-
-    def truncated_factors(self, rank: int) -> tuple[Tensor, Tensor, float | Tensor]:
+    def truncated_factors(self, rank: int) -> tuple[Tensor, Tensor, float]:
         """``(up[:, :rank], down[:rank], scale_at(rank))`` — the adapter cut to ``rank``."""
         if not 0 < rank <= self.rank:
             raise ValueError(f"rank must be in [1, {self.rank}], got {rank}")

@@ -24,10 +24,10 @@ class ScalarMixin:
 
     scalar: nn.Parameter
 
-    @property
-    def scale(self) -> torch.Tensor:
-        """alpha / r times the trainable scalar: every path (bypass, rebuild, merge, export) reads it."""
-        return super().scale * self.scalar
+    def scale_at(self, rank: int) -> torch.Tensor:
+        """alpha / rank times the trainable scalar: :attr:`scale`, which every path (bypass, rebuild, merge,
+        export) reads, and DyLoRA's block scales come from it."""
+        return super().scale_at(rank) * self.scalar
 
 
 _SCALED_CLASSES: dict[type, type] = {}
