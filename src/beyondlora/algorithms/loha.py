@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops.bypass_common import autocasting
-from ..ops.bypass_khatri_rao import khatri_rao_conv, khatri_rao_linear, merged_khatri_rao_linear
+from ..ops.bypass_khatri_rao import hadamard_merged, khatri_rao_conv, khatri_rao_linear, merged_khatri_rao_linear
 from ..ops.geometry import LayerGeometry
 from ..ops.products import column_khatri_rao, hadamard_product, row_khatri_rao, tucker_rebuild
 from .base import Adapter, AdapterOptions, check_init, fold_scale, kaiming_
@@ -92,9 +92,8 @@ class LoHa(Adapter):
         if torch.is_grad_enabled() or self.tucker or autocasting(weight.device.type):
             return super().add_delta(weight, base_weight, draw, multiplier)
         a1, a2 = self._out_factors(draw)
-        a1 = a1 * (self.scale * multiplier)
-        product = torch.addcmul(weight.flatten(1), a1 @ self.hada_w1_b.flatten(1), a2 @ self.hada_w2_b.flatten(1))
-        return product.view(weight.shape)
+        factors = (a1 * (self.scale * multiplier), self.hada_w1_b.flatten(1), a2, self.hada_w2_b.flatten(1))
+        return hadamard_merged(weight.flatten(1), factors).view(weight.shape)
 
     def add_bypass(
         self, result: Tensor, x: Tensor, draw: Any = None, multiplier: float = 1.0, lean: bool = False

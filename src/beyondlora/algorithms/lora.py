@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops.bypass_common import autocasting
-from ..ops.bypass_lowrank import low_rank_linear, merged_low_rank_linear
+from ..ops.bypass_lowrank import low_rank_linear, low_rank_merged, merged_low_rank_linear
 from ..ops.geometry import LayerGeometry
 from ..ops.products import tucker_rebuild
 from .base import Adapter, AdapterOptions, check_init, fold_scale, kaiming_
@@ -73,7 +73,7 @@ class LoRA(Adapter):
         if mid is not None or autocasting(weight.device.type) or up.dtype != weight.dtype:
             return super().add_delta(weight, base_weight, draw, multiplier)
         up, alpha = fold_scale(up, scale, multiplier)
-        return torch.addmm(weight.flatten(1), up, down.flatten(1), alpha=alpha).view(weight.shape)
+        return low_rank_merged(weight.flatten(1), (down.flatten(1), up), alpha).view(weight.shape)
 
     def add_bypass(
         self, result: Tensor, x: Tensor, draw: Any = None, multiplier: float = 1.0, lean: bool = False
