@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import beyondlora as bl
-from beyondlora.formats.errors import FormatError
+from beyondlora.errors import FormatError
 from layer_cases import DEVICE, Case, all_cases, build, layers_of, randomize, set_mode
 from reference import reference_module
 

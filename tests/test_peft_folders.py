@@ -24,7 +24,7 @@ import transformers
 from torch import nn
 
 import beyondlora as bl
-from beyondlora.formats.errors import FormatError
+from beyondlora.errors import FormatError
 from beyondlora.modules_to_save import ModulesToSaveWrapper
 
 WEIGHTS = "adapter_model.safetensors"

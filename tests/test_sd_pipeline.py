@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import beyondlora as bl
-from beyondlora.formats.errors import FormatError
+from beyondlora.errors import FormatError
 from beyondlora.integrations.diffusers import (
     UnmatchedKeysWarning,
     list_adapters,

@@ -11,7 +11,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import beyondlora as bl
-from beyondlora.formats.errors import FormatError
+from beyondlora.errors import FormatError
 from layer_cases import Case, all_cases, build, randomize
 from ui_formula import ui_delta
 

@@ -11,6 +11,7 @@ import os
 import sys
 
 from . import __version__
+from .tools.extract import extract_names
 
 DTYPE_CHOICES = ("fp16", "bf16", "fp32")
 
@@ -107,7 +108,7 @@ def _add_tools(commands: argparse._SubParsersAction) -> None:
     extract.add_argument("base")
     extract.add_argument("tuned")
     extract.add_argument("out", help="the adapter file to write (.safetensors)")
-    extract.add_argument("--algo", choices=("locon", "lokr"), default="locon")
+    extract.add_argument("--algo", choices=extract_names(), default="locon")
     extract.add_argument(
         "--mode",
         choices=("fixed", "threshold", "ratio", "quantile", "full"),

@@ -12,17 +12,10 @@ from collections.abc import Iterator
 
 from torch import nn
 
-from .config import AdapterConfig, RankConfig
+from .algorithms.config_base import AdapterConfig, RankConfig, name_matches
 from .ops.geometry import layer_kind
 
 DEFAULT_LAYERS_PATTERNS = ("layers", "h", "block", "blocks", "layer")
-
-
-def name_matches(name: str, targets: list[str] | str) -> bool:
-    """Whether module ``name`` is named by ``targets`` (list: exact or dotted suffix; str: full regex)."""
-    if isinstance(targets, str):
-        return re.fullmatch(targets, name) is not None
-    return any(name == t or name.endswith("." + t) for t in targets)
 
 
 def layer_index(name: str, patterns: list[str] | str | None) -> int | None:
@@ -64,7 +57,7 @@ def _output_layer_names(model: nn.Module) -> set[str]:
 def _is_targeted(name: str, module: nn.Module, config: AdapterConfig, output_layers: set[str]) -> bool:
     targets = config.target_modules
     if targets is None:
-        return config.algorithm == "norm" and layer_kind(_base(module)) in ("layer_norm", "group_norm")
+        return layer_kind(_base(module)) in config.targets_by_kind
     if targets == "all-linear":
         return layer_kind(_base(module)) in ("linear", "hf_conv1d") and name not in output_layers
     return name_matches(name, targets)
@@ -75,7 +68,7 @@ def find_targets(model: nn.Module, config: AdapterConfig) -> list[tuple[str, nn.
 
     Targeted modules of a type the algorithm cannot host raise ``TypeError`` naming module and type.
     """
-    if config.target_modules is None and config.algorithm != "norm":
+    if config.target_modules is None and not config.targets_by_kind:
         raise ValueError(f"{type(config).__name__} needs target_modules (a list of names, a regex or 'all-linear')")
     output_layers = _output_layer_names(model)
     save = config.modules_to_save or []

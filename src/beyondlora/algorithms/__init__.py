@@ -1,12 +1,24 @@
-"""One module per algorithm; :data:`ALGORITHMS` maps each name to its adapter class."""
+"""One module per algorithm, each holding everything about it (see :mod:`.base`).
 
-from .base import Adapter, AdapterOptions
-from .full import Full, Norm
-from .ia3 import IA3
-from .loha import LoHa
-from .lokr import LoKr
-from .lora import DyLoRA, LoRA
+Every module of this package is imported here, so an algorithm registers itself in :data:`ALGORITHMS`
+by being a file in this folder; nothing else lists the algorithms.
+"""
 
-ALGORITHMS: dict[str, type[Adapter]] = {cls.algorithm: cls for cls in (LoRA, LoHa, LoKr, IA3, DyLoRA, Full, Norm)}
+import importlib
+import pkgutil
+
+from .base import REGISTRY, Adapter, AdapterOptions
+
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
+
+from .full import Full, Norm  # noqa: E402  (the classes people import by name)
+from .ia3 import IA3  # noqa: E402
+from .loha import LoHa  # noqa: E402
+from .lokr import LoKr  # noqa: E402
+from .lora import DyLoRA, LoRA  # noqa: E402
+
+#: every algorithm's adapter class by name
+ALGORITHMS: dict[str, type[Adapter]] = REGISTRY
 
 __all__ = ["ALGORITHMS", "Adapter", "AdapterOptions", "DyLoRA", "Full", "IA3", "LoHa", "LoKr", "LoRA", "Norm"]

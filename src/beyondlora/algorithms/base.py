@@ -11,11 +11,19 @@ An :class:`Adapter` owns its parameters and computes, for one base layer of a kn
 
 Training randomness (rank dropout masks, DyLoRA's rank block) is drawn once per forward by
 :meth:`Adapter.draw` and handed to both paths, so either path gives the same result for the same draw.
+
+An algorithm is one room: besides the math, its class says how its modules look in a single file
+(:meth:`Adapter.file_tensors`, :meth:`Adapter.read_file`, :meth:`Adapter.file_weight_shape`), in a PEFT
+folder (:meth:`Adapter.folder_tensors`, :meth:`Adapter.from_folder`, :meth:`Adapter.folder_config`, or the
+reason PEFT computes something else), in ``inspect`` (:meth:`Adapter.summary_notes`) and in kohya's
+metadata (:meth:`Adapter.kohya_args`).  Subclasses that name an ``algorithm`` register themselves in
+:data:`REGISTRY`; formats, tools and integrations look algorithms up there, never by name.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -27,6 +35,9 @@ from ..ops.geometry import Kind, LayerGeometry
 from .dora import weight_norm
 
 DENSE_KINDS: frozenset[Kind] = frozenset({"linear", "conv", "embedding", "hf_conv1d"})
+
+#: every algorithm by name, in the order their modules were imported
+REGISTRY: dict[str, type[Adapter]] = {}
 
 
 @dataclass(frozen=True)
@@ -53,6 +64,24 @@ class AdapterOptions:
     lokr_layout: Any = None
 
 
+@dataclass(frozen=True)
+class Extraction:
+    """How ``beyondlora extract`` asks an algorithm to approximate a weight difference.
+
+    Attributes:
+        factorize: the tool's rank rule, a matrix (m, n) → balanced factors (up (m, r), down (r, n)); ``None``
+            where the user asked for no truncation (factors stay full).
+        tucker: give k×k convolutions a Tucker core where the algorithm has one.
+        factor: LoKr's ``decompose_factor``.
+        exact_svd: full rather than randomized SVDs.
+    """
+
+    factorize: Callable[[Tensor], tuple[Tensor, Tensor]] | None
+    tucker: bool = False
+    factor: int = -1
+    exact_svd: bool = False
+
+
 def adapter_dtype(base_weight: Tensor) -> torch.dtype:
     """Adapters keep float32 (or float64) even on a half-precision base, as PEFT does."""
     return torch.float32 if base_weight.dtype in (torch.float16, torch.bfloat16) else base_weight.dtype
@@ -67,6 +96,28 @@ class Adapter(nn.Module):
     depends_on_base: ClassVar[bool] = False
     #: whether ``r``/``alpha`` mean anything for this algorithm
     has_rank: ClassVar[bool] = True
+    #: the config dataclass (PEFT field names) that builds this algorithm's adapters
+    config_class: ClassVar[type]
+    #: the algorithm whose single-file tensors this one reads and writes (itself, unless it is a training
+    #: variant of another: DyLoRA is a LoRA in files)
+    file_family: ClassVar[str]
+    #: the tensor names one module of this algorithm may carry in a single file (besides ``alpha`` and
+    #: ``dora_scale``); a module holding any of them is recognised as this algorithm
+    file_keys: ClassVar[frozenset[str]] = frozenset()
+    #: ``peft_type`` of this algorithm's PEFT folders, and the tensor names a module carries there
+    folder_type: ClassVar[str]
+    folder_keys: ClassVar[frozenset[str]] = frozenset()
+    #: whether ``beyondlora resize`` re-factorizes this algorithm's ΔW at another rank (as a LoRA)
+    resizable: ClassVar[bool] = False
+    #: the ``beyondlora extract --algo`` name that approximates a difference with this algorithm (``None``: none)
+    extract_name: ClassVar[str | None] = None
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "algorithm" in cls.__dict__:
+            if "file_family" not in cls.__dict__:
+                cls.file_family = cls.algorithm
+            REGISTRY[cls.algorithm] = cls
 
     def __init__(self, geometry: LayerGeometry, options: AdapterOptions, base_weight: Tensor) -> None:
         super().__init__()
@@ -211,6 +262,101 @@ class Adapter(nn.Module):
 
     def channel_scale(self) -> Tensor | None:
         """(IA)³ only: the learned per-channel vector ``v`` (``W ⊙ (1 + v)``)."""
+        return None
+
+    # --- files ---------------------------------------------------------------------------------------
+    def file_tensors(self) -> dict[str, Tensor]:
+        """This module's single-file tensors (names without the module key, ``dora_scale`` apart), written at
+        the current multiplier so that the consumers' formula (:mod:`.codec`) gives exactly our ΔW."""
+        raise NotImplementedError
+
+    @classmethod
+    def read_file(
+        cls, params: dict[str, Tensor], geometry: LayerGeometry, where: str, rank_hint: tuple[int, float] | None
+    ) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        """``(parameter tensors, AdapterOptions fields)`` for one module's single-file tensors, every shape
+        inferred from the tensors and checked against ``geometry`` (``where`` names the module in errors).
+        ``rank_hint`` = (r, alpha) is the rank and alpha to use where the tensors carry none."""
+        raise NotImplementedError
+
+    @classmethod
+    def file_weight_shape(cls, params: dict[str, Tensor], where: str) -> tuple[tuple[int, ...], bool]:
+        """The canonical weight shape ``(out, in, *kernel)`` one module's single-file tensors imply, and
+        whether the layer has a bias; sizes the tensors do not fix are 1, a kernel they flatten into the
+        input stays flattened (see :meth:`file_folds_kernel`)."""
+        raise NotImplementedError
+
+    def file_folds_kernel(self) -> bool:
+        """Whether this module's single-file tensors flatten a conv kernel into the input size (so a file
+        read without its base model sees (out, in·k))."""
+        return False
+
+    # --- PEFT folders ----------------------------------------------------------------------------------
+    def folder_refusal(self) -> str | None:
+        """Why PEFT would compute something other than this adapter from its folder, or ``None``."""
+        return None
+
+    def folder_tensors(self) -> dict[str, Tensor]:
+        """This module's tensors under the folder's names (without the ``base_model.model.<path>.`` prefix)."""
+        raise NotImplementedError
+
+    @classmethod
+    def folder_config(cls, adapters: dict[str, Adapter], fields: dict[str, Any]) -> dict[str, Any]:
+        """``adapter_config.json`` for these adapters (module name → adapter), from the ``fields`` every
+        folder shares (for ranked algorithms also ``r``, ``rank_pattern``, ``alpha`` and ``alpha_pattern``
+        expressing scale × multiplier exactly as alpha / r)."""
+        return fields
+
+    @classmethod
+    def from_folder(
+        cls, params: dict[str, Tensor], options: AdapterOptions, geometry: LayerGeometry | None
+    ) -> dict[str, Tensor]:
+        """One module's folder tensors as the single-file tensors :meth:`read_file` reads (with ``alpha``),
+        given the options its ``adapter_config.json`` gives the module; raises :class:`FormatError` where
+        the folder's meaning cannot be reproduced on this layer (``geometry``; ``None``: not checked)."""
+        return params
+
+    # --- tools -----------------------------------------------------------------------------------------
+    @classmethod
+    def with_values(cls, geometry: LayerGeometry, options: AdapterOptions, values: dict[str, Tensor]) -> Adapter:
+        """An adapter on ``geometry`` whose parameters hold ``values`` (reshaped to each parameter's shape)."""
+        standin = torch.zeros((), dtype=torch.float32).expand(geometry.weight_shape)
+        adapter = cls(geometry, options, standin)
+        own = dict(adapter.named_parameters())
+        with torch.no_grad():
+            for name, value in values.items():
+                own[name].copy_(value.reshape(own[name].shape))
+        return adapter
+
+    @classmethod
+    def extracted(
+        cls, geometry: LayerGeometry, delta: Tensor, delta_bias: Tensor | None, how: Extraction
+    ) -> Adapter | None:
+        """An adapter approximating the weight difference ``delta`` (canonical shape) and, where the
+        algorithm holds one, ``delta_bias`` (out,), with alpha = rank (scale 1); ``None`` where this form
+        would store no fewer parameters than ``delta`` itself."""
+        raise NotImplementedError
+
+    def consumer_rank(self) -> int | None:
+        """The rank a consumer reads from the file (its scale is alpha / rank), ``None`` when there is none."""
+        return self.rank if self.has_rank else None
+
+    def summary_notes(self) -> list[str]:
+        """Short notes on this adapter's form for ``inspect`` (Tucker, factor shapes, …)."""
+        return ["tucker"] if getattr(self, "tucker", False) else []
+
+    @classmethod
+    def kohya_args(cls, described: dict[str, Any]) -> dict[str, str]:
+        """kohya's ``ss_network_args`` entries for a file of this algorithm, from one module's metadata record."""
+        return {}
+
+    def scalar_factor(self) -> nn.Parameter:
+        """The factor that absorbs kohya's ``use_scalar`` scalar when saving (ΔW is linear in it)."""
+        raise TypeError(f"{self.algorithm} has no use_scalar")
+
+    def lora_factors(self) -> tuple[Tensor, Tensor, float] | None:
+        """``(up (out, r), down (r, in·∏k), scale)`` when ΔW is the plain product ``scale · up @ down`` (the
+        form diffusers' LoRA files and ``resize`` handle), else ``None``."""
         return None
 
     def extra_repr(self) -> str:

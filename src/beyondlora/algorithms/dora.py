@@ -11,6 +11,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..errors import FormatError
+from ..ops.geometry import LayerGeometry
+
 
 def weight_norm(weight: Tensor, on_output: bool) -> Tensor:
     """Per-channel L2 norm of ``weight`` (out, in, *k), shaped to broadcast against it, plus ε."""
@@ -26,3 +29,22 @@ def dora_delta(base_weight: Tensor, delta: Tensor, magnitude: Tensor, on_output:
     """``t · (m ⊙ (W + ΔW) / ‖W + ΔW‖ − W)``: what DoRA adds to the base weight."""
     merged = base_weight + delta
     return multiplier * (merged * (magnitude / weight_norm(merged, on_output)) - base_weight)
+
+
+def file_magnitude(magnitude: Tensor, multiplier: float) -> Tensor:
+    """The ``dora_scale`` a single file carries; at multiplier ≠ 1 no file is exact, so it refuses."""
+    if multiplier != 1.0:
+        raise FormatError(
+            "a DoRA adapter with multiplier ≠ 1 cannot be written exactly: consumers apply the strength to "
+            "the decomposed weight, which no parameter change reproduces; set the multiplier to 1 first"
+        )
+    return magnitude
+
+
+def read_magnitude(scale: Tensor, geometry: LayerGeometry) -> tuple[Tensor, bool]:
+    """A file's ``dora_scale`` shaped as our magnitude, and whether it is per output channel (else input)."""
+    g = geometry
+    on_output = scale.shape[0] == g.out_dim and scale.numel() == g.out_dim
+    if on_output:
+        return scale.reshape(g.out_dim, *([1] * len(g.weight_shape[1:]))), True
+    return scale.reshape(1, g.in_dim, *((1,) * len(g.kernel))), False

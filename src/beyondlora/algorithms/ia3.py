@@ -3,21 +3,54 @@
 ``v`` (LyCORIS ``weight``) scales output channels (rows of W) or, with ``on_input`` (PEFT's
 ``feedforward_modules``), input channels (columns).  The bias is never scaled.  Its bypass is done by the
 layer, which folds ``1 + v`` into the base layer's input or output instead of a second matmul.
+
+Files: single-file ``weight`` ((1, C, 1, …) on convs) and ``on_input``; PEFT folders ``ia3_l`` holding
+``1 + v`` ((C, 1) on the output side, (1, C) on the input side).
 """
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
 import torch
 from torch import Tensor, nn
 
+from ..errors import FormatError
 from ..ops.geometry import LayerGeometry
 from .base import Adapter, AdapterOptions, check_init
+from .codec import peft_refusal, reshaped
+from .config_base import AdapterConfig, exact_pattern, name_matches
+
+
+@dataclass(kw_only=True)
+class IA3Config(AdapterConfig):
+    """(IA)³.  ``feedforward_modules`` (a subset of the targets, same forms) scale their input channels."""
+
+    peft_type: ClassVar[str] = "IA3"
+    algorithm: ClassVar[str] = "ia3"
+    feedforward_modules: list[str] | str | None = None
+    init_ia3_weights: bool | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.init_ia3_weights is not None:
+            self.init_weights, self.init_ia3_weights = self.init_ia3_weights, None
+        super().__post_init__()
+
+    def options_for(self, module_name: str) -> AdapterOptions:
+        on_input = self.feedforward_modules is not None and name_matches(module_name, self.feedforward_modules)
+        return dataclasses.replace(super().options_for(module_name), on_input=on_input)
 
 
 class IA3(Adapter):
     """(IA)³ on Linear, Conv (any N-d) and transformers Conv1D."""
 
     algorithm = "ia3"
+    config_class = IA3Config
+    file_keys = frozenset({"weight", "on_input"})
+    folder_type = "IA3"
+    folder_keys = frozenset({"ia3_l"})
     supported_kinds = frozenset({"linear", "conv", "hf_conv1d"})
     depends_on_base = True
     has_rank = False
@@ -49,3 +82,59 @@ class IA3(Adapter):
     def rebuild_flops(self) -> float:
         """``W ⊙ v`` and ``W + ΔW``: two memory-bound passes over the weight, for one over the output."""
         return 2.0 * super().rebuild_flops()
+
+    def summary_notes(self) -> list[str]:
+        return ["on input"] if self.on_input else []
+
+    # --- files -----------------------------------------------------------------------------------------
+    def _channel_shape(self) -> tuple[int, ...]:
+        return (1, -1, *([1] * len(self.geometry.kernel))) if self.geometry.is_conv else (-1,)
+
+    def file_tensors(self) -> dict[str, Tensor]:
+        weight = (self.weight * self.multiplier).reshape(self._channel_shape())
+        return {"weight": weight, "on_input": torch.tensor(int(self.on_input))}
+
+    @classmethod
+    def read_file(
+        cls, params: dict[str, Tensor], geometry: LayerGeometry, where: str, rank_hint: tuple[int, float] | None
+    ) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        on_input = bool(params["on_input"].item()) if "on_input" in params else False
+        weight = reshaped(params, "weight", (geometry.in_dim if on_input else geometry.out_dim,), where)
+        return {"weight": weight}, dict(on_input=on_input)
+
+    @classmethod
+    def file_weight_shape(cls, params: dict[str, Tensor], where: str) -> tuple[tuple[int, ...], bool]:
+        """Only the scaled axis is known; the other gets size 1."""
+        weight = params["weight"]
+        on_input = bool(params["on_input"].item()) if "on_input" in params else False
+        ones = (1,) * max(weight.dim() - 2, 0)
+        return ((1, weight.numel()) if on_input else (weight.numel(), 1)) + ones, False
+
+    # --- PEFT folders ----------------------------------------------------------------------------------
+    def folder_refusal(self) -> str | None:
+        if (reason := peft_refusal(self)) is not None:
+            return reason
+        if not self.on_input and self.geometry.has_bias and bool(self.weight.detach().any()):
+            return "PEFT's (IA)³ also scales the bias of output-scaled layers; ours leaves it unchanged"
+        return None
+
+    def folder_tensors(self) -> dict[str, Tensor]:
+        scale = 1 + self.multiplier * self.weight.detach()
+        if self.geometry.kind == "conv":
+            return {"ia3_l": scale.reshape(self._channel_shape())}
+        return {"ia3_l": scale.reshape(1, -1) if self.on_input else scale.reshape(-1, 1)}
+
+    @classmethod
+    def folder_config(cls, adapters: dict[str, Adapter], fields: dict[str, Any]) -> dict[str, Any]:
+        inputs = [n for n, a in adapters.items() if a.on_input]
+        hf_conv1d = any(a.geometry.kind == "hf_conv1d" for a in adapters.values())
+        return {**fields, "feedforward_modules": exact_pattern(inputs) if inputs else [], "fan_in_fan_out": hf_conv1d}
+
+    @classmethod
+    def from_folder(
+        cls, params: dict[str, Tensor], options: AdapterOptions, geometry: LayerGeometry | None
+    ) -> dict[str, Tensor]:
+        """``ia3_l`` is ``1 + v``; PEFT also scales the bias of an output-scaled layer, which ours never does."""
+        if geometry is not None and not options.on_input and geometry.has_bias and not torch.all(params["ia3_l"] == 1):
+            raise FormatError("PEFT's (IA)³ scales this layer's bias too; ours leaves biases unchanged")
+        return {"weight": params["ia3_l"].flatten() - 1, "on_input": torch.tensor(int(options.on_input))}

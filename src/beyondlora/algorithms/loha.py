@@ -11,8 +11,10 @@ products), i.e. a LoRA of rank r², so ΔW is never built in the forward pass.
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -23,12 +25,38 @@ from ..ops.bypass_khatri_rao import hadamard_merged, khatri_rao_conv, khatri_rao
 from ..ops.geometry import LayerGeometry
 from ..ops.products import column_khatri_rao, hadamard_product, row_khatri_rao, tucker_rebuild
 from .base import Adapter, AdapterOptions, check_init, fold_scale, kaiming_
+from .codec import (
+    consumer_alpha,
+    file_alpha,
+    peft_lycoris_fields,
+    peft_lycoris_refusal,
+    reshaped,
+    shape_of,
+    with_folder_alpha,
+)
+from .config_base import RankConfig
+
+
+@dataclass(kw_only=True)
+class LoHaConfig(RankConfig):
+    """LoHa.  ``use_effective_conv2d``: Tucker cores for k×k convs."""
+
+    peft_type: ClassVar[str] = "LOHA"
+    algorithm: ClassVar[str] = "loha"
+    use_effective_conv2d: bool = False
+
+    def options_for(self, module_name: str) -> AdapterOptions:
+        return dataclasses.replace(super().options_for(module_name), use_effective_conv2d=self.use_effective_conv2d)
 
 
 class LoHa(Adapter):
     """Hadamard-product adapter; Linear, Conv (any N-d), Embedding and transformers Conv1D."""
 
     algorithm = "loha"
+    config_class = LoHaConfig
+    file_keys = frozenset({"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2"})
+    folder_type = "LOHA"
+    folder_keys = file_keys
 
     def __init__(self, geometry: LayerGeometry, options: AdapterOptions, base_weight: Tensor) -> None:
         super().__init__(geometry, options, base_weight)
@@ -163,6 +191,57 @@ class LoHa(Adapter):
 
     def rebuild_flops(self) -> float:
         return (2 * self.rank + 1) * super().rebuild_flops()
+
+    # --- files (single-file and PEFT tensors are our parameters, by name) ------------------------------
+    def file_tensors(self) -> dict[str, Tensor]:
+        out = {name: p for name, p in self.named_parameters() if name.startswith("hada_")}
+        return {**out, "alpha": consumer_alpha(self.scale, self.multiplier, self.rank, self.param_dtype)}
+
+    @classmethod
+    def read_file(
+        cls, params: dict[str, Tensor], geometry: LayerGeometry, where: str, rank_hint: tuple[int, float] | None
+    ) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        """Tucker form (``hada_t1``) has a (r, out), b (r, in); else a (out, r), b (r, in·∏k)."""
+        g, r = geometry, shape_of(params, "hada_w1_b", where)[0]
+        tucker = "hada_t1" in params
+        a_shape = (r, g.out_dim) if tucker else (g.out_dim, r)
+        b_shape = (r, g.in_dim) if tucker else (r, g.in_dim * g.kernel_numel)
+        state = {}
+        for n in ("1", "2"):
+            state[f"hada_w{n}_a"] = reshaped(params, f"hada_w{n}_a", a_shape, where)
+            state[f"hada_w{n}_b"] = reshaped(params, f"hada_w{n}_b", b_shape, where)
+            if tucker:
+                state[f"hada_t{n}"] = reshaped(params, f"hada_t{n}", (r, r, *g.kernel), where)
+        return state, dict(r=r, alpha=file_alpha(params, r), use_effective_conv2d=tucker)
+
+    @classmethod
+    def file_weight_shape(cls, params: dict[str, Tensor], where: str) -> tuple[tuple[int, ...], bool]:
+        a, b = shape_of(params, "hada_w1_a", where), shape_of(params, "hada_w1_b", where)
+        if "hada_t1" in params:
+            return (a[1], b[1], *shape_of(params, "hada_t1", where)[2:]), False
+        return (a[0], b[1]), False
+
+    def file_folds_kernel(self) -> bool:
+        return not self.tucker
+
+    def folder_refusal(self) -> str | None:
+        return peft_lycoris_refusal(self)
+
+    def folder_tensors(self) -> dict[str, Tensor]:
+        return {name: p for name, p in self.named_parameters() if name.startswith("hada_")}
+
+    @classmethod
+    def folder_config(cls, adapters: dict[str, Adapter], fields: dict[str, Any]) -> dict[str, Any]:
+        return peft_lycoris_fields(adapters, fields)
+
+    @classmethod
+    def from_folder(
+        cls, params: dict[str, Tensor], options: AdapterOptions, geometry: LayerGeometry | None
+    ) -> dict[str, Tensor]:
+        return with_folder_alpha(params, options)
+
+    def scalar_factor(self) -> nn.Parameter:
+        return self.hada_w1_a
 
 
 def _khatri_rao_conv_hidden(

@@ -13,19 +13,67 @@ of rank r costs.  Convolutions run ``W2`` as a conv on the c input groups folded
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..errors import FormatError
 from ..ops.bypass_kron import kron_conv, kron_linear, merged_kron_linear
-from ..ops.factorization import factorization
+from ..ops.decompositions import nearest_kronecker
+from ..ops.factorization import factorization, peft_factorization
 from ..ops.geometry import LayerGeometry
 from ..ops.products import kron, tucker_rebuild
-from .base import Adapter, AdapterOptions, check_init, fold_scale, kaiming_
+from .base import Adapter, AdapterOptions, Extraction, check_init, fold_scale, kaiming_
+from .codec import (
+    consumer_alpha,
+    file_alpha,
+    peft_lycoris_fields,
+    peft_lycoris_refusal,
+    shape_of,
+    with_folder_alpha,
+)
+from .config_base import RankConfig
+
+#: a Conv1d Kronecker product with a full 3-D W2: PEFT lays it out differently from LyCORIS
+_PEFT_CONV1D_LAYOUT = "PEFT lays out a Conv1d Kronecker product with a full W2 differently from LyCORIS"
+
+
+@dataclass(kw_only=True)
+class LoKrConfig(RankConfig):
+    """LoKr.
+
+    Attributes:
+        decompose_factor: the cap on the smaller Kronecker factor (−1: as balanced as possible).
+        decompose_both: also decompose W1 into a rank-r product when r < max(W1 dims)/2.
+        unbalanced_factorization: swap the output factors (W1 gets the larger one).
+        use_effective_conv2d: Tucker core ``lokr_t2`` for k×k convs.
+    """
+
+    peft_type: ClassVar[str] = "LOKR"
+    algorithm: ClassVar[str] = "lokr"
+    use_effective_conv2d: bool = False
+    decompose_both: bool = False
+    decompose_factor: int = -1
+    unbalanced_factorization: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.decompose_factor == 0 or self.decompose_factor < -1:
+            raise ValueError(f"decompose_factor must be -1 or a positive integer, got {self.decompose_factor}")
+
+    def options_for(self, module_name: str) -> AdapterOptions:
+        return dataclasses.replace(
+            super().options_for(module_name),
+            use_effective_conv2d=self.use_effective_conv2d,
+            decompose_both=self.decompose_both,
+            decompose_factor=self.decompose_factor,
+            unbalanced_factorization=self.unbalanced_factorization,
+        )
 
 
 @dataclass(frozen=True)
@@ -60,6 +108,11 @@ class LoKr(Adapter):
     """Kronecker-product adapter; Linear, Conv (any N-d), Embedding and transformers Conv1D."""
 
     algorithm = "lokr"
+    config_class = LoKrConfig
+    file_keys = frozenset({"lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2"})
+    folder_type = "LOKR"
+    folder_keys = file_keys
+    extract_name = "lokr"
 
     def __init__(self, geometry: LayerGeometry, options: AdapterOptions, base_weight: Tensor) -> None:
         super().__init__(geometry, options, base_weight)
@@ -244,6 +297,156 @@ class LoKr(Adapter):
 
     def rebuild_flops(self) -> float:
         return 2.0 * super().rebuild_flops()
+
+    # --- files (single-file and PEFT tensors are our parameters, by name) ------------------------------
+    def file_tensors(self) -> dict[str, Tensor]:
+        """With both factors full the consumers use scale 1 whatever alpha says: our scale goes into W1."""
+        out = {name: p for name, p in self.named_parameters() if name.startswith("lokr_")}
+        if self.w1_is_full and self.w2_is_full:
+            out["lokr_w1"] = self.lokr_w1 * (self.scale * self.multiplier)
+            out["alpha"] = torch.tensor(float(self.rank))
+        else:
+            out["alpha"] = consumer_alpha(self.scale, self.multiplier, self.rank, self.param_dtype)
+        return out
+
+    @classmethod
+    def read_file(
+        cls, params: dict[str, Tensor], geometry: LayerGeometry, where: str, rank_hint: tuple[int, float] | None
+    ) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        """Layout, rank and alpha from the shapes (the consumers' rule for the scale: with both factors full
+        scale 1, or ``rank_hint``'s alpha / r); the parameters are the tensors themselves."""
+        g = geometry
+        w1_decomposed, w2_decomposed = "lokr_w1" not in params, "lokr_w2" not in params
+        if w1_decomposed:
+            a, c = shape_of(params, "lokr_w1_a", where)[0], shape_of(params, "lokr_w1_b", where)[1]
+        else:
+            a, c = params["lokr_w1"].shape[:2]
+        if g.out_dim % a or g.in_dim % c:
+            raise FormatError(f"{where}: lokr_w1 of {a}×{c} does not divide the layer's {g.out_dim}×{g.in_dim}")
+        ranks = [
+            shape_of(params, f"lokr_w{n}_b", where)[0]
+            for n, split in (("1", w1_decomposed), ("2", w2_decomposed))
+            if split
+        ]
+        if len(set(ranks)) > 1:
+            raise FormatError(f"{where}: LoKr factors of different ranks {ranks} are not supported")
+        layout = LoKrLayout((a, g.out_dim // a), (c, g.in_dim // c), w1_decomposed, w2_decomposed)
+        options: dict[str, Any] = dict(lokr_layout=layout, use_effective_conv2d="lokr_t2" in params)
+        if ranks:
+            options.update(r=ranks[0], alpha=file_alpha(params, ranks[0]))
+        else:
+            r, alpha = rank_hint or (1, 1.0)
+            options.update(r=r, alpha=alpha)
+        return {k: v for k, v in params.items() if k.startswith("lokr_")}, options
+
+    @classmethod
+    def file_weight_shape(cls, params: dict[str, Tensor], where: str) -> tuple[tuple[int, ...], bool]:
+        if "lokr_w1" in params:
+            a, c = shape_of(params, "lokr_w1", where)[:2]
+        else:
+            a, c = shape_of(params, "lokr_w1_a", where)[0], shape_of(params, "lokr_w1_b", where)[1]
+        if "lokr_w2" in params:
+            b, d, *kernel = shape_of(params, "lokr_w2", where)
+        elif "lokr_t2" in params:
+            b, d = shape_of(params, "lokr_w2_a", where)[1], shape_of(params, "lokr_w2_b", where)[1]
+            kernel = list(shape_of(params, "lokr_t2", where)[2:])
+        else:
+            b, d, kernel = shape_of(params, "lokr_w2_a", where)[0], shape_of(params, "lokr_w2_b", where)[1], []
+        return (a * b, c * d, *kernel), False
+
+    def file_folds_kernel(self) -> bool:
+        return not self.w2_is_full and not self.tucker
+
+    # --- PEFT folders ----------------------------------------------------------------------------------
+    def folder_refusal(self) -> str | None:
+        g = self.geometry
+        if g.kind == "conv" and len(g.kernel) == 1 and self.w2_is_full:
+            return _PEFT_CONV1D_LAYOUT
+        return peft_lycoris_refusal(self)
+
+    def folder_tensors(self) -> dict[str, Tensor]:
+        return {name: p for name, p in self.named_parameters() if name.startswith("lokr_")}
+
+    @classmethod
+    def folder_config(cls, adapters: dict[str, Adapter], fields: dict[str, Any]) -> dict[str, Any]:
+        """Plus a ``decompose_factor`` under which PEFT's factorization gives every adapter our shapes."""
+        first = next(iter(adapters.values())).options
+        decompose_both = any(not a.w1_is_full for a in adapters.values())
+        dims = sorted({d for a in adapters.values() for d in (*a.out_factors, *a.in_factors)})
+        factor = next(
+            (
+                f
+                for f in [first.decompose_factor, -1, *dims]
+                if all(_peft_layout(a, f, decompose_both) for a in adapters.values())
+            ),
+            None,
+        )
+        if factor is None:
+            raise FormatError("no decompose_factor makes PEFT's factorization reproduce these LoKr shapes")
+        fields = peft_lycoris_fields(adapters, fields)
+        return {
+            **fields,
+            "decompose_both": decompose_both,
+            "decompose_factor": factor,
+            "rank_dropout_scale": first.rank_dropout_scale,
+        }
+
+    @classmethod
+    def from_folder(
+        cls, params: dict[str, Tensor], options: AdapterOptions, geometry: LayerGeometry | None
+    ) -> dict[str, Tensor]:
+        if geometry is not None and "lokr_w2" in params and geometry.kind == "conv" and len(geometry.kernel) == 1:
+            raise FormatError(_PEFT_CONV1D_LAYOUT)
+        return with_folder_alpha(params, options)
+
+    # --- tools -----------------------------------------------------------------------------------------
+    @classmethod
+    def extracted(
+        cls, geometry: LayerGeometry, delta: Tensor, delta_bias: Tensor | None, how: Extraction
+    ) -> Adapter | None:
+        """ΔW ≈ W1 ⊗ W2, the nearest Kronecker product for ``factorization(dim, how.factor)``
+        (:func:`~beyondlora.ops.decompositions.nearest_kronecker`); W2 is then truncated by the tool's rank
+        rule where that stores fewer parameters, else kept full (scale 1: alpha = r = 1)."""
+        g = geometry
+        out_factors, in_factors = factorization(g.out_dim, how.factor), factorization(g.in_dim, how.factor)
+        w1, w2 = nearest_kronecker(delta, out_factors, in_factors, how.exact_svd)
+        flat = w2.reshape(out_factors[1], -1)
+        if how.factorize is not None:
+            up, down = how.factorize(flat)
+            rank = up.shape[1]
+            if rank * (flat.shape[0] + flat.shape[1]) < flat.numel():
+                layout = LoKrLayout(out_factors, in_factors, False, True)
+                options = AdapterOptions(r=rank, alpha=rank, decompose_factor=how.factor, lokr_layout=layout)
+                return cls.with_values(g, options, {"lokr_w1": w1, "lokr_w2_a": up, "lokr_w2_b": down})
+        layout = LoKrLayout(out_factors, in_factors, False, False)
+        options = AdapterOptions(r=1, alpha=1.0, decompose_factor=how.factor, lokr_layout=layout)
+        return cls.with_values(g, options, {"lokr_w1": w1, "lokr_w2": w2})
+
+    def consumer_rank(self) -> int | None:
+        """None with both factors full: consumers then use scale 1."""
+        return None if self.w1_is_full and self.w2_is_full else self.rank
+
+    def summary_notes(self) -> list[str]:
+        return [*super().summary_notes(), f"factors {self.out_factors}×{self.in_factors}"]
+
+    @classmethod
+    def kohya_args(cls, described: dict[str, Any]) -> dict[str, str]:
+        return {"factor": str(described["decompose_factor"])}
+
+    def scalar_factor(self) -> nn.Parameter:
+        return self.lokr_w1 if self.w1_is_full else self.lokr_w1_a
+
+
+def _peft_layout(adapter: LoKr, factor: int, decompose_both: bool) -> bool:
+    """Whether PEFT, with this factor, builds W1 (a, c) and W2 (b, d) split or full exactly as ours."""
+    g, r = adapter.geometry, adapter.rank
+    out_l, out_k = peft_factorization(g.out_dim, factor)
+    in_m, in_n = peft_factorization(g.in_dim, factor)
+    if (out_l, out_k) != adapter.out_factors or (in_m, in_n) != adapter.in_factors:
+        return False
+    w1_full = not (decompose_both and r < max(out_l, in_m) / 2)
+    w2_full = r >= max(out_k, in_n) / 2
+    return w1_full == adapter.w1_is_full and w2_full == adapter.w2_is_full
 
 
 def _kron_conv_hidden(

@@ -2,11 +2,17 @@
 
 Parameters (LyCORIS names and shapes): ``lora_down`` (r, in, *k) — or (r, in, 1, …) with the Tucker
 core ``lora_mid`` (r, r, *k) when ``use_effective_conv2d`` on a k×k conv — and ``lora_up`` (out, r).
+
+Files: single-file tensors ``lora_down.weight``, ``lora_up.weight`` ((out, r, 1, …) on convs), optional
+``lora_mid.weight``, ``alpha``; PEFT folders ``lora_A.weight``/``lora_B.weight`` (``lora_embedding_A``/``_B``
+on embeddings) and ``lora_magnitude_vector`` for DoRA.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -14,15 +20,79 @@ from torch import Tensor, nn
 
 from ..ops.bypass_common import autocasting
 from ..ops.bypass_lowrank import low_rank_linear, low_rank_merged, merged_low_rank_linear
+from ..ops.decompositions import low_rank_factors, tucker2
 from ..ops.geometry import LayerGeometry
 from ..ops.products import tucker_rebuild
-from .base import Adapter, AdapterOptions, check_init, fold_scale, kaiming_
+from .base import Adapter, AdapterOptions, Extraction, check_init, fold_scale, kaiming_
+from .codec import consumer_alpha, file_alpha, peft_refusal, reshaped, shape_of, with_folder_alpha
+from .config_base import RankConfig
+
+#: the rank ``extract`` gives a LoRA when the user names none
+EXTRACT_RANK = 32
+#: PEFT's LoRA tensor names → the single-file names
+_FROM_FOLDER = {
+    "lora_A.weight": "lora_down.weight",
+    "lora_B.weight": "lora_up.weight",
+    "lora_embedding_A": "lora_down.weight",
+    "lora_embedding_B": "lora_up.weight",
+    "lora_magnitude_vector": "dora_scale",
+}
+
+
+@dataclass(kw_only=True)
+class LoraConfig(RankConfig):
+    """LoRA / LoCon.  ``use_effective_conv2d``: Tucker core for k×k convs; ``dropout`` (alias
+    ``lora_dropout``): dropout on the adapter's input."""
+
+    peft_type: ClassVar[str] = "LORA"
+    algorithm: ClassVar[str] = "lora"
+    use_effective_conv2d: bool = False
+    dropout: float = 0.0
+    lora_dropout: float | None = field(default=None, repr=False)
+    init_lora_weights: bool | str | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.lora_dropout is not None:
+            self.dropout, self.lora_dropout = self.lora_dropout, None
+        if self.init_lora_weights is not None:
+            self.init_weights, self.init_lora_weights = self.init_lora_weights, None
+        super().__post_init__()
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+
+    def options_for(self, module_name: str) -> AdapterOptions:
+        return dataclasses.replace(
+            super().options_for(module_name), use_effective_conv2d=self.use_effective_conv2d, dropout=self.dropout
+        )
+
+
+@dataclass(kw_only=True)
+class DyLoraConfig(RankConfig):
+    """DyLoRA: LoRA of rank ``r`` trained ``block_size`` ranks at a time."""
+
+    peft_type: ClassVar[str] = "DYLORA"
+    algorithm: ClassVar[str] = "dylora"
+    block_size: int = 4
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.block_size <= 0 or self.r % self.block_size:
+            raise ValueError(f"r ({self.r}) must be a positive multiple of block_size ({self.block_size})")
+
+    def options_for(self, module_name: str) -> AdapterOptions:
+        return dataclasses.replace(super().options_for(module_name), block_size=self.block_size)
 
 
 class LoRA(Adapter):
     """Low-rank adapter; Linear, Conv (any N-d), Embedding and transformers Conv1D."""
 
     algorithm = "lora"
+    config_class = LoraConfig
+    file_keys = frozenset({"lora_down.weight", "lora_up.weight", "lora_mid.weight"})
+    folder_type = "LORA"
+    folder_keys = frozenset(_FROM_FOLDER)
+    resizable = True
+    extract_name = "locon"
 
     def __init__(self, geometry: LayerGeometry, options: AdapterOptions, base_weight: Tensor) -> None:
         super().__init__(geometry, options, base_weight)
@@ -135,6 +205,121 @@ class LoRA(Adapter):
         """Input dropout only exists on the bypass path."""
         return self.training and self.options.dropout > 0
 
+    # --- files ---------------------------------------------------------------------------------------
+    def file_tensors(self) -> dict[str, Tensor]:
+        g = self.geometry
+        out = {
+            "lora_down.weight": self.lora_down,
+            "lora_up.weight": self.lora_up.reshape(g.out_dim, self.rank, *((1,) * len(g.kernel))),
+            "alpha": consumer_alpha(self.scale, self.multiplier, self.rank, self.param_dtype),
+        }
+        if self.lora_mid is not None:
+            out["lora_mid.weight"] = self.lora_mid
+        return out
+
+    @classmethod
+    def read_file(
+        cls, params: dict[str, Tensor], geometry: LayerGeometry, where: str, rank_hint: tuple[int, float] | None
+    ) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        g, r = geometry, shape_of(params, "lora_down.weight", where)[0]
+        tucker = "lora_mid.weight" in params
+        ones = (1,) * len(g.kernel)
+        state = {
+            "lora_down": reshaped(params, "lora_down.weight", (r, g.in_dim, *(ones if tucker else g.kernel)), where),
+            "lora_up": reshaped(params, "lora_up.weight", (g.out_dim, r), where),
+        }
+        if tucker:
+            state["lora_mid"] = reshaped(params, "lora_mid.weight", (r, r, *g.kernel), where)
+        return state, dict(r=r, alpha=file_alpha(params, r), use_effective_conv2d=tucker)
+
+    @classmethod
+    def file_weight_shape(cls, params: dict[str, Tensor], where: str) -> tuple[tuple[int, ...], bool]:
+        down, up = shape_of(params, "lora_down.weight", where), shape_of(params, "lora_up.weight", where)
+        kernel = shape_of(params, "lora_mid.weight", where)[2:] if "lora_mid.weight" in params else down[2:]
+        return (up[0], down[1], *kernel), False
+
+    # --- PEFT folders ----------------------------------------------------------------------------------
+    def folder_refusal(self) -> str | None:
+        g = self.geometry
+        if (reason := peft_refusal(self)) is not None:
+            return reason
+        if g.kind == "conv" and g.groups != 1:
+            return "PEFT's LoRA does not support grouped convolutions"
+        if g.kind == "conv" and any(d != 1 for d in g.dilation):
+            return "PEFT's LoRA ignores the convolution's dilation"
+        if self.tucker:
+            return "PEFT has no Tucker form for lora on this layer"
+        if self.dora_scale is not None and (not self.options.dora_on_output or self.multiplier != 1.0):
+            return "PEFT supports DoRA only for LoRA, on the output axis, at multiplier 1"
+        return None
+
+    def folder_tensors(self) -> dict[str, Tensor]:
+        g = self.geometry
+        ones = (1,) * len(g.kernel)
+        if g.kind == "embedding":
+            out = {"lora_embedding_A": self.lora_down, "lora_embedding_B": self.lora_up}
+        else:
+            out = {"lora_A.weight": self.lora_down, "lora_B.weight": self.lora_up.reshape(g.out_dim, -1, *ones)}
+        if self.dora_scale is not None:
+            magnitude = self.dora_scale.flatten()
+            out["lora_magnitude_vector"] = magnitude.reshape(1, -1, *ones) if g.kind == "conv" else magnitude
+        return out
+
+    @classmethod
+    def folder_config(cls, adapters: dict[str, Adapter], fields: dict[str, Any]) -> dict[str, Any]:
+        """PEFT's LoRA fields (it has no module_dropout: that only shapes training)."""
+        first = next(iter(adapters.values()))
+        fields = dict(fields)
+        return {
+            "lora_alpha": fields.pop("alpha"),
+            **fields,
+            "lora_dropout": first.options.dropout,
+            "use_rslora": False,
+            "use_dora": any(a.dora_scale is not None for a in adapters.values()),
+            "init_lora_weights": True,
+            "fan_in_fan_out": any(a.geometry.kind == "hf_conv1d" for a in adapters.values()),
+            "bias": "none",
+        }
+
+    @classmethod
+    def from_folder(
+        cls, params: dict[str, Tensor], options: AdapterOptions, geometry: LayerGeometry | None
+    ) -> dict[str, Tensor]:
+        out = {_FROM_FOLDER.get(k, k): v for k, v in params.items()}
+        if "dora_scale" in out:
+            out["dora_scale"] = out["dora_scale"].reshape(-1, 1)
+        return with_folder_alpha(out, options)
+
+    # --- tools -----------------------------------------------------------------------------------------
+    @classmethod
+    def extracted(
+        cls, geometry: LayerGeometry, delta: Tensor, delta_bias: Tensor | None, how: Extraction
+    ) -> Adapter | None:
+        """ΔW (out, in·K) ≈ up · down by the tool's rank rule (without one: rank :data:`EXTRACT_RANK`); with
+        ``how.tucker`` a k×k conv gets a Tucker-2 core (HOSVD, :func:`~beyondlora.ops.decompositions.tucker2`)
+        of that rank instead."""
+        g = geometry
+        flat = delta.reshape(g.out_dim, -1)
+        if how.factorize is not None:
+            up, down = how.factorize(flat)
+        else:
+            up, down = low_rank_factors(flat, EXTRACT_RANK, how.exact_svd)
+        rank = up.shape[1]
+        if rank * (flat.shape[0] + flat.shape[1]) >= flat.numel():
+            return None
+        if how.tucker and g.kind == "conv" and g.kernel_numel > 1:
+            rank = min(rank, g.out_dim, g.in_dim)
+            core, u_out, u_in = tucker2(delta, rank)
+            values = {"lora_up": u_out, "lora_down": u_in.T, "lora_mid": core}
+            return cls.with_values(g, AdapterOptions(r=rank, alpha=rank, use_effective_conv2d=True), values)
+        return cls.with_values(g, AdapterOptions(r=rank, alpha=rank), {"lora_up": up, "lora_down": down})
+
+    def scalar_factor(self) -> nn.Parameter:
+        return self.lora_up
+
+    def lora_factors(self) -> tuple[Tensor, Tensor, float] | None:
+        return None if self.tucker else (self.lora_up, self.lora_down.flatten(1), self.scale)
+
 
 class DyLoRA(LoRA):
     """DyLoRA: a LoRA of rank ``r`` trained one block of ``block_size`` ranks at a time.
@@ -146,6 +331,8 @@ class DyLoRA(LoRA):
     """
 
     algorithm = "dylora"
+    config_class = DyLoraConfig
+    file_family = "lora"
 
     def __init__(self, geometry: LayerGeometry, options: AdapterOptions, base_weight: Tensor) -> None:
         if options.block_size <= 0 or options.r % options.block_size:

@@ -1,9 +1,9 @@
 """The adapter folder: ``adapter_config.json`` + ``adapter_model.safetensors`` (Hugging Face PEFT's layout).
 
 Keys are ``base_model.model.<module path>.<tensor>``; adapters other than ``default`` live in a subfolder
-of their name.  LoRA (and DyLoRA, as the LoRA it equals), LoHa, LoKr and (IA)³ are written exactly as PEFT
-writes them, so PEFT loads them to the same outputs; Full and Norm, which PEFT lacks, use our tensor names
-under ``peft_type`` FULL / NORM (PEFT refuses those types loudly).
+of their name.  Each algorithm gives its ``peft_type``, tensors and config fields (``Adapter.folder_*``):
+the ones PEFT has are written exactly as PEFT writes them, so PEFT loads them to the same outputs, or
+refused with the reason; the others use their own ``peft_type`` (PEFT refuses those loudly).
 """
 
 from __future__ import annotations
@@ -17,31 +17,22 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..algorithms import Adapter
-from ..config import CONFIG_NAME, AdapterConfig, RankConfig, config_class, read_config_json
+from ..algorithms import ALGORITHMS, Adapter
+from ..algorithms.config_base import exact_pattern
+from ..config import CONFIG_NAME, AdapterConfig, config_class, read_config_json
+from ..errors import FormatError
 from ..inject import PlannedAdapter, adapter_layers, save_wrappers
 from ..layers import AdapterLayer
 from ..modules_to_save import ModulesToSaveWrapper
 from ..ops.geometry import LayerGeometry
 from ..targeting import find_modules_to_save, find_targets, matching_entries
-from .errors import FormatError
-from .lycoris_codecs import export_tensors, import_adapter
-from .peft_codecs import (
-    PEFT_TYPES,
-    check_peft_semantics,
-    export_peft_tensors,
-    lokr_factor_for_peft,
-    to_lycoris_names,
-)
+from .lycoris_codecs import import_adapter
 from .tensors import check_finite, read_pickled_tensors, read_tensors, write_tensors
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 LEGACY_WEIGHTS_NAME = "adapter_model.bin"
 KEY_PREFIX = "base_model.model."
 #: PEFT config fields that carry no meaning for the computation
-_ADAPTER_TENSOR = re.compile(
-    r"(lora_[AB]\.weight|lora_embedding_[AB]|lora_magnitude_vector|hada_\w+|lokr_\w+|ia3_l|diff|diff_b|w_norm|b_norm|dora_scale)$"
-)
 #: (``fan_in_fan_out`` describes storage, which we read from the module type, as PEFT itself corrects it)
 _INFORMATIONAL = {
     "peft_version",
@@ -58,9 +49,17 @@ def adapter_directory(directory: str | Path, adapter_name: str) -> Path:
     return Path(directory) if adapter_name == "default" else Path(directory) / adapter_name
 
 
-def _exact(names: list[str]) -> str:
-    """A regex matching exactly these module names (PEFT full-matches a string ``target_modules``)."""
-    return "^(?:" + "|".join(re.escape(n) for n in sorted(names)) + ")$"
+def folder_tensor_names() -> frozenset[str]:
+    """Every tensor name a module of an adapter folder may carry."""
+    return frozenset({"dora_scale"}).union(*(cls.folder_keys for cls in ALGORITHMS.values()))
+
+
+def adapter_tensor_name(key: str) -> str | None:
+    """The adapter tensor name ``key`` ends with (``….lokr_w1`` → ``lokr_w1``), or ``None``."""
+    for name in folder_tensor_names():
+        if key == name or key.endswith("." + name):
+            return name
+    return None
 
 
 def _patterns(values: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
@@ -69,78 +68,50 @@ def _patterns(values: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
     return common, {f"^{re.escape(n)}$": v for n, v in sorted(values.items()) if v != common}
 
 
-def peft_config_dict(config: AdapterConfig, adapters: dict[str, Adapter]) -> dict[str, Any]:
-    """PEFT's ``adapter_config.json`` for these adapters (one algorithm), expressing them exactly."""
-    algorithms = {a.algorithm for a in adapters.values()}
-    if len(algorithms) != 1:
-        raise FormatError(f"a PEFT folder holds one algorithm; this adapter mixes {sorted(algorithms)}")
-    algorithm = algorithms.pop()
-    peft_type = PEFT_TYPES[algorithm]
-    data: dict[str, Any] = {
-        "peft_type": peft_type,
-        "target_modules": _exact(list(adapters)),
+def folder_config(config: AdapterConfig, adapter_name: str, adapters: dict[str, Adapter]) -> dict[str, Any]:
+    """``adapter_config.json`` for these adapters (one ``peft_type``), expressing them exactly or refusing."""
+    types = {a.folder_type for a in adapters.values()}
+    if len(types) != 1:
+        algorithms = sorted({a.algorithm for a in adapters.values()})
+        raise FormatError(
+            f"adapter {adapter_name!r} mixes algorithms {algorithms} that one PEFT folder cannot hold together; "
+            "save to a .safetensors file"
+        )
+    cls = type(next(iter(adapters.values())))
+    fields: dict[str, Any] = {
+        "peft_type": types.pop(),
+        "target_modules": exact_pattern(list(adapters)),
         "modules_to_save": config.modules_to_save,
         "inference_mode": config.inference_mode,
         "task_type": config.task_type,
         "base_model_name_or_path": config.base_model_name_or_path,
         "revision": config.revision,
     }
-    if peft_type == "IA3":
-        inputs = [n for n, a in adapters.items() if a.on_input]
-        hf_conv1d = any(a.geometry.kind == "hf_conv1d" for a in adapters.values())
-        return {**data, "feedforward_modules": _exact(inputs) if inputs else [], "fan_in_fan_out": hf_conv1d}
-    r, rank_pattern = _patterns({n: a.rank for n, a in adapters.items()})
-    alpha, alpha_pattern = _patterns({n: a.scale * a.multiplier * a.rank for n, a in adapters.items()})
-    first = next(iter(adapters.values())).options
-    data.update(r=r, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern)
-    if peft_type == "LORA":  # PEFT's LoRA has no module_dropout: it only shapes training
-        hf_conv1d = any(a.geometry.kind == "hf_conv1d" for a in adapters.values())
-        dora = any(a.dora_scale is not None for a in adapters.values())
-        data.update(lora_alpha=alpha, lora_dropout=first.dropout, use_rslora=False, use_dora=dora)
-        return {**data, "init_lora_weights": True, "fan_in_fan_out": hf_conv1d, "bias": "none"}
-    data.update(alpha=alpha, rank_dropout=first.rank_dropout, module_dropout=first.module_dropout, init_weights=True)
-    data["use_effective_conv2d"] = any(getattr(a, "tucker", False) for a in adapters.values())
-    if peft_type == "LOKR":
-        decompose_both = any(not a.w1_is_full for a in adapters.values())
-        factor = lokr_factor_for_peft(list(adapters.values()), first.decompose_factor, decompose_both)
-        data.update(decompose_both=decompose_both, decompose_factor=factor, rank_dropout_scale=first.rank_dropout_scale)
-    return data
+    if cls.has_rank:  # PEFT scales by alpha / r: alpha carries our scale × multiplier exactly
+        r, rank_pattern = _patterns({n: a.rank for n, a in adapters.items()})
+        alpha, alpha_pattern = _patterns({n: a.scale * a.multiplier * a.rank for n, a in adapters.items()})
+        fields.update(r=r, rank_pattern=rank_pattern, alpha=alpha, alpha_pattern=alpha_pattern)
+    try:
+        return cls.folder_config(adapters, fields)
+    except FormatError as error:
+        raise FormatError(
+            f"cannot write adapter {adapter_name!r} as a PEFT folder: {error}; save to a .safetensors file"
+        ) from None
 
 
 def save_folder(model: nn.Module, directory: str | Path, config: AdapterConfig, adapter_name: str) -> Path:
     """Write one adapter's folder (atomically per file); returns the folder written."""
     adapters = {n: layer.adapters[adapter_name] for n, layer in adapter_layers(model) if adapter_name in layer.adapters}
+    config_data = folder_config(config, adapter_name, adapters)
     tensors: dict[str, torch.Tensor] = {}
-    if all(a.algorithm in PEFT_TYPES for a in adapters.values()):
-        try:
-            config_data = peft_config_dict(config, adapters)
-            for name, adapter in adapters.items():
-                try:
-                    exported = export_peft_tensors(adapter)
-                except FormatError as error:
-                    raise FormatError(f"module {name!r}: {error}") from None
-                tensors.update({f"{KEY_PREFIX}{name}.{k}": v for k, v in exported.items()})
-        except FormatError as error:
+    for name, adapter in adapters.items():
+        reason = adapter.folder_refusal()
+        if reason is not None:
             raise FormatError(
-                f"cannot write adapter {adapter_name!r} as a PEFT folder: {error}; save to a .safetensors file"
-            ) from None
-    elif len({a.algorithm for a in adapters.values()}) == 1 and next(iter(adapters.values())).algorithm in (
-        "full",
-        "norm",
-    ):
-        algorithm = next(iter(adapters.values())).algorithm
-        config_data = {
-            "peft_type": algorithm.upper(),
-            "target_modules": _exact(list(adapters)),
-            "modules_to_save": config.modules_to_save,
-            "inference_mode": config.inference_mode,
-        }
-        for name, adapter in adapters.items():
-            tensors.update({f"{KEY_PREFIX}{name}.{k}": v for k, v in export_tensors(adapter).items()})
-    else:
-        raise FormatError(
-            f"adapter {adapter_name!r} mixes algorithms PEFT cannot hold together; save to a .safetensors file"
-        )
+                f"cannot write adapter {adapter_name!r} as a PEFT folder: module {name!r}: {reason}; "
+                "save to a .safetensors file"
+            )
+        tensors.update({f"{KEY_PREFIX}{name}.{k}": v.detach() for k, v in adapter.folder_tensors().items()})
     for path, wrapper in save_wrappers(model):
         if adapter_name in wrapper.modules_to_save:
             for name, tensor in wrapper.modules_to_save[adapter_name].state_dict().items():
@@ -206,11 +177,8 @@ def plan_from_folder(
     for name, module in find_targets(model, config):
         base = module.base_layer if isinstance(module, AdapterLayer) else module
         prefix = f"{KEY_PREFIX}{name}."
-        params = {
-            k[len(prefix) :]: v
-            for k, v in tensors.items()
-            if k.startswith(prefix) and _ADAPTER_TENSOR.match(k[len(prefix) :])
-        }
+        names = folder_tensor_names()
+        params = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix) and k[len(prefix) :] in names}
         used.update(prefix + k for k in params)
         where = f"{source}: module {name!r}"
         if not params:
@@ -243,13 +211,9 @@ def _import(config: AdapterConfig, name: str, base: nn.Module, params: dict[str,
     weight = geometry.canonical_weight(base).detach()
     options = config.options_for(name)
     recorded = {k: getattr(options, k) for k in ("rank_dropout", "rank_dropout_scale", "module_dropout", "dropout")}
-    if config.algorithm in ("full", "norm"):
-        return import_adapter(params, geometry, weight, where, recorded)
     try:
-        check_peft_semantics(config.peft_type, geometry, params, options.on_input)
+        renamed = ALGORITHMS[config.algorithm].from_folder(params, options, geometry)
     except FormatError as error:
         raise FormatError(f"{where}: {error}") from None
-    alpha = options.alpha * (options.r**0.5 if options.use_rslora else 1.0) if isinstance(config, RankConfig) else 1.0
-    renamed = to_lycoris_names(params, config.peft_type, options.on_input, alpha)
-    full_kron = (options.r, options.alpha) if config.peft_type == "LOKR" else None  # PEFT keeps alpha / r there
-    return import_adapter(renamed, geometry, weight, where, recorded, full_kron=full_kron)
+    # PEFT keeps alpha / r where the tensors carry no rank (a LoKr with both factors full)
+    return import_adapter(renamed, geometry, weight, where, recorded, rank_hint=(options.r, options.alpha))

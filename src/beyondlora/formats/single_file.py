@@ -17,12 +17,12 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from ..algorithms import Adapter
+from ..algorithms import ALGORITHMS, Adapter
+from ..errors import FormatError
 from ..inject import PlannedAdapter, adapter_layers
 from ..layers import AdapterLayer
 from ..ops.geometry import LayerGeometry
 from ..targeting import iter_candidate_modules
-from .errors import FormatError
 from .lycoris_codecs import describe, export_tensors, import_adapter
 from .tensors import check_finite, read_tensors, write_tensors
 
@@ -81,9 +81,10 @@ def kohya_metadata(described: dict[str, dict[str, Any]]) -> dict[str, str]:
     """``ss_network_*`` keys as kohya sd-scripts writes them, from the first module's settings."""
     first = next(iter(described.values()))
     algorithms = sorted({d["algorithm"] for d in described.values()})
-    args = {"algo": algorithms[0] if len(algorithms) == 1 else "mixed"}
-    if first["algorithm"] == "lokr":
-        args["factor"] = str(first["decompose_factor"])
+    args = {
+        "algo": algorithms[0] if len(algorithms) == 1 else "mixed",
+        **ALGORITHMS[first["algorithm"]].kohya_args(first),
+    }
     return {
         "ss_network_module": "lycoris.kohya",
         "ss_network_dim": str(first["r"]),

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ..config import CONFIG_NAME, AdapterConfig, SingleFileConfig
-from ..formats.errors import FormatError
+from ..errors import FormatError
 from ..formats.folder import plan_from_folder
 from ..formats.names import route_keys
 from ..formats.single_file import (

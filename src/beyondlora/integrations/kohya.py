@@ -26,8 +26,8 @@ from torch import nn
 
 from ..algorithms import Adapter
 from ..config import SingleFileConfig
+from ..errors import FormatError
 from ..formats.atomic import atomic_path
-from ..formats.errors import FormatError
 from ..formats.lycoris_codecs import describe, import_adapter
 from ..formats.names import pipeline_part_names
 from ..formats.single_file import adapter_file_tensors, group_by_module, read_single_file, write_single_file

@@ -14,9 +14,6 @@ from torch import nn
 
 from ..algorithms import Adapter
 
-#: the factor that absorbs the scalar when saving (LoKr: ``lokr_w1``, or ``lokr_w1_a`` when W1 is decomposed)
-SCALAR_FACTOR = {"lora": "lora_up", "dylora": "lora_up", "loha": "hada_w1_a", "lokr": "lokr_w1"}
-
 
 class ScalarMixin:
     """Mixin for ``use_scalar``: ΔW (and Δb) times a trainable scalar that starts at 0, so every factor
@@ -46,10 +43,8 @@ def bake_scalar(adapter: Adapter) -> Adapter:
     if not isinstance(adapter, ScalarMixin):
         return adapter
     baked = copy.deepcopy(adapter)
-    name = SCALAR_FACTOR[baked.algorithm]
-    name = name if hasattr(baked, name) and getattr(baked, name) is not None else f"{name}_a"
     with torch.no_grad():
-        getattr(baked, name).mul_(baked.scalar)
+        baked.scalar_factor().mul_(baked.scalar)
     del baked.scalar
     baked.__class__ = type(adapter).__bases__[1]  # (ScalarMixin, the algorithm class)
     return baked

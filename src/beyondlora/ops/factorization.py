@@ -28,3 +28,11 @@ def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
             break
         small, large = candidate, pair_large
     return (small, large) if small <= large else (large, small)
+
+
+def peft_factorization(dimension: int, factor: int) -> tuple[int, int]:
+    """PEFT's ``factorization``: an exact divisor ``factor`` is returned as ``(factor, dimension // factor)``
+    unordered; otherwise the same walk as :func:`factorization`."""
+    if factor > 0 and dimension % factor == 0:
+        return factor, dimension // factor
+    return factorization(dimension, factor)

@@ -8,7 +8,7 @@ stand-in layers instead of a real model:
 - with a base checkpoint, the skeleton of its modules (keys that match no module are an error: an
   adapter for another model);
 - without one, a *virtual* skeleton whose layer shapes are inferred from the adapter's own tensors
-  (:func:`infer_weight_shape`).  Single-file modules are then named by their file keys.  Everything
+  (each algorithm's ``file_weight_shape``).  Single-file modules are then named by their file keys.  Everything
   that does not depend on the base weight is exact this way; (IA)³ and DoRA need the base for ΔW.
 """
 
@@ -25,11 +25,10 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from ..algorithms import Adapter
-from ..formats.errors import FormatError
-from ..formats.folder import _ADAPTER_TENSOR, KEY_PREFIX, WEIGHTS_NAME, plan_from_folder, read_config
-from ..formats.lycoris_codecs import detect_algorithm
-from ..formats.peft_codecs import to_lycoris_names
+from ..algorithms import ALGORITHMS, Adapter
+from ..errors import FormatError
+from ..formats.folder import KEY_PREFIX, WEIGHTS_NAME, adapter_tensor_name, plan_from_folder, read_config
+from ..formats.lycoris_codecs import detect_algorithm, single_file_tensor_names
 from ..formats.single_file import MODULES_METADATA, group_by_module, plan_from_single_file, read_metadata
 from ..formats.tensors import read_tensors, write_tensors
 from .checkpoints import Checkpoint, Component, Module, TensorInfo, skeleton
@@ -58,53 +57,6 @@ def adapter_kind(path: Path) -> str:
     return "single_file"
 
 
-def _shape(params: dict[str, Tensor], key: str, where: str) -> tuple[int, ...]:
-    if key not in params:
-        raise FormatError(f"{where}: missing tensor {key!r}")
-    return tuple(params[key].shape)
-
-
-def infer_weight_shape(params: dict[str, Tensor], where: str) -> tuple[tuple[int, ...], bool]:
-    """The canonical weight shape ``(out, in, *kernel)`` a module's single-file tensors imply, and whether
-    the layer has a bias.
-
-    Where the tensors flatten the kernel into the input (LoHa ``hada_w*_b`` (r, in·k), LoKr ``lokr_w2_b``
-    (r, d·k)) the shape keeps it flattened: ΔW then has the same entries, only not the conv layout.
-    (IA)³ fixes one axis only; the other is given size 1.
-    """
-    algorithm = detect_algorithm(params, where)
-    if algorithm == "lora":
-        down, up = _shape(params, "lora_down.weight", where), _shape(params, "lora_up.weight", where)
-        kernel = _shape(params, "lora_mid.weight", where)[2:] if "lora_mid.weight" in params else down[2:]
-        return (up[0], down[1], *kernel), False
-    if algorithm == "loha":
-        a, b = _shape(params, "hada_w1_a", where), _shape(params, "hada_w1_b", where)
-        if "hada_t1" in params:
-            return (a[1], b[1], *_shape(params, "hada_t1", where)[2:]), False
-        return (a[0], b[1]), False
-    if algorithm == "lokr":
-        if "lokr_w1" in params:
-            a, c = _shape(params, "lokr_w1", where)[:2]
-        else:
-            a, c = _shape(params, "lokr_w1_a", where)[0], _shape(params, "lokr_w1_b", where)[1]
-        if "lokr_w2" in params:
-            b, d, *kernel = _shape(params, "lokr_w2", where)
-        elif "lokr_t2" in params:
-            b, d = _shape(params, "lokr_w2_a", where)[1], _shape(params, "lokr_w2_b", where)[1]
-            kernel = list(_shape(params, "lokr_t2", where)[2:])
-        else:
-            b, d, kernel = _shape(params, "lokr_w2_a", where)[0], _shape(params, "lokr_w2_b", where)[1], []
-        return (a * b, c * d, *kernel), False
-    if algorithm == "ia3":
-        weight = params["weight"]
-        on_input = bool(params["on_input"].item()) if "on_input" in params else False
-        ones = (1,) * max(weight.dim() - 2, 0)
-        return ((1, weight.numel()) if on_input else (weight.numel(), 1)) + ones, False
-    if algorithm == "full":
-        return _shape(params, "diff", where), "diff_b" in params
-    return _shape(params, "w_norm", where), "b_norm" in params
-
-
 _VIRTUAL = Component("", "", "", False)
 
 
@@ -116,25 +68,21 @@ def _virtual_module(name: str, shape: tuple[int, ...], has_bias: bool) -> Module
     return Module(name, TensorInfo(Path(), "", stored, torch.float32), bias if has_bias else None, _VIRTUAL)
 
 
-_SINGLE_FILE_TENSORS = re.compile(
-    r"(lora_(down|up|mid)\.weight|alpha|hada_[wt][12](_[ab])?|lokr_(w1|w2|t2|w1_a|w1_b|w2_a|w2_b)|weight|on_input"
-    r"|diff|diff_b|w_norm|b_norm|dora_scale)"
-)
-
-
 def _virtual_single_file(path: Path) -> list[Module]:
     grouped = group_by_module(read_tensors(path))
     if not grouped:
         raise FormatError(f"{path} holds no tensors")
     modules = []
+    names = single_file_tensor_names()
     for key, params in grouped.items():
-        unknown = sorted(n for n in params if not _SINGLE_FILE_TENSORS.fullmatch(n))
+        unknown = sorted(n for n in params if n not in names)
         if unknown:
             raise FormatError(
                 f"{path}: module key {key!r} has tensors {unknown[:4]} that no adapter has "
                 "(a model checkpoint rather than an adapter?)"
             )
-        shape, has_bias = infer_weight_shape(params, f"{path}: {key}")
+        where = f"{path}: {key}"
+        shape, has_bias = detect_algorithm(params, where).file_weight_shape(params, where)
         modules.append(_virtual_module(key, shape, has_bias))
     return modules
 
@@ -148,17 +96,17 @@ def _virtual_folder(directory: Path) -> list[Module]:
         if not key.startswith(KEY_PREFIX):
             raise FormatError(f"{directory / WEIGHTS_NAME}: key {key!r} does not start with {KEY_PREFIX!r}")
         rest = key[len(KEY_PREFIX) :]
-        match = _ADAPTER_TENSOR.search(rest)
-        if match and rest[match.start() - 1] == ".":
-            by_module.setdefault(rest[: match.start() - 1], {})[match.group(1)] = tensor
+        tensor_name = adapter_tensor_name(rest)
+        if tensor_name is not None and rest != tensor_name:
+            by_module.setdefault(rest[: -len(tensor_name) - 1], {})[tensor_name] = tensor
         else:
             name, _, param = rest.rpartition(".")
             saved.setdefault(name, {})[param] = tensor
     modules = []
     for name, params in by_module.items():
-        options = config.options_for(name)
-        renamed = to_lycoris_names(params, config.peft_type, options.on_input, 1.0)
-        shape, has_bias = infer_weight_shape(renamed, f"{directory}: module {name!r}")
+        cls = ALGORITHMS[config.algorithm]
+        renamed = cls.from_folder(params, config.options_for(name), None)
+        shape, has_bias = cls.file_weight_shape(renamed, f"{directory}: module {name!r}")
         modules.append(_virtual_module(name, shape, has_bias))
     for name, params in saved.items():
         if "weight" in params:

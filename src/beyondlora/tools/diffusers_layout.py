@@ -15,13 +15,13 @@ from __future__ import annotations
 import json
 import math
 import re
-from typing import Any
 
 import torch
 from torch import Tensor
 
 from ..algorithms import Adapter
-from ..formats.errors import FormatError
+from ..algorithms.config_base import pattern_value
+from ..errors import FormatError
 from ..formats.single_file import module_key
 from .checkpoints import Checkpoint, Component, module_name
 
@@ -38,14 +38,6 @@ METADATA_KEY = "lora_adapter_metadata"
 
 def is_diffusers_layout(keys: list[str]) -> bool:
     return bool(keys) and all(KEY.fullmatch(key) for key in keys)
-
-
-def _pattern_value(patterns: dict[str, Any], name: str, default: Any) -> Any:
-    """PEFT's rule: a pattern matches a module path when the path ends with it (at a dot boundary)."""
-    for pattern, value in patterns.items():
-        if re.match(rf"(.*\.)?({pattern})$", name):
-            return value
-    return default
 
 
 def to_single_file(tensors: dict[str, Tensor], metadata: dict[str, str], where: object) -> dict[str, Tensor]:
@@ -68,7 +60,7 @@ def to_single_file(tensors: dict[str, Tensor], metadata: dict[str, str], where: 
         key = module_key(prefix, module_name(Component("", prefix, "", False), path))
         rank = pair["A"].shape[0]
         default = config.get(f"{part}.lora_alpha", rank)
-        alpha = float(_pattern_value(config.get(f"{part}.alpha_pattern") or {}, path, default))
+        alpha = float(pattern_value(config.get(f"{part}.alpha_pattern") or {}, path, default))
         if config.get(f"{part}.use_rslora"):
             alpha *= math.sqrt(rank)  # diffusers scales by alpha / √r, a single file by alpha / r
         out[f"{key}.lora_down.weight"] = pair["A"]
@@ -82,9 +74,10 @@ def from_adapters(checkpoint: Checkpoint, adapters: dict[str, Adapter]) -> dict[
     out: dict[str, Tensor] = {}
     for name, adapter in sorted(adapters.items()):
         g = adapter.geometry
-        tucker = getattr(adapter, "lora_mid", None) is not None
-        if adapter.algorithm not in ("lora", "dylora") or tucker or adapter.dora_scale is not None:
-            kind = "DoRA" if adapter.dora_scale is not None else "a Tucker core" if tucker else adapter.algorithm
+        factors = adapter.lora_factors()
+        if factors is None or adapter.dora_scale is not None:
+            notes = ["dora"] if adapter.dora_scale is not None else adapter.summary_notes()
+            kind = adapter.algorithm + (f" ({', '.join(notes)})" if notes else "")
             raise FormatError(
                 f"module {name!r}: diffusers' LoRA layout holds plain LoRA only, not {kind}; "
                 "write a single file instead"
@@ -96,8 +89,9 @@ def from_adapters(checkpoint: Checkpoint, adapters: dict[str, Adapter]) -> dict[
         if part not in PARTS:
             raise FormatError(f"module {name!r}: {checkpoint.path} is no diffusers folder part ({', '.join(PARTS)})")
         path = module.weight.key[len(module.component.key_prefix) : -len(".weight")]
+        up, down, scale = factors
         with torch.no_grad():
-            up = adapter.lora_up * (adapter.scale * adapter.multiplier)
-            out[f"{part}.{path}.lora_A.weight"] = adapter.lora_down.detach().clone()
-            out[f"{part}.{path}.lora_B.weight"] = up.reshape(g.out_dim, adapter.rank, *((1,) * len(g.kernel)))
+            ones = (1,) * len(g.kernel)
+            out[f"{part}.{path}.lora_A.weight"] = down.detach().reshape(-1, g.in_dim, *g.kernel).clone()
+            out[f"{part}.{path}.lora_B.weight"] = (up * (scale * adapter.multiplier)).reshape(g.out_dim, -1, *ones)
     return out

@@ -4,7 +4,9 @@ For every module (see :mod:`~beyondlora.tools.checkpoints`) the difference ΔW =
 computed in float32 (float64 for float64 models), one layer at a time.  A layer with
 max|ΔW| ≤ ``min_diff`` · max|W_base| did not change and is skipped.  The others become:
 
-- **locon**: ΔW reshaped to (out, in·K) ≈ up · down by truncated SVD (:mod:`~beyondlora.tools.lowrank`),
+Each algorithm approximates the difference itself (its ``extracted``, with the tool's rank rule):
+
+- **locon**: ΔW reshaped to (out, in·K) ≈ up · down by truncated SVD (:mod:`~beyondlora.ops.decompositions`),
   rank chosen per layer by ``mode`` (linear layers and 1×1 convs use ``linear_dim`` / ``linear_param``,
   k×k convs ``conv_dim`` / ``conv_param``); with ``tucker`` a k×k conv gets a Tucker-2 core
   (``lora_mid``).  When r·(out + in·K) ≥ out·in·K the low-rank form saves nothing and the layer is
@@ -26,29 +28,43 @@ import json
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from ..algorithms import ALGORITHMS, Adapter, AdapterOptions
-from ..algorithms.lokr import LoKrLayout
+from ..algorithms import ALGORITHMS, Adapter
+from ..algorithms.base import Extraction
 from ..formats.lycoris_codecs import describe, export_tensors
 from ..formats.single_file import MODULES_METADATA, kohya_metadata, module_key
 from ..formats.tensors import write_tensors
-from ..ops.factorization import factorization
+from ..ops.decompositions import check_mode, low_rank_factors, select_rank, split, svd
+from ..ops.geometry import LayerGeometry
 from .checkpoints import Checkpoint, Module, TensorReader, canonical
-from .lowrank import check_mode, nearest_kronecker, select_rank, split, svd, tucker2
 from .progress import progress
 
 MODES = ("fixed", "threshold", "ratio", "quantile", "full")
+#: what mode ``full`` (and any layer a low-rank form would not make smaller) is stored as
+EXACT = "full"
+
+
+def extract_names() -> list[str]:
+    """The ``--algo`` names: every algorithm that can approximate a difference."""
+    return sorted({cls.extract_name for cls in ALGORITHMS.values() if cls.extract_name is not None})
+
+
+def _extractor(name: str, geometry: LayerGeometry) -> type[Adapter] | None:
+    """The algorithm ``--algo name`` means on a layer of this kind (Full and Norm share ``full``)."""
+    found = [c for c in ALGORITHMS.values() if c.extract_name == name and geometry.kind in c.supported_kinds]
+    return found[0] if found else None
 
 
 @dataclass(frozen=True)
 class ExtractOptions:
     algo: str = "locon"
     mode: str = "fixed"
-    linear_dim: int | None = None  # locon default 32; lokr: W2 stays full without a dim
+    linear_dim: int | None = None  # without a dim each algorithm has its default (locon: rank 32; lokr: full W2)
     conv_dim: int | None = None
     linear_param: float | None = None
     conv_param: float | None = None  # defaults to linear_param
@@ -60,8 +76,8 @@ class ExtractOptions:
     exact_svd: bool = False
 
     def check(self) -> None:
-        if self.algo not in ("locon", "lokr"):
-            raise ValueError(f"--algo must be locon or lokr, got {self.algo!r}")
+        if self.algo not in extract_names():
+            raise ValueError(f"--algo must be one of {', '.join(extract_names())}, got {self.algo!r}")
         if self.mode not in MODES:
             raise ValueError(f"--mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         if self.mode in ("threshold", "ratio", "quantile"):
@@ -224,22 +240,30 @@ def _extract_layer(
     bias_changed = _changed(bias_delta, base_bias, options.min_diff)
     if not (weight_changed or bias_changed):
         return report, None
+    exact = _extractor(EXACT, g)
     if options.mode == "full":
-        algorithm = "norm" if g.is_norm else "full"
-        names = ("w_norm", "b_norm") if g.is_norm else ("diff", "diff_b")
-        values = {names[0]: delta}
-        if bias_delta is not None:
-            values[names[1]] = bias_delta
-        adapter = _build(algorithm, module, AdapterOptions(), values)
+        adapter = exact.extracted(g, delta, bias_delta, Extraction(None))
     elif g.is_norm or g.kind == "embedding" or not weight_changed:
         report.status = "skipped"
         what = "norm scale" if g.is_norm else "embedding" if g.kind == "embedding" else "bias only"
         report.note = f"{what} changed: only --mode full extracts it"
         return report, None
-    elif options.algo == "locon":
-        adapter = _locon(module, delta, options)
     else:
-        adapter = _lokr(module, delta, options)
+        dim, param = _dim_and_param(module, options)
+        rule = (
+            None
+            if options.mode == "fixed" and dim is None
+            else partial(_low_rank, dim=dim, param=param, options=options)
+        )
+        how = Extraction(
+            rule,
+            tucker=options.tucker,
+            factor=options.factor,
+            exact_svd=options.exact_svd,
+        )
+        adapter = _extractor(options.algo, g).extracted(g, delta, bias_delta, how)
+        if adapter is None:  # the low-rank form would not be smaller
+            adapter = exact.extracted(g, delta, None, how)
     adapter.to(device)
     with torch.no_grad():
         rebuilt = adapter.delta_weight(base.to(adapter.param_dtype))  # may be a parameter itself (Full)
@@ -248,25 +272,10 @@ def _extract_layer(
     report.status = "extracted"
     report.algorithm = adapter.algorithm
     report.params = sum(p.numel() for p in adapter.parameters())
-    if adapter.algorithm == "lokr":
-        report.rank = None if adapter.w2_is_full else adapter.rank
-    elif adapter.has_rank:
-        report.rank = adapter.rank
+    report.rank = adapter.consumer_rank()
     if bias_changed and options.mode != "full":
         report.note = "bias changed too (only --mode full extracts biases)"
     return report, adapter
-
-
-def _build(algorithm: str, module: Module, options: AdapterOptions, values: dict[str, Tensor]) -> Adapter:
-    """An adapter of ``algorithm`` on the module's geometry holding ``values`` as its parameters."""
-    g = module.geometry
-    standin = torch.zeros((), dtype=torch.float32).expand(g.weight_shape)
-    adapter = ALGORITHMS[algorithm](g, options, standin)
-    own = dict(adapter.named_parameters())
-    with torch.no_grad():
-        for name, value in values.items():
-            own[name].copy_(value.reshape(own[name].shape))
-    return adapter
 
 
 def _dim_and_param(module: Module, options: ExtractOptions) -> tuple[int | None, float | None]:
@@ -280,56 +289,9 @@ def _dim_and_param(module: Module, options: ExtractOptions) -> tuple[int | None,
 def _low_rank(matrix: Tensor, dim: int | None, param: float | None, options: ExtractOptions) -> tuple[Tensor, Tensor]:
     """Balanced factors of the rank the mode picks for ``matrix``."""
     if options.mode == "fixed":
-        rank = min(dim or 32, min(matrix.shape))
-        u, s, vh = svd(matrix, rank, options.exact_svd)
-    else:
-        u, s, vh = svd(matrix)
-        rank = select_rank(s, options.mode, param)
-    return split(u, s, vh, rank)
-
-
-def _locon(module: Module, delta: Tensor, options: ExtractOptions) -> Adapter:
-    g = module.geometry
-    dim, param = _dim_and_param(module, options)
-    flat = delta.reshape(g.out_dim, -1)
-    up, down = _low_rank(flat, dim, param, options)
-    rank = up.shape[1]
-    if rank * (flat.shape[0] + flat.shape[1]) >= flat.numel():
-        values = {"diff": delta}
-        if g.has_bias:
-            values["diff_b"] = torch.zeros(g.out_dim)
-        return _build("full", module, AdapterOptions(), values)
-    if options.tucker and g.kind == "conv" and g.kernel_numel > 1:
-        rank = min(rank, g.out_dim, g.in_dim)
-        core, u_out, u_in = tucker2(delta, rank)
-        ones = (1,) * len(g.kernel)
-        values = {"lora_up": u_out, "lora_down": u_in.T.reshape(rank, g.in_dim, *ones), "lora_mid": core}
-        return _build("lora", module, AdapterOptions(r=rank, alpha=rank, use_effective_conv2d=True), values)
-    return _build("lora", module, AdapterOptions(r=rank, alpha=rank), {"lora_up": up, "lora_down": down})
-
-
-def _lokr(module: Module, delta: Tensor, options: ExtractOptions) -> Adapter:
-    g = module.geometry
-    out_factors = factorization(g.out_dim, options.factor)
-    in_factors = factorization(g.in_dim, options.factor)
-    w1, w2 = nearest_kronecker(delta, out_factors, in_factors, options.exact_svd)
-    dim, param = _dim_and_param(module, options)
-    full_w2 = options.mode == "full" or (options.mode == "fixed" and dim is None)
-    flat = w2.reshape(out_factors[1], -1)
-    values = {"lokr_w1": w1}
-    if not full_w2:
-        up, down = _low_rank(flat, dim, param, options)
-        rank = up.shape[1]
-        full_w2 = rank * (flat.shape[0] + flat.shape[1]) >= flat.numel()
-    if full_w2:
-        layout = LoKrLayout(out_factors, in_factors, False, False)
-        values["lokr_w2"] = w2
-        lokr_options = AdapterOptions(r=1, alpha=1.0, decompose_factor=options.factor, lokr_layout=layout)
-    else:
-        layout = LoKrLayout(out_factors, in_factors, False, True)
-        values.update(lokr_w2_a=up, lokr_w2_b=down)
-        lokr_options = AdapterOptions(r=rank, alpha=rank, decompose_factor=options.factor, lokr_layout=layout)
-    return _build("lokr", module, lokr_options, values)
+        return low_rank_factors(matrix, dim, options.exact_svd)
+    u, s, vh = svd(matrix)
+    return split(u, s, vh, select_rank(s, options.mode, param))
 
 
 def format_report(report: ExtractReport) -> str:

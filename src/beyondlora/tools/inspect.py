@@ -26,24 +26,10 @@ from .adapters import load_adapter
 from .checkpoints import Checkpoint, TensorReader, canonical
 
 
-def _rank(adapter: Adapter) -> int | None:
-    if not adapter.has_rank:
-        return None
-    if adapter.algorithm == "lokr" and adapter.w1_is_full and adapter.w2_is_full:
-        return None
-    return adapter.rank
-
-
 def _notes(adapter: Adapter) -> list[str]:
-    notes = []
-    if getattr(adapter, "tucker", False):
-        notes.append("tucker")
+    notes = adapter.summary_notes()
     if adapter.dora_scale is not None:
         notes.append("dora" + ("" if adapter.options.dora_on_output else " (input axis)"))
-    if getattr(adapter, "on_input", False):
-        notes.append("on input")
-    if adapter.algorithm == "lokr":
-        notes.append(f"factors {adapter.out_factors}×{adapter.in_factors}")
     return notes
 
 
@@ -60,16 +46,15 @@ def inspect(path: str | Path, base: str | Path | None = None) -> dict[str, Any]:
                 "module": name,
                 "algorithm": adapter.algorithm,
                 "shape": list(adapter.geometry.weight_shape),
-                "rank": _rank(adapter),
-                "alpha": adapter.alpha if _rank(adapter) is not None else None,
-                "scale": adapter.scale if _rank(adapter) is not None else 1.0,
+                "rank": adapter.consumer_rank(),
+                "alpha": adapter.alpha if adapter.consumer_rank() is not None else None,
+                "scale": adapter.scale if adapter.consumer_rank() is not None else 1.0,
                 "params": sum(p.numel() for p in adapter.parameters()),
                 "notes": _notes(adapter),
                 "delta_norm": None,
                 "bias_delta_norm": None,
             }
-            folds = adapter.algorithm == "loha" or (adapter.algorithm == "lokr" and not adapter.w2_is_full)
-            if checkpoint is None and folds and not getattr(adapter, "tucker", False):
+            if checkpoint is None and adapter.file_folds_kernel():
                 entry["notes"].append("a conv kernel is folded into in (the tensors do not say it; pass --base)")
             if checkpoint is not None:
                 module = checkpoint.modules[name]
@@ -78,7 +63,7 @@ def inspect(path: str | Path, base: str | Path | None = None) -> dict[str, Any]:
                 layer.add_adapter("inspected", adapter)
                 delta, delta_bias = layer.effective_delta("inspected", weight, multiplier=1.0)
                 entry["relative_delta_norm"] = float(delta.norm()) / max(float(weight.norm()), 1e-30)
-            elif adapter.algorithm == "ia3" or adapter.dora_scale is not None:
+            elif adapter.depends_on_base or adapter.dora_scale is not None:
                 delta, delta_bias = None, None
                 entry["notes"].append("ΔW depends on the base weight: pass --base for its norm")
             else:

@@ -3,7 +3,7 @@ r"""``beyondlora resize``: shrink the ranks of a LoRA / LoCon / DyLoRA single fi
 For each LoRA module, ΔW (the adapter's own ``delta_weight``: alpha / r · up · [mid] · down, reshaped to
 (out, in·K)) has rank ≤ r, so its SVD U Σ Vᵀ is computed exactly (randomized with r + 8 samples when
 that is cheaper).  The new rank r' is ``rank`` (``--rank``) or what ``method`` keeps of σ
-(:func:`~beyondlora.tools.lowrank.select_rank`: sv_ratio, sv_fro, sv_cumulative), capped by ``rank`` when
+(:func:`~beyondlora.ops.decompositions.select_rank`: sv_ratio, sv_fro, sv_cumulative), capped by ``rank`` when
 both are given and by r.  The module is rewritten as the best rank-r' approximation (Eckart–Young)
 
     up = U_r' Σ_r'^½,  down = Σ_r'^½ V_r'ᵀ,  alpha = r'   (so alpha / r' = 1)
@@ -29,9 +29,9 @@ from ..algorithms.base import AdapterOptions
 from ..formats.lycoris_codecs import describe, export_tensors
 from ..formats.single_file import MODULES_METADATA, group_by_module, read_metadata
 from ..formats.tensors import write_tensors
+from ..ops.decompositions import check_mode, select_rank, split, svd
 from .adapters import adapter_kind, load_adapter, renamed_metadata, single_file_tensors
 from .diffusers_layout import METADATA_KEY
-from .lowrank import check_mode, select_rank, split, svd
 from .progress import progress
 
 METHODS = ("sv_ratio", "sv_fro", "sv_cumulative")
@@ -91,7 +91,7 @@ def resize(
         torch.manual_seed(0)
         for key in progress(sorted(grouped), "resizing", "module"):
             adapter = loaded.adapters[key]
-            if adapter.algorithm not in ("lora", "dylora"):
+            if not adapter.resizable:
                 report.layers.append(ResizeLayer(key, adapter.algorithm, None, None, None))
                 tensors.update(
                     {

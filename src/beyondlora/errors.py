@@ -1,4 +1,4 @@
-"""The one error type of the file formats."""
+"""The error type of the file formats and of the algorithms' file codecs."""
 
 from __future__ import annotations
 

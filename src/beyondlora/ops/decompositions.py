@@ -94,6 +94,13 @@ def split(u: Tensor, s: Tensor, vh: Tensor, rank: int) -> tuple[Tensor, Tensor]:
     return u[:, :rank] * root, root[:, None] * vh[:rank]
 
 
+def low_rank_factors(matrix: Tensor, rank: int, exact: bool = False) -> tuple[Tensor, Tensor]:
+    """Balanced ``(up (m, r), down (r, n))`` of ``matrix``'s best rank-r approximation, r ≤ min(m, n)."""
+    rank = min(rank, min(matrix.shape))
+    u, s, vh = svd(matrix, rank, exact)
+    return split(u, s, vh, rank)
+
+
 def tucker2(delta: Tensor, rank: int) -> tuple[Tensor, Tensor, Tensor]:
     """HOSVD ``(core (r, r, *k), U_o (out, r), U_i (in, r))`` of a conv ΔW (out, in, *k), r ≤ min(out, in)."""
     out_dim, in_dim = delta.shape[:2]
