@@ -109,6 +109,10 @@ class Adapter(nn.Module):
     folder_keys: ClassVar[frozenset[str]] = frozenset()
     #: whether ``beyondlora resize`` re-factorizes this algorithm's ΔW at another rank (as a LoRA)
     resizable: ClassVar[bool] = False
+    #: the names ``beyondlora train --algo`` and kohya's ``algo=`` network arg accept for this algorithm
+    algo_names: ClassVar[tuple[str, ...]] = ()
+    #: whether kohya's ``use_scalar`` (a trainable scalar on ΔW, see :meth:`scalar_factor`) applies
+    supports_scalar: ClassVar[bool] = False
     #: the ``beyondlora extract --algo`` name that approximates a difference with this algorithm (``None``: none)
     extract_name: ClassVar[str | None] = None
 

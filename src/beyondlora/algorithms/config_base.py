@@ -204,6 +204,34 @@ def read_config_json(directory: str | Path) -> dict[str, Any]:
         raise ValueError(f"{path} is not valid JSON: {error}") from None
 
 
+#: fields a user sets only to use them: for an algorithm whose config lacks one, a set value is an error
+#: rather than silently dropped
+EXPLICIT_FIELDS = {"dropout": 0.0, "use_dora": False}
+
+
+def unsupported_fields(algorithm: str, fields: dict[str, Any]) -> list[str]:
+    """The :data:`EXPLICIT_FIELDS` set in ``fields`` that ``algorithm``'s config does not have."""
+    known = {f.name for f in dataclasses.fields(REGISTRY[algorithm].config_class)}
+    return [k for k, unset in EXPLICIT_FIELDS.items() if fields.get(k, unset) != unset and k not in known]
+
+
+def algo_names() -> dict[str, str]:
+    """Every name ``--algo`` / kohya's ``algo=`` accepts (``locon``, ``lokr``, …) → its algorithm."""
+    return {name: algorithm for algorithm, cls in REGISTRY.items() for name in cls.algo_names}
+
+
+def build_config(algorithm: str, **fields: Any) -> AdapterConfig:
+    """``algorithm``'s config from the fields every front end (the trainer, kohya's network args) may give:
+    it takes those its config has and drops the rest (``r`` means nothing to (IA)³), except that a set
+    :data:`EXPLICIT_FIELDS` entry it lacks is an error naming field and algorithm."""
+    unsupported = unsupported_fields(algorithm, fields)
+    if unsupported:
+        raise ValueError(f"{', '.join(unsupported)} does not apply to algorithm {algorithm}")
+    cls = REGISTRY[algorithm].config_class
+    known = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in fields.items() if k in known})
+
+
 def config_classes() -> dict[str, type[AdapterConfig]]:
     """Every algorithm's config class by its ``peft_type``."""
     return {cls.config_class.peft_type: cls.config_class for cls in REGISTRY.values()}

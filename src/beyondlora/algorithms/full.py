@@ -111,6 +111,7 @@ class Full(_Difference):
     file_keys = frozenset({weight_key, bias_key})
     folder_type = "FULL"
     folder_keys = file_keys
+    algo_names = ("full",)
 
 
 class Norm(_Difference):

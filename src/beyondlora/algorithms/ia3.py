@@ -51,6 +51,7 @@ class IA3(Adapter):
     file_keys = frozenset({"weight", "on_input"})
     folder_type = "IA3"
     folder_keys = frozenset({"ia3_l"})
+    algo_names = ("ia3",)
     supported_kinds = frozenset({"linear", "conv", "hf_conv1d"})
     depends_on_base = True
     has_rank = False

@@ -57,6 +57,8 @@ class LoHa(Adapter):
     file_keys = frozenset({"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2"})
     folder_type = "LOHA"
     folder_keys = file_keys
+    algo_names = ("loha",)
+    supports_scalar = True
 
     def __init__(self, geometry: LayerGeometry, options: AdapterOptions, base_weight: Tensor) -> None:
         super().__init__(geometry, options, base_weight)

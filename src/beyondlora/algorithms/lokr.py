@@ -113,6 +113,8 @@ class LoKr(Adapter):
     folder_type = "LOKR"
     folder_keys = file_keys
     extract_name = "lokr"
+    algo_names = ("lokr",)
+    supports_scalar = True
 
     def __init__(self, geometry: LayerGeometry, options: AdapterOptions, base_weight: Tensor) -> None:
         super().__init__(geometry, options, base_weight)

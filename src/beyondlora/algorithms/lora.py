@@ -93,6 +93,8 @@ class LoRA(Adapter):
     folder_keys = frozenset(_FROM_FOLDER)
     resizable = True
     extract_name = "locon"
+    algo_names = ("lora", "locon")
+    supports_scalar = True
 
     def __init__(self, geometry: LayerGeometry, options: AdapterOptions, base_weight: Tensor) -> None:
         super().__init__(geometry, options, base_weight)
@@ -333,6 +335,7 @@ class DyLoRA(LoRA):
     algorithm = "dylora"
     config_class = DyLoraConfig
     file_family = "lora"
+    algo_names = ("dylora",)
 
     def __init__(self, geometry: LayerGeometry, options: AdapterOptions, base_weight: Tensor) -> None:
         if options.block_size <= 0 or options.r % options.block_size:

@@ -15,31 +15,14 @@ from typing import Any
 
 from torch import nn
 
-from ..config import (
-    AdapterConfig,
-    DyLoraConfig,
-    FullConfig,
-    IA3Config,
-    LoHaConfig,
-    LoKrConfig,
-    LoraConfig,
-    NormConfig,
-)
+from ..algorithms import ALGORITHMS
+from ..algorithms.config_base import AdapterConfig, algo_names, build_config
+from ..algorithms.full import Norm
 from ..ops.geometry import layer_kind
 from ..targeting import iter_candidate_modules
 
 _TRUE = {"true", "1", "yes", "y", "on", "t"}
 _FALSE = {"false", "0", "no", "n", "off", "f"}
-#: accepted spellings of an algorithm → ours
-ALGORITHMS = {
-    "lora": "lora",
-    "locon": "lora",
-    "loha": "loha",
-    "lokr": "lokr",
-    "ia3": "ia3",
-    "dylora": "dylora",
-    "full": "full",
-}
 #: other names sd-scripts users pass for our arguments (LyCORIS spellings)
 ALIASES = {
     "use_cp": "use_tucker",
@@ -149,15 +132,17 @@ class NetworkArgs:
                 continue
             setattr(args, name, _typed(key, types[name], value))
             args.given.add(name)
-        if args.algo.lower() not in ALGORITHMS:
-            raise ValueError(f"network arg algo={args.algo!r} is unknown; use one of {', '.join(ALGORITHMS)}")
-        args.algo = ALGORITHMS[args.algo.lower()]
+        names = algo_names()
+        if args.algo.lower() not in names:
+            raise ValueError(f"network arg algo={args.algo!r} is unknown; use one of {', '.join(names)}")
+        args.algo = names[args.algo.lower()]
         for name in ("dim", "conv_dim", "block_size"):
             value = getattr(args, name)
             if value is not None and value < 0:
                 raise ValueError(f"network arg {name}={value} must not be negative")
-        if args.use_scalar and args.algo not in ("lora", "loha", "lokr", "dylora"):
-            raise ValueError(f"network arg use_scalar applies to lora, loha, lokr and dylora, not {args.algo}")
+        if args.use_scalar and not ALGORITHMS[args.algo].supports_scalar:
+            scaled = ", ".join(name for name, cls in ALGORITHMS.items() if cls.supports_scalar)
+            raise ValueError(f"network arg use_scalar applies to {scaled}, not {args.algo}")
         return args
 
     @property
@@ -282,40 +267,32 @@ def _adaptable(module: nn.Module, args: NetworkArgs, enable_conv: bool) -> bool:
 
 
 def adapter_config(args: NetworkArgs, names: list[str], conv: bool, norm: bool) -> AdapterConfig:
-    """The adapter config for a group of modules sharing ``args`` (``conv``: k×k convolutions)."""
+    """The adapter config for a group of modules sharing ``args`` (``conv``: k×k convolutions; ``norm``:
+    LayerNorm / GroupNorm layers, which ``train_norm`` tunes with Norm)."""
     targets = sorted(names)
     if norm:
-        return NormConfig(target_modules=targets, module_dropout=args.module_dropout)
-    algo = args.algo
-    common = dict(target_modules=targets, module_dropout=args.module_dropout)
-    if algo == "ia3":
-        return IA3Config(**common, feedforward_modules=targets if args.on_input else None)
-    if algo == "full":
-        return FullConfig(**common)
-    if args.dropout and algo != "lora":
-        raise ValueError(f"network arg dropout (input dropout) is supported by lora/locon only, not {algo}")
+        return build_config(Norm.algorithm, target_modules=targets, module_dropout=args.module_dropout)
     r, alpha = args.conv if conv else args.linear
-    rank = dict(
-        r=r,
-        alpha=alpha,
-        use_rslora=args.use_rslora,
-        rank_dropout=args.rank_dropout,
-        rank_dropout_scale=args.rank_dropout_scale,
-        use_dora=args.dora_wd,
-        dora_on_output=args.wd_on_output,
-        init_weights=False if args.use_scalar else True,
-    )
-    if algo == "lora":
-        return LoraConfig(**common, **rank, use_effective_conv2d=args.use_tucker, dropout=args.dropout)
-    if algo == "dylora":
-        return DyLoraConfig(**common, **rank, block_size=args.block_size)
-    if algo == "loha":
-        return LoHaConfig(**common, **rank, use_effective_conv2d=args.use_tucker)
-    return LoKrConfig(
-        **common,
-        **rank,
-        use_effective_conv2d=args.use_tucker,
-        decompose_both=args.decompose_both,
-        decompose_factor=args.factor,
-        unbalanced_factorization=args.unbalanced_factorization,
-    )
+    try:
+        return build_config(
+            args.algo,
+            target_modules=targets,
+            module_dropout=args.module_dropout,
+            r=r,
+            alpha=alpha,
+            use_rslora=args.use_rslora,
+            rank_dropout=args.rank_dropout,
+            rank_dropout_scale=args.rank_dropout_scale,
+            use_dora=args.dora_wd,
+            dora_on_output=args.wd_on_output,
+            init_weights=False if args.use_scalar else True,
+            use_effective_conv2d=args.use_tucker,
+            dropout=args.dropout,
+            block_size=args.block_size,
+            decompose_both=args.decompose_both,
+            decompose_factor=args.factor,
+            unbalanced_factorization=args.unbalanced_factorization,
+            feedforward_modules=targets if args.on_input else None,
+        )
+    except ValueError as error:
+        raise ValueError(f"network arg {error}") from None

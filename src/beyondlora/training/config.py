@@ -15,13 +15,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..algorithms.config_base import algo_names, unsupported_fields
+
 try:
     import tomllib
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 
 
-ALGOS = ("lokr", "loha", "lora", "locon", "ia3", "dylora", "full")
+ALGOS = tuple(algo_names())
 PRESETS = ("attn", "attn-mlp", "full")
 OPTIMIZERS = ("adamw", "adamw8bit", "prodigy")
 SCHEDULES = ("constant", "cosine", "linear")
@@ -218,7 +220,7 @@ class TrainConfig:
             )
         if self.cache_latents_to_disk and not self.cache_latents:
             raise TrainConfigError("--cache-latents-to-disk contradicts --no-cache-latents")
-        if self.use_dora and self.algo in ("ia3", "full"):
+        if self.algo in ALGOS and unsupported_fields(algo_names()[self.algo], {"use_dora": self.use_dora}):
             raise TrainConfigError(f"--use-dora does not apply to --algo {self.algo}")
         if (self.conv_rank is not None or self.conv_alpha is not None) and self.preset != "full":
             raise TrainConfigError("--conv-rank/--conv-alpha need --preset full (the other presets adapt no 3×3 conv)")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..config import AdapterConfig, DyLoraConfig, FullConfig, IA3Config, LoHaConfig, LoKrConfig, LoraConfig
+from ..algorithms.config_base import AdapterConfig, algo_names, build_config
 from .config import TrainConfig
 
 _ATTENTION = r"attn\d\.(to_q|to_k|to_v|to_out\.0)"
@@ -18,28 +18,26 @@ PRESET_PATTERNS = {
     "full": rf".*({_ATTENTION}|{_MLP}|{_CONVS})",
 }
 TEXT_ENCODER_PATTERN = r".*(self_attn\.(q_proj|k_proj|v_proj|out_proj)|mlp\.(fc1|fc2))"
+#: the layers whose input channels an input-side algorithm ((IA)³) scales: the MLPs' second linear
+FEEDFORWARD_PATTERN = r".*(ff\.net\.2|mlp\.fc2)"
 
 
 def adapter_config(config: TrainConfig, part: str) -> AdapterConfig:
-    """The adapter config for ``part`` ("unet" or "text_encoder")."""
-    targets = PRESET_PATTERNS[config.preset] if part == "unet" else TEXT_ENCODER_PATTERN
-    common: dict[str, Any] = {"target_modules": targets}
-    if config.algo == "ia3":
-        return IA3Config(**common, feedforward_modules=r".*(ff\.net\.2|mlp\.fc2)")
-    if config.algo == "full":
-        return FullConfig(**common)
-    ranked: dict[str, Any] = {"r": config.rank, "alpha": config.alpha, "use_dora": config.use_dora}
+    """The adapter config for ``part`` ("unet" or "text_encoder"); each algorithm's config takes the
+    options that mean something to it (:func:`~beyondlora.algorithms.config_base.build_config`)."""
+    fields: dict[str, Any] = {
+        "target_modules": PRESET_PATTERNS[config.preset] if part == "unet" else TEXT_ENCODER_PATTERN,
+        "r": config.rank,
+        "alpha": config.alpha,
+        "use_dora": config.use_dora,
+        "decompose_factor": config.factor,
+        "feedforward_modules": FEEDFORWARD_PATTERN,
+        "block_size": max(b for b in (1, 2, 4) if config.rank % b == 0),
+    }
     if part == "unet" and config.preset == "full":
         if config.conv_rank is not None:
-            ranked["rank_pattern"] = {CONV_PATTERN: config.conv_rank}
+            fields["rank_pattern"] = {CONV_PATTERN: config.conv_rank}
         conv_alpha = config.conv_alpha if config.conv_alpha is not None else config.conv_rank
         if conv_alpha is not None:
-            ranked["alpha_pattern"] = {CONV_PATTERN: float(conv_alpha)}
-    if config.algo == "lokr":
-        return LoKrConfig(**common, **ranked, decompose_factor=config.factor)
-    if config.algo == "loha":
-        return LoHaConfig(**common, **ranked)
-    if config.algo == "dylora":
-        block = max(b for b in (1, 2, 4) if config.rank % b == 0)
-        return DyLoraConfig(**common, **ranked, block_size=block)
-    return LoraConfig(**common, **ranked)
+            fields["alpha_pattern"] = {CONV_PATTERN: float(conv_alpha)}
+    return build_config(algo_names()[config.algo], **fields)
