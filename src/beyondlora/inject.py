@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from .algorithms import ALGORITHMS, Adapter
-from .algorithms.base import adapter_dtype
+from .algorithms.common import adapter_dtype
 from .config import AdapterConfig
 from .layers import AdapterLayer
 from .modules_to_save import ModulesToSaveWrapper

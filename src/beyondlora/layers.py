@@ -33,8 +33,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from .algorithms.base import Adapter, fold_scale
-from .algorithms.dora import dora_delta, weight_norm
+from .algorithms.base import Adapter
+from .algorithms.common import fold_scale
 from .cost_model import rank_work_price
 from .ops.bypass_common import autocasting, cast
 from .ops.geometry import LayerGeometry, is_plain_call
@@ -121,16 +121,9 @@ class AdapterLayer(nn.Module):
     def effective_delta(
         self, name: str, base_weight: Tensor, draw: Any = None, multiplier: float | None = None
     ) -> tuple[Tensor, Tensor | None]:
-        """What adapter ``name`` adds to the weight and bias: ``t · ΔW`` (DoRA: ``t · (W' − W)``), ``t · Δb``."""
+        """What adapter ``name`` adds to the weight and bias (:meth:`~.Adapter.effective_delta`)."""
         adapter: Adapter = self.adapters[name]
-        t = adapter.multiplier if multiplier is None else multiplier
-        base = cast(base_weight, adapter.param_dtype)
-        if adapter.dora_scale is not None:
-            delta = adapter.delta_weight(base, draw)
-            delta = dora_delta(base, delta, adapter.dora_scale, adapter.options.dora_on_output, t)
-        else:
-            delta = adapter.delta_weight(base, draw, factor=t)
-        return delta, _scaled_bias(adapter, t)
+        return adapter.effective_delta(cast(base_weight, adapter.param_dtype), draw, multiplier)
 
     # --- forward ----------------------------------------------------------------------------------
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
@@ -205,25 +198,23 @@ class AdapterLayer(nn.Module):
     def _bypass_possible(self, adapters: list[Adapter]) -> bool:
         """Whether the bypass path is exact for this set of adapters.
 
-        (IA)³ and DoRA read the base layer's own output ``W x``: that is only available when nothing is
-        merged into W and no input-side (IA)³ changed the base call's input.
+        Adapters that read the base layer's own output ``W x`` (:attr:`~.Adapter.reads_base_output`) need
+        nothing merged into W and a base call on the layer's own input (no input-side channel scaling).
         """
-        scales_input, scales_output = _ia3_by_side(adapters)
-        reads_base = scales_output + [a for a in adapters if a.dora_scale is not None]
+        scales_input, _ = _scalings_by_side(adapters)
+        reads_base = any(a.reads_base_output for a in adapters)
         if (reads_base or scales_input) and self.merged:
             return False
         if scales_input and reads_base:
             return False
-        if any(a.dora_scale is not None and not a.options.dora_on_output for a in adapters):
-            return False
-        return all(a.channel_scale() is not None or a.bypass_flops(1) != float("inf") for a in adapters)
+        return all(a.has_exact_bypass() for a in adapters)
 
     def _bypass_forward(self, x: Tensor, names: list[str], draws: dict[str, Any], args: tuple, kwargs: dict) -> Tensor:
         g = self.geometry
         adapters = {n: self.adapters[n] for n in names}
-        scales_input, scales_output = _ia3_by_side(list(adapters.values()))
+        scales_input, scales_output = _scalings_by_side(list(adapters.values()))
         plain_out = None  # W·x without the bias, computed once if needed
-        if scales_input:  # then no output-side (IA)³ (see _bypass_possible)
+        if scales_input:  # then no output-side scaling (see _bypass_possible)
             factor = cast(1 + g.per_channel(_scale_sum(scales_input), x.dim()), x.dtype)
             base_in = x * factor
             with recomputed_if_saved(base_in, x, factor):
@@ -237,9 +228,9 @@ class AdapterLayer(nn.Module):
             result = self._scale_output(base_out, scales_output)
         for name, adapter in adapters.items():
             t = adapter.multiplier
-            if adapter.channel_scale() is not None:
-                continue  # (IA)³: folded into the base call's input or output above
-            if adapter.dora_scale is None:
+            if adapter.channel_scaling() is not None:
+                continue  # folded into the base call's input or output above
+            if not adapter.decomposed:
                 added = adapter.add_bypass(result, x, draws[name], t, lean=self.backward_memory == "lean")
                 if added is not None:
                     result = added
@@ -248,31 +239,29 @@ class AdapterLayer(nn.Module):
                         result = result + (t * g.per_channel(bias, x.dim())).to(result.dtype)
                     continue
             x_in = x if g.kind == "embedding" else cast(x, adapter.param_dtype)
-            if adapter.dora_scale is None and g.kind != "conv":
+            if not adapter.decomposed and g.kind != "conv":
                 fused = self._add_low_rank(result, adapter, x_in, draws[name])
                 if fused is not None:
                     result = fused
                     continue
             delta_out = adapter.bypass(x_in, draws[name])
-            if adapter.dora_scale is not None:
+            if adapter.decomposed:
                 plain_out = self._without_bias(base_out) if plain_out is None else plain_out
                 weight = self.base_weight().to(adapter.param_dtype)
-                merged = weight + adapter.delta_weight(weight, draws[name])
-                ratio = g.per_channel((adapter.dora_scale / weight_norm(merged, True)).flatten(), x.dim())
-                delta_out = (ratio - 1) * plain_out + ratio * delta_out
+                delta_out = adapter.decomposed_output(plain_out, delta_out, weight, draws[name])
             result = result + cast(delta_out if t == 1 else t * delta_out, result.dtype)
             bias = adapter.delta_bias()
             if bias is not None:
                 result = result + (t * g.per_channel(bias, x.dim())).to(result.dtype)
         return result
 
-    def _scale_output(self, out: Tensor, ia3: list[Adapter], has_bias: bool = True) -> Tensor:
-        """Output-side (IA)³ in one pass, ``v = Σ t · v_i``: ``(W x + b) ⊙ (1 + v) − v ⊙ b`` from the base
-        layer's output, ``W x ⊙ (1 + v) + b`` from ``W x`` (``has_bias=False``)."""
-        if not ia3:
+    def _scale_output(self, out: Tensor, scalings: list[Adapter], has_bias: bool = True) -> Tensor:
+        """Output-side channel scaling ((IA)³) in one pass, ``v = Σ t · v_i``: ``(W x + b) ⊙ (1 + v) − v ⊙ b``
+        from the base layer's output, ``W x ⊙ (1 + v) + b`` from ``W x`` (``has_bias=False``)."""
+        if not scalings:
             return out
         g = self.geometry
-        v = cast(g.per_channel(_scale_sum(ia3), out.dim()), out.dtype)
+        v = cast(g.per_channel(_scale_sum(scalings), out.dim()), out.dtype)
         bias = getattr(self.base_layer, "bias", None)
         if bias is None:
             return out * (1 + v)
@@ -335,13 +324,8 @@ class AdapterLayer(nn.Module):
         bias = cast(getattr(self.base_layer, "bias", None), dtype)
         for name in names:
             adapter = self.adapters[name]
-            if adapter.dora_scale is None:  # W + t · ΔW in the adapter's own pass where it has one
-                base = cast(base_weight, adapter.param_dtype)
-                weight = adapter.add_delta(weight, base, draws[name], adapter.multiplier)
-                delta_bias = _scaled_bias(adapter, adapter.multiplier)
-            else:
-                delta, delta_bias = self.effective_delta(name, base_weight, draws[name])
-                weight = weight + delta
+            weight = adapter.add_effective_delta(weight, cast(base_weight, adapter.param_dtype), draws[name])
+            delta_bias = adapter.effective_delta_bias()
             if delta_bias is not None:
                 bias = delta_bias if bias is None else bias + delta_bias
         x_in = x if g.kind == "embedding" else cast(x, dtype)
@@ -365,7 +349,7 @@ class AdapterLayer(nn.Module):
             delta, delta_bias = self.effective_delta(name, self.base_weight())
             self.geometry.add_to_module(self.base_layer, delta, delta_bias)
             if keep_record:
-                keep = adapter.depends_on_base or adapter.dora_scale is not None
+                keep = adapter.keeps_merged_delta()
                 self.merged[name] = _Merged(adapter.multiplier, delta if keep else None, delta_bias if keep else None)
 
     @torch.no_grad()
@@ -381,21 +365,18 @@ class AdapterLayer(nn.Module):
         return f"active={self.active_adapters}, merged={list(self.merged)}"
 
 
-def _scale_sum(ia3: list[Adapter]) -> Tensor:
-    """``Σ t · v_i`` over (IA)³ adapters, with no op for one adapter at multiplier 1 (each op is a kernel launch)."""
-    terms = [a.channel_scale() if a.multiplier == 1 else a.multiplier * a.channel_scale() for a in ia3]
+def _scale_sum(scalings: list[Adapter]) -> Tensor:
+    """``Σ t · v_i`` over channel-scaling adapters, with no op for one adapter at multiplier 1 (each op is a
+    kernel launch)."""
+    vectors = [a.channel_scaling()[0] for a in scalings]
+    terms = [v if a.multiplier == 1 else a.multiplier * v for a, v in zip(scalings, vectors, strict=True)]
     return terms[0] if len(terms) == 1 else torch.stack(terms).sum(0)
 
 
-def _ia3_by_side(adapters: list[Adapter]) -> tuple[list[Adapter], list[Adapter]]:
-    """The (IA)³ adapters that scale the base layer's input channels, and those that scale its output."""
-    ia3 = [a for a in adapters if a.channel_scale() is not None]
-    return [a for a in ia3 if a.on_input], [a for a in ia3 if not a.on_input]
-
-
-def _scaled_bias(adapter: Adapter, multiplier: float) -> Tensor | None:
-    bias = adapter.delta_bias()
-    return None if bias is None else bias * multiplier
+def _scalings_by_side(adapters: list[Adapter]) -> tuple[list[Adapter], list[Adapter]]:
+    """The channel-scaling adapters on the base layer's input channels, and those on its output channels."""
+    sides = [(a, a.channel_scaling()) for a in adapters]
+    return [a for a, s in sides if s is not None and s[1]], [a for a, s in sides if s is not None and not s[1]]
 
 
 def _grad_state(t: Tensor | None) -> tuple[bool, torch.dtype] | None:

@@ -7,7 +7,8 @@ by being a file in this folder; nothing else lists the algorithms.
 import importlib
 import pkgutil
 
-from .base import REGISTRY, Adapter, AdapterOptions
+from .base import REGISTRY, Adapter
+from .common import AdapterOptions
 
 for _module in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_module.name}")

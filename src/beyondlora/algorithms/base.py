@@ -23,8 +23,6 @@ metadata (:meth:`Adapter.kohya_args`).  Subclasses that name an ``algorithm`` re
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -32,59 +30,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops.geometry import Kind, LayerGeometry
-from .dora import weight_norm
+from .common import AdapterOptions, Extraction, adapter_dtype
+from .dora import dora_delta, dora_output, weight_norm
 
 DENSE_KINDS: frozenset[Kind] = frozenset({"linear", "conv", "embedding", "hf_conv1d"})
 
 #: every algorithm by name, in the order their modules were imported
 REGISTRY: dict[str, type[Adapter]] = {}
-
-
-@dataclass(frozen=True)
-class AdapterOptions:
-    """Hyper-parameters of one adapter on one layer (configs resolve patterns into these)."""
-
-    r: int = 8
-    alpha: float = 8.0
-    use_rslora: bool = False
-    rank_dropout: float = 0.0
-    rank_dropout_scale: bool = False
-    module_dropout: float = 0.0
-    init_weights: bool | str = True
-    use_dora: bool = False
-    dora_on_output: bool = True
-    use_effective_conv2d: bool = False
-    decompose_both: bool = False
-    decompose_factor: int = -1
-    unbalanced_factorization: bool = False
-    block_size: int = 4
-    on_input: bool = False
-    dropout: float = 0.0
-    #: explicit LoKr shapes (a ``LoKrLayout``) for adapters read from files; ``None`` = LyCORIS' rules
-    lokr_layout: Any = None
-
-
-@dataclass(frozen=True)
-class Extraction:
-    """How ``beyondlora extract`` asks an algorithm to approximate a weight difference.
-
-    Attributes:
-        factorize: the tool's rank rule, a matrix (m, n) → balanced factors (up (m, r), down (r, n)); ``None``
-            where the user asked for no truncation (factors stay full).
-        tucker: give k×k convolutions a Tucker core where the algorithm has one.
-        factor: LoKr's ``decompose_factor``.
-        exact_svd: full rather than randomized SVDs.
-    """
-
-    factorize: Callable[[Tensor], tuple[Tensor, Tensor]] | None
-    tucker: bool = False
-    factor: int = -1
-    exact_svd: bool = False
-
-
-def adapter_dtype(base_weight: Tensor) -> torch.dtype:
-    """Adapters keep float32 (or float64) even on a half-precision base, as PEFT does."""
-    return torch.float32 if base_weight.dtype in (torch.float16, torch.bfloat16) else base_weight.dtype
 
 
 class Adapter(nn.Module):
@@ -264,9 +216,70 @@ class Adapter(nn.Module):
         """Whether this forward must take the bypass path (input dropout exists only there)."""
         return False
 
-    def channel_scale(self) -> Tensor | None:
-        """(IA)³ only: the learned per-channel vector ``v`` (``W ⊙ (1 + v)``)."""
+    # --- how the host layer applies it ---------------------------------------------------------------
+    def channel_scaling(self) -> tuple[Tensor, bool] | None:
+        """``(v, on_input)`` for an adapter that only scales the base layer's channels, ``W' = W ⊙ (1 + t·v)``
+        along the input (``on_input``) or output axis: the layer folds ``1 + t·v`` into the base call's input
+        or output instead of running a bypass.  ``None`` for every other adapter."""
         return None
+
+    @property
+    def decomposed(self) -> bool:
+        """Whether DoRA's weight decomposition applies: ``W' = m ⊙ (W + ΔW) / ‖W + ΔW‖``."""
+        return self.dora_scale is not None
+
+    @property
+    def reads_base_output(self) -> bool:
+        """Whether this adapter's bypass reads the base layer's own output ``W x`` (DoRA; output-side scaling),
+        which exists only while nothing is merged into W and the base call's input is the layer's input."""
+        scaling = self.channel_scaling()
+        return self.decomposed or (scaling is not None and not scaling[1])
+
+    def has_exact_bypass(self) -> bool:
+        """Whether the bypass path computes this adapter exactly on its layer (DoRA on the input axis has none:
+        its norm per input channel does not factor through the output)."""
+        if self.decomposed and not self.options.dora_on_output:
+            return False
+        return self.channel_scaling() is not None or self.bypass_flops(1) != math.inf
+
+    def effective_delta(
+        self, base_weight: Tensor, draw: Any = None, multiplier: float | None = None
+    ) -> tuple[Tensor, Tensor | None]:
+        """What this adapter adds to the weight and the bias: ``(t · ΔW, t · Δb)``, with DoRA
+        ``t · (W' − W)`` (:func:`.dora.dora_delta`); t is the adapter's multiplier unless given.
+        ``base_weight`` is the canonical base weight, in the adapter's dtype."""
+        t = self.multiplier if multiplier is None else multiplier
+        if self.decomposed:
+            delta = dora_delta(
+                base_weight, self.delta_weight(base_weight, draw), self.dora_scale, self.options.dora_on_output, t
+            )
+        else:
+            delta = self.delta_weight(base_weight, draw, factor=t)
+        return delta, self.effective_delta_bias(t)
+
+    def effective_delta_bias(self, multiplier: float | None = None) -> Tensor | None:
+        """``t · Δb``, or ``None`` for an adapter that leaves the bias alone."""
+        bias = self.delta_bias()
+        t = self.multiplier if multiplier is None else multiplier
+        return None if bias is None else bias * t
+
+    def add_effective_delta(self, weight: Tensor, base_weight: Tensor, draw: Any = None) -> Tensor:
+        """``weight`` plus what this adapter adds at its multiplier (the combined path): W + t · ΔW in the
+        adapter's own pass where it has one (:meth:`add_delta`), with DoRA its decomposed delta."""
+        if self.decomposed:
+            return weight + self.effective_delta(base_weight, draw)[0]
+        return self.add_delta(weight, base_weight, draw, self.multiplier)
+
+    def keeps_merged_delta(self) -> bool:
+        """Whether merging must remember the delta it added: it depends on W ((IA)³, DoRA), so it cannot be
+        recomputed from the merged weight."""
+        return self.depends_on_base or self.decomposed
+
+    def decomposed_output(self, plain_out: Tensor, delta_out: Tensor, base_weight: Tensor, draw: Any = None) -> Tensor:
+        """DoRA's bypass: ``W' x − W x`` from ``plain_out`` = W x (no bias) and ``delta_out`` = ΔW x
+        (:func:`.dora.dora_output`); ``base_weight`` is W in the adapter's dtype."""
+        merged = base_weight + self.delta_weight(base_weight, draw)
+        return dora_output(plain_out, delta_out, merged, self.dora_scale, self.geometry)
 
     # --- files ---------------------------------------------------------------------------------------
     def file_tensors(self) -> dict[str, Tensor]:
@@ -367,22 +380,3 @@ class Adapter(nn.Module):
         if self.has_rank:
             return f"r={self.rank}, alpha={self.alpha}, multiplier={self.multiplier}"
         return f"multiplier={self.multiplier}"
-
-
-def fold_scale(factor: Tensor, scale: float | Tensor, multiplier: float) -> tuple[Tensor, float]:
-    """``(factor, t · s)`` for a numeric scale s; ``(factor · s, t)`` for a trainable one (kohya's use_scalar),
-    so that the scalar handed to a product's ``alpha`` is always a number.  ``factor`` is the adapter's
-    smallest factor on the output side (LoRA ``up``, LoKr ``W1``, LoHa ``w1_a``)."""
-    if isinstance(scale, Tensor):
-        return factor * scale, multiplier
-    return factor, multiplier * scale
-
-
-def kaiming_(tensor: Tensor) -> Tensor:
-    """The default init of ``nn.Linear`` weights (fan-in over every dimension but the first)."""
-    return nn.init.kaiming_uniform_(tensor, a=math.sqrt(5))
-
-
-def check_init(options: AdapterOptions, algorithm: str) -> None:
-    if options.init_weights not in (True, False, "lycoris"):
-        raise ValueError(f"init_weights for {algorithm} must be True, False or 'lycoris', got {options.init_weights!r}")

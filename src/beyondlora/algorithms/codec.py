@@ -14,7 +14,8 @@ import torch
 from torch import Tensor
 
 from ..errors import FormatError
-from .base import Adapter, AdapterOptions
+from .base import Adapter
+from .common import AdapterOptions
 
 
 def reshaped(params: dict[str, Tensor], key: str, shape: tuple[int, ...], where: str) -> Tensor:

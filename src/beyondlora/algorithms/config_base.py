@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from .base import REGISTRY, AdapterOptions
+from .base import REGISTRY
+from .common import AdapterOptions
 
 CONFIG_NAME = "adapter_config.json"
 _ALIASES = {

@@ -31,6 +31,15 @@ def dora_delta(base_weight: Tensor, delta: Tensor, magnitude: Tensor, on_output:
     return multiplier * (merged * (magnitude / weight_norm(merged, on_output)) - base_weight)
 
 
+def dora_output(
+    plain_out: Tensor, delta_out: Tensor, merged_weight: Tensor, magnitude: Tensor, geometry: LayerGeometry
+) -> Tensor:
+    """DoRA's bypass on the output axis: ``W' x − W x = (ρ − 1) ⊙ W x + ρ ⊙ ΔW x`` with ``ρ = m / ‖W + ΔW‖``
+    per output channel; ``plain_out`` is ``W x`` (no bias), ``delta_out`` ``ΔW x``, ``merged_weight`` W + ΔW."""
+    ratio = geometry.per_channel((magnitude / weight_norm(merged_weight, True)).flatten(), plain_out.dim())
+    return (ratio - 1) * plain_out + ratio * delta_out
+
+
 def file_magnitude(magnitude: Tensor, multiplier: float) -> Tensor:
     """The ``dora_scale`` a single file carries; at multiplier ≠ 1 no file is exact, so it refuses."""
     if multiplier != 1.0:

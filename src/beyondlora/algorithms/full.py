@@ -14,8 +14,9 @@ import torch
 from torch import Tensor, nn
 
 from ..ops.geometry import LayerGeometry
-from .base import Adapter, AdapterOptions, Extraction, check_init
+from .base import Adapter
 from .codec import optional_bias, reshaped, shape_of
+from .common import AdapterOptions, Extraction, check_init
 from .config_base import AdapterConfig
 
 

@@ -19,8 +19,9 @@ from torch import Tensor, nn
 
 from ..errors import FormatError
 from ..ops.geometry import LayerGeometry
-from .base import Adapter, AdapterOptions, check_init
+from .base import Adapter
 from .codec import peft_refusal, reshaped
+from .common import AdapterOptions, check_init
 from .config_base import AdapterConfig, exact_pattern, name_matches
 
 
@@ -74,8 +75,8 @@ class IA3(Adapter):
             return base_weight * v.reshape(1, -1, *([1] * (base_weight.dim() - 2)))
         return base_weight * v.reshape(-1, *([1] * (base_weight.dim() - 1)))
 
-    def channel_scale(self) -> Tensor:
-        return self.weight
+    def channel_scaling(self) -> tuple[Tensor, bool]:
+        return self.weight, self.on_input
 
     def bypass_flops(self, tokens: int) -> float:
         return float(tokens * self.weight.numel())

@@ -24,7 +24,7 @@ from ..ops.bypass_common import autocasting
 from ..ops.bypass_khatri_rao import hadamard_merged, khatri_rao_conv, khatri_rao_linear, merged_khatri_rao_linear
 from ..ops.geometry import LayerGeometry
 from ..ops.products import column_khatri_rao, hadamard_product, row_khatri_rao, tucker_rebuild
-from .base import Adapter, AdapterOptions, check_init, fold_scale, kaiming_
+from .base import Adapter
 from .codec import (
     consumer_alpha,
     file_alpha,
@@ -34,6 +34,7 @@ from .codec import (
     shape_of,
     with_folder_alpha,
 )
+from .common import AdapterOptions, check_init, fold_scale, kaiming_
 from .config_base import RankConfig
 
 

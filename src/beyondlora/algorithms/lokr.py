@@ -28,7 +28,7 @@ from ..ops.decompositions import nearest_kronecker
 from ..ops.factorization import factorization, peft_factorization
 from ..ops.geometry import LayerGeometry
 from ..ops.products import kron, tucker_rebuild
-from .base import Adapter, AdapterOptions, Extraction, check_init, fold_scale, kaiming_
+from .base import Adapter
 from .codec import (
     consumer_alpha,
     file_alpha,
@@ -37,6 +37,7 @@ from .codec import (
     shape_of,
     with_folder_alpha,
 )
+from .common import AdapterOptions, Extraction, check_init, fold_scale, kaiming_
 from .config_base import RankConfig
 
 #: a Conv1d Kronecker product with a full 3-D W2: PEFT lays it out differently from LyCORIS

@@ -23,8 +23,9 @@ from ..ops.bypass_lowrank import low_rank_linear, low_rank_merged, merged_low_ra
 from ..ops.decompositions import low_rank_factors, tucker2
 from ..ops.geometry import LayerGeometry
 from ..ops.products import tucker_rebuild
-from .base import Adapter, AdapterOptions, Extraction, check_init, fold_scale, kaiming_
+from .base import Adapter
 from .codec import consumer_alpha, file_alpha, peft_refusal, reshaped, shape_of, with_folder_alpha
+from .common import AdapterOptions, Extraction, check_init, fold_scale, kaiming_
 from .config_base import RankConfig
 
 #: the rank ``extract`` gives a LoRA when the user names none

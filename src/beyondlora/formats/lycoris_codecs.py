@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from ..algorithms import ALGORITHMS, Adapter, AdapterOptions
-from ..algorithms.base import adapter_dtype
+from ..algorithms.common import adapter_dtype
 from ..algorithms.dora import file_magnitude, read_magnitude
 from ..errors import FormatError
 from ..ops.geometry import LayerGeometry

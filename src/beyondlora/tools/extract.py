@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from ..algorithms import ALGORITHMS, Adapter
-from ..algorithms.base import Extraction
+from ..algorithms.common import Extraction
 from ..formats.lycoris_codecs import describe, export_tensors
 from ..formats.single_file import MODULES_METADATA, kohya_metadata, module_key
 from ..formats.tensors import write_tensors

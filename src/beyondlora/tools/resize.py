@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from ..algorithms import LoRA
-from ..algorithms.base import AdapterOptions
+from ..algorithms.common import AdapterOptions
 from ..formats.lycoris_codecs import describe, export_tensors
 from ..formats.single_file import MODULES_METADATA, group_by_module, read_metadata
 from ..formats.tensors import write_tensors
