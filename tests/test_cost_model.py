@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 import beyondlora as bl
-from beyondlora.cost_model import ACCELERATOR_BALANCE, rank_work_price
+from beyondlora.host.cost_model import ACCELERATOR_BALANCE, rank_work_price
 from beyondlora.ops.geometry import LayerGeometry
 from layer_cases import DEVICE, layers_of
 

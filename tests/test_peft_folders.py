@@ -25,7 +25,7 @@ from torch import nn
 
 import beyondlora as bl
 from beyondlora.formats.errors import FormatError
-from beyondlora.modules_to_save import ModulesToSaveWrapper
+from beyondlora.host.modules_to_save import ModulesToSaveWrapper
 
 WEIGHTS = "adapter_model.safetensors"
 CONFIG = "adapter_config.json"

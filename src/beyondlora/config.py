@@ -292,7 +292,7 @@ class IA3Config(AdapterConfig):
         super().__post_init__()
 
     def options_for(self, module_name: str) -> AdapterOptions:
-        from .targeting import name_matches
+        from .host.targeting import name_matches
 
         on_input = self.feedforward_modules is not None and name_matches(module_name, self.feedforward_modules)
         return dataclasses.replace(super().options_for(module_name), on_input=on_input)

@@ -1,4 +1,4 @@
-"""The model wrapper: PEFT's ``PeftModel`` API over :class:`~beyondlora.layers.AdapterLayer`."""
+"""The model wrapper: PEFT's ``PeftModel`` API over :class:`~beyondlora.host.layers.AdapterLayer`."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from torch import nn
 from .config import AdapterConfig, IA3Config, LoHaConfig, LoKrConfig, LoraConfig, SingleFileConfig
 from .formats.folder import plan_from_folder, save_folder
 from .formats.single_file import DEFAULT_PREFIX, is_single_file, plan_from_single_file, save_single_file
-from .inject import PlannedAdapter, adapter_layers, attach, attach_modules_to_save, plan_adapters, save_wrappers
-from .targeting import find_modules_to_save
+from .host.inject import PlannedAdapter, adapter_layers, attach, attach_modules_to_save, plan_adapters, save_wrappers
+from .host.targeting import find_modules_to_save
 
 
 class PeftModel(nn.Module):

@@ -19,11 +19,11 @@ from torch import nn
 
 from ..algorithms import Adapter
 from ..config import CONFIG_NAME, AdapterConfig, RankConfig, config_class, read_config_json
-from ..inject import PlannedAdapter, adapter_layers, save_wrappers
-from ..layers import AdapterLayer
-from ..modules_to_save import ModulesToSaveWrapper
+from ..host.inject import PlannedAdapter, adapter_layers, save_wrappers
+from ..host.layers import AdapterLayer
+from ..host.modules_to_save import ModulesToSaveWrapper
+from ..host.targeting import find_modules_to_save, find_targets, matching_entries
 from ..ops.geometry import LayerGeometry
-from ..targeting import find_modules_to_save, find_targets, matching_entries
 from .errors import FormatError
 from .lycoris_codecs import export_tensors, import_adapter
 from .peft_codecs import (

@@ -18,10 +18,10 @@ from safetensors import safe_open
 from torch import nn
 
 from ..algorithms import Adapter
-from ..inject import PlannedAdapter, adapter_layers
-from ..layers import AdapterLayer
+from ..host.inject import PlannedAdapter, adapter_layers
+from ..host.layers import AdapterLayer
+from ..host.targeting import iter_candidate_modules
 from ..ops.geometry import LayerGeometry
-from ..targeting import iter_candidate_modules
 from .errors import FormatError
 from .lycoris_codecs import describe, export_tensors, import_adapter
 from .tensors import check_finite, read_tensors, write_tensors

@@ -35,8 +35,8 @@ from ..formats.single_file import (
     single_file_tensors,
     write_single_file,
 )
-from ..inject import PlannedAdapter, adapter_layers
-from ..layers import AdapterLayer
+from ..host.inject import PlannedAdapter, adapter_layers
+from ..host.layers import AdapterLayer
 from .parts import adapter_names, controller, find_parts, inner_model, naming_for, remember, unwrap_empty
 
 #: how many unmatched keys a warning or error names before summarising

@@ -25,8 +25,8 @@ from ..config import (
     LoraConfig,
     NormConfig,
 )
+from ..host.targeting import iter_candidate_modules
 from ..ops.geometry import layer_kind
-from ..targeting import iter_candidate_modules
 
 _TRUE = {"true", "1", "yes", "y", "on", "t"}
 _FALSE = {"false", "0", "no", "n", "off", "f"}

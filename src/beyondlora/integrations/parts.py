@@ -1,7 +1,7 @@
 """The model parts of a pipeline (or a single module), their file naming, and adapter bookkeeping on them.
 
 Adapters are injected *in place* into a pipeline's parts (``pipe.unet`` stays a ``UNet2DConditionModel``,
-some of its layers become :class:`~beyondlora.layers.AdapterLayer`), so diffusers keeps working unchanged.
+some of its layers become :class:`~beyondlora.host.layers.AdapterLayer`), so diffusers keeps working unchanged.
 The layers themselves are the source of truth for which adapters exist and which are active; a weak
 per-part registry only remembers each adapter's config.  A part may also be a :class:`PeftModel` the user
 put there (``pipe.unet = bl.get_peft_model(pipe.unet, config)``): it is then used as it is.
@@ -17,7 +17,7 @@ from torch import nn
 from ..config import AdapterConfig, SingleFileConfig
 from ..formats.names import PartNames, is_clip_text_model, is_diffusers_unet, is_sgm_unet, part_names
 from ..formats.names import pipeline_part_names as _pipeline_part_names
-from ..inject import adapter_layers, save_wrappers
+from ..host.inject import adapter_layers, save_wrappers
 from ..model import PeftModel
 
 #: the pipeline attributes that can host adapters, in file order

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from ..algorithms import Adapter
-from ..layers import AdapterLayer
+from ..host.layers import AdapterLayer
 from .adapters import load_adapter
 from .checkpoints import Checkpoint, TensorReader, canonical
 

@@ -12,8 +12,8 @@ from collections.abc import Iterator
 
 from torch import nn
 
-from .config import AdapterConfig, RankConfig
-from .ops.geometry import layer_kind
+from ..config import AdapterConfig, RankConfig
+from ..ops.geometry import layer_kind
 
 DEFAULT_LAYERS_PATTERNS = ("layers", "h", "block", "blocks", "layer")
 

@@ -33,12 +33,12 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from .algorithms.base import Adapter, fold_scale
-from .algorithms.dora import dora_delta, weight_norm
+from ..algorithms.base import Adapter, fold_scale
+from ..algorithms.dora import dora_delta, weight_norm
+from ..ops.bypass_common import autocasting, cast
+from ..ops.geometry import LayerGeometry, is_plain_call
+from ..ops.recompute import recomputed_if_saved
 from .cost_model import rank_work_price
-from .ops.bypass_common import autocasting, cast
-from .ops.geometry import LayerGeometry, is_plain_call
-from .ops.recompute import recomputed_if_saved
 
 ForwardMode = Literal["auto", "bypass", "combined"]
 BackwardMemory = Literal["auto", "lean"]

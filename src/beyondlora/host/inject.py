@@ -8,12 +8,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .algorithms import ALGORITHMS, Adapter
-from .algorithms.base import adapter_dtype
-from .config import AdapterConfig
+from ..algorithms import ALGORITHMS, Adapter
+from ..algorithms.base import adapter_dtype
+from ..config import AdapterConfig
+from ..ops.geometry import LayerGeometry
 from .layers import AdapterLayer
 from .modules_to_save import ModulesToSaveWrapper
-from .ops.geometry import LayerGeometry
 from .targeting import find_modules_to_save, find_targets
 
 
