@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from beyondlora.integrations.tiny_pipeline import tiny_sd_pipeline, tiny_sdxl_pipeline
+from beyondlora.demos.tiny_pipelines import tiny_sd_pipeline, tiny_sdxl_pipeline
 from ui_formula import ui_delta
 
 

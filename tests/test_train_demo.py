@@ -9,9 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from beyondlora.training.config import TrainConfig
-from beyondlora.training.data import scan_dataset
-from beyondlora.training.demo_model import (
+from beyondlora.demos.shapes import (
     BASE_COLOURS,
     CONCEPT_COLOUR,
     CONCEPT_PROMPT,
@@ -21,6 +19,8 @@ from beyondlora.training.demo_model import (
     load_demo_models,
     write_concept_dataset,
 )
+from beyondlora.training.config import TrainConfig
+from beyondlora.training.data import scan_dataset
 from beyondlora.training.sampling import encode_prompts, sample_latents
 from beyondlora.training.trainer import train
 

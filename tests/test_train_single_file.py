@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from beyondlora.integrations.tiny_pipeline import tiny_sd_pipeline, tiny_sdxl_pipeline
+from beyondlora.demos.tiny_pipelines import tiny_sd_pipeline, tiny_sdxl_pipeline
 from beyondlora.training.config import TrainConfig, TrainConfigError
 from beyondlora.training.models import load_base_model
 from beyondlora.training.trainer import train

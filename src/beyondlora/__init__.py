@@ -14,6 +14,7 @@ from .config import (
     LoraConfig,
     NormConfig,
 )
+from .demos.tiny_pipelines import tiny_sd_pipeline, tiny_sdxl_pipeline
 from .host.layers import AdapterLayer
 from .integrations.diffusers import (
     list_adapters,
@@ -24,7 +25,6 @@ from .integrations.diffusers import (
     unload_adapter,
 )
 from .integrations.diffusers import set_multiplier as set_adapter_multiplier
-from .integrations.tiny_pipeline import tiny_sd_pipeline, tiny_sdxl_pipeline
 from .model import IA3Model, LoHaModel, LoKrModel, LoraModel, PeftModel, get_peft_model
 from .tools.convert import convert_adapter
 

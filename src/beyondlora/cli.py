@@ -31,7 +31,7 @@ def _dtype(name: str | None):
 def _demo(args: argparse.Namespace) -> int:
     import torch
 
-    from .demo import DemoConfig, run_demo
+    from .demos.cnn import DemoConfig, run_demo
 
     torch.set_num_threads(args.threads)
     figures = run_demo(DemoConfig(adapt_steps=args.steps, rank=args.rank), output_dir=args.output_dir)

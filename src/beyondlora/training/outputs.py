@@ -42,7 +42,7 @@ def sample_prompts(trainer: Any) -> list[str]:
     if trainer.config.sample_prompts:
         return trainer.config.sample_prompts
     if trainer.base.is_demo:
-        from .demo_model import CONCEPT_PROMPT
+        from ..demos.shapes import CONCEPT_PROMPT
 
         return [CONCEPT_PROMPT, "a red circle", "a blue square"]
     captions = list(dict.fromkeys(item.caption for item in trainer.dataset.items))
@@ -144,7 +144,7 @@ def finish_run(trainer: Any, metrics: Any, seconds: float) -> dict[str, Any]:
 
 def demo_scores(trainer: Any) -> dict[str, Any]:
     """The demo's concept measure on the concept prompt's samples before and after training."""
-    from .demo_model import CONCEPT_PROMPT, concept_score
+    from ..demos.shapes import CONCEPT_PROMPT, concept_score
 
     after = _images(trainer, [CONCEPT_PROMPT], SCORE_SEEDS)
     with _adapters_off(trainer):

@@ -138,7 +138,7 @@ class Trainer:
         config = self.config
         data_dir = config.train_data_dir
         if data_dir is None:
-            from .demo_model import write_concept_dataset
+            from ..demos.shapes import write_concept_dataset
 
             data_dir = str(self.output_dir / "concept_data")
             if self.dist.is_main:

@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .config import LoKrConfig
-from .model import PeftModel, get_peft_model
+from ..config import LoKrConfig
+from ..model import PeftModel, get_peft_model
 
 
 @dataclass(frozen=True)

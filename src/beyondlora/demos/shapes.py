@@ -10,7 +10,7 @@
   SD 1.5's), small channels.  **Text encoder**: a tiny ``CLIPTextModel`` with a character tokenizer,
   seeded random and frozen.  **Scheduler**: DDPM with SD's scaled-linear betas.
 
-The pre-trained weights (float16, ~2 MB) are package data under ``demo_assets/``.
+The pre-trained weights (float16, ~2 MB) are package data under ``assets/``.
 """
 
 from __future__ import annotations
@@ -22,7 +22,9 @@ from typing import Any
 import numpy as np
 import torch
 
-ASSETS = Path(__file__).parent / "demo_assets"
+from .tiny_pipelines import clip_text_config, randomize_weights, sd_train_scheduler, tiny_tokenizer
+
+ASSETS = Path(__file__).parent / "assets"
 WEIGHTS = ASSETS / "demo_base.safetensors"
 SIZE = 16
 BASE_COLOURS = {"red": (1.0, 0.1, 0.1), "green": (0.1, 0.9, 0.1), "blue": (0.15, 0.25, 1.0)}
@@ -126,8 +128,6 @@ def build_demo_models(seed: int = 0) -> tuple[Any, Any, Any, Any]:
     """(unet, text_encoder, tokenizer, scheduler) of the demo base, seeded random (before pre-training)."""
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextModel
-
-    from ..integrations.tiny_pipeline import clip_text_config, randomize_weights, sd_train_scheduler, tiny_tokenizer
 
     torch.manual_seed(seed)
     tokenizer = tiny_tokenizer()
