@@ -4,6 +4,7 @@ LoRA/LoCon, LoHa, LoKr, (IA)³, DyLoRA, Full and Norm tuning, with DoRA, on any 
 PEFT's API.
 """
 
+from ._version import __version__
 from .config import (
     AdapterConfig,
     DyLoraConfig,
@@ -27,8 +28,6 @@ from .integrations.diffusers import (
 from .integrations.diffusers import set_multiplier as set_adapter_multiplier
 from .model import IA3Model, LoHaModel, LoKrModel, LoraModel, PeftModel, get_peft_model
 from .tools.convert import convert_adapter
-
-__version__ = "0.1.0"
 
 __all__ = [
     "AdapterConfig",

@@ -10,7 +10,7 @@ import argparse
 import os
 import sys
 
-from . import __version__
+from ._version import __version__
 
 DTYPE_CHOICES = ("fp16", "bf16", "fp32")
 

@@ -17,6 +17,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from .._version import __version__
 from ..algorithms import Adapter
 from ..host.inject import PlannedAdapter, adapter_layers
 from ..host.layers import AdapterLayer
@@ -113,8 +114,6 @@ def write_single_file(
 ) -> None:
     """Write tensors from :func:`single_file_tensors` with our header (version, per-module hyper-parameters,
     kohya's ``ss_network_*`` keys), then ``metadata`` on top, atomically."""
-    from .. import __version__
-
     header = {"format": "pt", "beyondlora_version": __version__, MODULES_METADATA: json.dumps(described)}
     header.update(kohya_metadata(described))
     header.update(metadata or {})

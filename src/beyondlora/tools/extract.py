@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from .._version import __version__
 from ..algorithms import ALGORITHMS, Adapter, AdapterOptions
 from ..algorithms.lokr import LoKrLayout
 from ..formats.lycoris_codecs import describe, export_tensors
@@ -177,8 +178,6 @@ def extract(
     header["ss_network_alpha"] = header["ss_network_dim"]
     settings = {k: v for k, v in asdict(options).items() if k not in ("dtype",)}
     header["beyondlora_extract"] = json.dumps({**settings, "base": str(base.path), "tuned": str(tuned.path)})
-    from .. import __version__
-
     header["beyondlora_version"] = __version__
     write_tensors(output, tensors, header)
     report.seconds = time.perf_counter() - start
