@@ -11,7 +11,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from beyondlora.tools.checkpoints import Checkpoint, StreamingWriter, TensorReader, read_header
+from beyondlora.tools.model_files import Checkpoint, StreamingWriter, TensorReader, read_header
 
 
 class Planted(nn.Module):

@@ -10,7 +10,6 @@ import pytest
 from PIL import Image
 
 from beyondlora.cli import main
-from beyondlora.training.config import TrainConfig, TrainConfigError
 from beyondlora.training.data import (
     BucketDataset,
     UnreadableImageWarning,
@@ -18,6 +17,7 @@ from beyondlora.training.data import (
     process_caption,
     scan_dataset,
 )
+from beyondlora.training.settings import TrainConfig, TrainConfigError
 
 
 def make_dataset(root: Path, count: int = 4, size: int = 64, repeats: int = 2) -> Path:

@@ -19,9 +19,9 @@ from beyondlora.demos.shapes import (
     load_demo_models,
     write_concept_dataset,
 )
-from beyondlora.training.config import TrainConfig
 from beyondlora.training.data import scan_dataset
 from beyondlora.training.sampling import encode_prompts, sample_latents
+from beyondlora.training.settings import TrainConfig
 from beyondlora.training.trainer import train
 
 

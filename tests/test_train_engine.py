@@ -15,8 +15,8 @@ import torch
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from beyondlora.training.config import TrainConfig, TrainConfigError
 from beyondlora.training.distributed import Engine
+from beyondlora.training.settings import TrainConfig, TrainConfigError
 from beyondlora.training.trainer import Trainer, _optimizer, train
 from layer_cases import DEVICE
 from test_train_config import make_dataset
@@ -141,7 +141,7 @@ def test_engine_runs_one_process_and_can_be_made_again() -> None:
 
 def test_checkpoint_keeps_the_fp16_loss_scale(tmp_path: Path) -> None:
     """The gradient scaler's scale and growth tracker are part of the state a resume must restore."""
-    from beyondlora.training.checkpoint import load_checkpoint, save_checkpoint
+    from beyondlora.training.resume import load_checkpoint, save_checkpoint
 
     param = torch.nn.Parameter(torch.ones(3))
     optimizer = torch.optim.AdamW([param])

@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from beyondlora.training.config import TrainConfig
+from beyondlora.training.settings import TrainConfig
 from beyondlora.training.trainer import train
 from test_train_config import make_dataset
 

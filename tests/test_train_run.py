@@ -16,7 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import beyondlora as bl
-from beyondlora.training.config import TrainConfig
+from beyondlora.training.settings import TrainConfig
 from beyondlora.training.trainer import INTERRUPTED, NonFiniteLossError, Trainer, train
 from test_train_config import make_dataset
 

@@ -18,8 +18,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from beyondlora.demos.tiny_pipelines import tiny_sd_pipeline, tiny_sdxl_pipeline
-from beyondlora.training.config import TrainConfig, TrainConfigError
 from beyondlora.training.models import load_base_model
+from beyondlora.training.settings import TrainConfig, TrainConfigError
 from beyondlora.training.trainer import train
 from ldm_checkpoint import SDXL_OPEN_CLIP_PREFIX, SDXL_TEXT_PREFIX, save_ldm_checkpoint
 from sd_helpers import part_outputs

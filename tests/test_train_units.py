@@ -13,8 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
-from beyondlora.training.config import TrainConfig, add_arguments, config_from_args
 from beyondlora.training.data import Item, load_pixels
+from beyondlora.training.settings import TrainConfig, add_arguments, config_from_args
 from beyondlora.training.trainer import _lr_lambda, min_snr_weights
 
 

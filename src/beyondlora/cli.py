@@ -23,7 +23,7 @@ def _threads(args: argparse.Namespace) -> None:
 
 
 def _dtype(name: str | None):
-    from .tools.checkpoints import DTYPES
+    from .tools.model_files import DTYPES
 
     return None if name is None else DTYPES[name]
 

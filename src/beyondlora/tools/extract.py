@@ -1,6 +1,6 @@
 r"""``beyondlora extract``: the difference between a fine-tuned model and its base, as an adapter file.
 
-For every module (see :mod:`~beyondlora.tools.checkpoints`) the difference ΔW = W_tuned − W_base is
+For every module (see :mod:`~beyondlora.tools.model_files`) the difference ΔW = W_tuned − W_base is
 computed in float32 (float64 for float64 models), one layer at a time.  A layer with
 max|ΔW| ≤ ``min_diff`` · max|W_base| did not change and is skipped.  The others become:
 
@@ -38,8 +38,8 @@ from ..formats.lycoris_codecs import describe, export_tensors
 from ..formats.single_file import MODULES_METADATA, kohya_metadata, module_key
 from ..formats.tensors import write_tensors
 from ..ops.factorization import factorization
-from .checkpoints import Checkpoint, Module, TensorReader, canonical
 from .lowrank import check_mode, nearest_kronecker, select_rank, split, svd, tucker2
+from .model_files import Checkpoint, Module, TensorReader, canonical
 from .progress import progress
 
 MODES = ("fixed", "threshold", "ratio", "quantile", "full")

@@ -22,8 +22,8 @@ import torch
 
 from ..algorithms import Adapter
 from ..host.layers import AdapterLayer
-from .adapters import load_adapter
-from .checkpoints import Checkpoint, TensorReader, canonical
+from .adapter_files import load_adapter
+from .model_files import Checkpoint, TensorReader, canonical
 
 
 def _rank(adapter: Adapter) -> int | None:

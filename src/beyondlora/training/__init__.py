@@ -1,6 +1,6 @@
 """Training: ``beyondlora train`` (config, data, trainer, checkpoints) and the built-in offline demo."""
 
-from .config import TrainConfig, TrainConfigError
+from .settings import TrainConfig, TrainConfigError
 
 __all__ = ["TrainConfig", "TrainConfigError", "train"]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .config import add_arguments, config_from_args
+from .settings import add_arguments, config_from_args
 
 DESCRIPTION = (
     "Fine-tune Stable Diffusion with any adapter algorithm. With no arguments: the built-in offline demo "

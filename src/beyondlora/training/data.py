@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from .config import TrainConfigError
+from .settings import TrainConfigError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 _REPEATS = re.compile(r"^(\d+)_(.+)$")

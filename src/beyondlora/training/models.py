@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from .config import TrainConfigError
+from .settings import TrainConfigError
 
 
 @dataclass

@@ -11,8 +11,8 @@ from typing import Any
 import torch
 
 from ..formats.atomic import atomic_path
-from .config import TrainConfig
 from .report import save_grid, save_loss_curve
+from .settings import TrainConfig
 
 #: seeds of the demo's concept measure (more than the grid shows, for a steadier number)
 SCORE_SEEDS = list(range(8))
@@ -26,7 +26,7 @@ def prepare_output_dir(config: TrainConfig, dist: Any) -> Path:
     config.output_dir = str(output_dir)
     if dist.is_main:
         if output_dir.exists() and not output_dir.is_dir():
-            from .config import TrainConfigError
+            from .settings import TrainConfigError
 
             raise TrainConfigError(f"--output-dir {output_dir} is a file")
         output_dir.mkdir(parents=True, exist_ok=True)

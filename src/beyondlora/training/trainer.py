@@ -18,14 +18,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import MetricsLog, checkpoint_dirs, load_checkpoint, save_checkpoint
-from .config import TrainConfig, TrainConfigError
 from .data import BucketDataset, LatentCache, batch_generator, load_pixels, process_caption, scan_dataset
 from .distributed import Engine
 from .models import BUILT_IN, check_model_path, load_base_model
 from .network import adapter_config
 from .outputs import finish_run, prepare_output_dir, sample_grid
+from .resume import MetricsLog, checkpoint_dirs, load_checkpoint, save_checkpoint
 from .sampling import time_ids
+from .settings import TrainConfig, TrainConfigError
 
 INTERRUPTED = 130
 #: fp16 steps skipped in a row (gradients infinite at every loss scale tried) before the run stops; the

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from .config import TrainConfigError
+from .settings import TrainConfigError
 
 _NAME = re.compile(r"^step-(\d{6,})$")
 

@@ -32,8 +32,8 @@ from ..formats.lycoris_codecs import detect_algorithm
 from ..formats.peft_codecs import to_lycoris_names
 from ..formats.single_file import MODULES_METADATA, group_by_module, plan_from_single_file, read_metadata
 from ..formats.tensors import read_tensors, write_tensors
-from .checkpoints import Checkpoint, Component, Module, TensorInfo, skeleton
 from .diffusers_layout import is_diffusers_layout, to_single_file
+from .model_files import Checkpoint, Component, Module, TensorInfo, skeleton
 
 
 @dataclass
