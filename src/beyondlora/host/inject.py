@@ -60,7 +60,7 @@ def attach(
         layer = plan.module
         if not isinstance(layer, AdapterLayer):
             layer = AdapterLayer(plan.module).train(plan.module.training)
-            _replace(model, plan.name, layer)
+            replace_submodule(model, plan.name, layer)
         layer.add_adapter(adapter_name, plan.adapter)
         layer.forward_mode = forward_mode
         layer.backward_memory = backward_memory
@@ -71,11 +71,12 @@ def attach_modules_to_save(model: nn.Module, names: list[str] | None, adapter_na
         module = model.get_submodule(name)
         if not isinstance(module, ModulesToSaveWrapper):
             module = ModulesToSaveWrapper(module)
-            _replace(model, name, module)
+            replace_submodule(model, name, module)
         module.add(adapter_name)
 
 
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+def replace_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put ``new`` where ``model``'s submodule at the dotted path ``name`` is."""
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, new)

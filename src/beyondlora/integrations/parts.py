@@ -17,7 +17,7 @@ from torch import nn
 from ..config import AdapterConfig, SingleFileConfig
 from ..formats.names import PartNames, is_clip_text_model, is_diffusers_unet, is_sgm_unet, part_names
 from ..formats.names import pipeline_part_names as _pipeline_part_names
-from ..host.inject import adapter_layers, save_wrappers
+from ..host.inject import adapter_layers, replace_submodule, save_wrappers
 from ..model import PeftModel
 
 #: the pipeline attributes that can host adapters, in file order
@@ -104,13 +104,7 @@ def unwrap_empty(model: nn.Module) -> None:
     """Put plain modules back where adapter hosts no longer host anything (a removal leaves none behind)."""
     for name, layer in adapter_layers(model):
         if not layer.adapters and not layer.merged:
-            _set_submodule(model, name, layer.base_layer)
+            replace_submodule(model, name, layer.base_layer)
     for name, wrapper in save_wrappers(model):
         if not wrapper.modules_to_save:
-            _set_submodule(model, name, wrapper.original_module)
-
-
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, module)
+            replace_submodule(model, name, wrapper.original_module)
