@@ -14,6 +14,8 @@ from torch import nn
 
 from ..config import AdapterConfig, RankConfig
 from ..ops.geometry import layer_kind
+from .layers import AdapterLayer
+from .modules_to_save import ModulesToSaveWrapper
 
 DEFAULT_LAYERS_PATTERNS = ("layers", "h", "block", "blocks", "layer")
 
@@ -37,9 +39,6 @@ def layer_index(name: str, patterns: list[str] | str | None) -> int | None:
 
 def iter_candidate_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     """``named_modules`` without the internals of modules that already host adapters."""
-    from .layers import AdapterLayer
-    from .modules_to_save import ModulesToSaveWrapper
-
     hosts: list[str] = []
     for name, module in model.named_modules():
         if not name or any(name.startswith(h + ".") for h in hosts):
@@ -50,8 +49,6 @@ def iter_candidate_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
 
 
 def _base(module: nn.Module) -> nn.Module:
-    from .layers import AdapterLayer
-
     return module.base_layer if isinstance(module, AdapterLayer) else module
 
 

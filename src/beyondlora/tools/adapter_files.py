@@ -29,6 +29,7 @@ from ..algorithms import Adapter
 from ..formats.errors import FormatError
 from ..formats.folder import _ADAPTER_TENSOR, KEY_PREFIX, WEIGHTS_NAME, plan_from_folder, read_config
 from ..formats.lycoris_codecs import detect_algorithm
+from ..formats.names import diffusers_to_sgm, flat, sgm_block_table
 from ..formats.peft_codecs import to_lycoris_names
 from ..formats.single_file import MODULES_METADATA, group_by_module, plan_from_single_file, read_metadata
 from ..formats.tensors import read_tensors, write_tensors
@@ -208,8 +209,6 @@ def sgm_module_keys(checkpoint: Checkpoint | None) -> dict[str, str]:
     if not names:
         return {}
     from diffusers import UNet2DConditionModel
-
-    from ..formats.names import diffusers_to_sgm, flat, sgm_block_table
 
     sdxl = any(name.startswith("unet.label_emb.") for name in names)
     layout = dict(block_out_channels=(8, 8, 8, 8), norm_num_groups=4, cross_attention_dim=8, attention_head_dim=2)
