@@ -1,7 +1,7 @@
 """The trainer's optional engines: bf16 autocast through accelerate, Prodigy and bitsandbytes' 8-bit AdamW
 (each resuming bit for bit), TensorBoard logs, fp16 refused on CPU before any work and trained on a GPU.
 
-The trainer runs on :data:`layer_cases.DEVICE`: the CPU, or a GPU under ``BEYONDLORA_TEST_DEVICE=cuda``."""
+The trainer runs on :data:`helpers.layer_cases.DEVICE`: the CPU, or a GPU under ``BEYONDLORA_TEST_DEVICE=cuda``."""
 
 from __future__ import annotations
 
@@ -14,13 +14,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from test_train_config import make_dataset
+from test_train_run import options
 
 from beyondlora.training.distributed import Engine
 from beyondlora.training.settings import TrainConfig, TrainConfigError
 from beyondlora.training.trainer import Trainer, _optimizer, train
-from layer_cases import DEVICE
-from test_train_config import make_dataset
-from test_train_run import options
+from helpers.layer_cases import DEVICE
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from beyondlora.integrations.diffusers import load_adapter
 from beyondlora.integrations.kohya_args import NetworkArgs
-from sd_helpers import assert_outputs_close, make_pipeline, part_outputs
+from helpers.sd_helpers import assert_outputs_close, make_pipeline, part_outputs
 
 network_module = importlib.import_module("beyondlora.kohya")  # what train_network.py does with --network_module
 

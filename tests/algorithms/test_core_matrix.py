@@ -9,8 +9,8 @@ import torch
 
 import beyondlora as bl
 from beyondlora.formats.errors import FormatError
-from layer_cases import DEVICE, Case, all_cases, build, layers_of, randomize, set_mode
-from reference import reference_module
+from helpers.layer_cases import DEVICE, Case, all_cases, build, layers_of, randomize, set_mode
+from helpers.reference import reference_module
 
 CASES = all_cases()
 IDS = [c.id for c in CASES]

@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 
 import beyondlora as bl
 from beyondlora.cli import main
-from test_tools_cases import low_rank, planted_model, save_state, state_of
+from helpers.tool_cases import low_rank, planted_model, save_state, state_of
 
 
 @pytest.fixture(scope="module")

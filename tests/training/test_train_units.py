@@ -69,8 +69,9 @@ def test_wide_image_is_resized_to_cover_and_centre_cropped(tmp_path: Path) -> No
 
 
 def test_latent_cache_on_disk_is_reused_only_for_the_same_images_and_model(tmp_path: Path) -> None:
-    from beyondlora.training.data import BucketDataset, LatentCache, scan_dataset
     from test_train_config import make_dataset
+
+    from beyondlora.training.data import BucketDataset, LatentCache, scan_dataset
 
     items = scan_dataset(make_dataset(tmp_path / "data", count=2))
     dataset = BucketDataset(items, 64, 8, enable_bucket=True)

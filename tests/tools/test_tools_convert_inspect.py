@@ -1,5 +1,5 @@
 """``beyondlora convert`` round-trips every delta between single files and PEFT folders; ``beyondlora
-inspect`` reports what is in a file.  ΔW comes from the independent UI formula (tests/ui_formula.py)."""
+inspect`` reports what is in a file.  ΔW comes from the independent UI formula (tests/helpers/ui_formula.py)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from safetensors.torch import load_file, save_file
 import beyondlora as bl
 from beyondlora.cli import main
 from beyondlora.formats.single_file import group_by_module
-from test_tools_cases import planted_model, save_state, state_of, tiny_text_encoder, tiny_unet
-from ui_formula import ui_delta
+from helpers.tool_cases import planted_model, save_state, state_of, tiny_text_encoder, tiny_unet
+from helpers.ui_formula import ui_delta
 
 CONFIGS = {
     "lora": lambda: bl.LoraConfig(r=4, alpha=8, target_modules=["lin", "conv", "token_embedding"], init_weights=False),

@@ -15,12 +15,12 @@ from typing import Any
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_train_config import make_dataset
 
 from beyondlora.training.settings import TrainConfig
 from beyondlora.training.trainer import train
-from test_train_config import make_dataset
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 COMMON = [
     "--pretrained-model",
     "tiny-sd",

@@ -29,7 +29,7 @@ from beyondlora.ops.bypass_khatri_rao import khatri_rao_conv, khatri_rao_linear
 from beyondlora.ops.bypass_kron import kron_conv, kron_linear
 from beyondlora.ops.bypass_lowrank import low_rank_linear
 from beyondlora.ops.geometry import LayerGeometry
-from layer_cases import all_cases, build, layers_of, randomize, set_mode
+from helpers.layer_cases import all_cases, build, layers_of, randomize, set_mode
 
 torch.manual_seed(0)
 

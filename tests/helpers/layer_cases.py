@@ -13,7 +13,7 @@ from torch import nn
 import beyondlora as bl
 
 #: where the matrix tests run: ``cpu`` unless ``BEYONDLORA_TEST_DEVICE`` names another (``cuda`` on a GPU machine:
-#: ``BEYONDLORA_TEST_DEVICE=cuda pytest tests/test_core_matrix.py tests/test_autocast_compile.py …``)
+#: ``BEYONDLORA_TEST_DEVICE=cuda pytest tests/algorithms/test_core_matrix.py tests/host/test_autocast_compile.py …``)
 DEVICE = torch.device(os.environ.get("BEYONDLORA_TEST_DEVICE", "cpu"))
 
 

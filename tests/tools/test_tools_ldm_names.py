@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from beyondlora.cli import main
-from ui_formula import ui_delta
+from helpers.ui_formula import ui_delta
 
 #: checkpoint module (original SD naming) → the diffusers path kohya's SD-1.x files use, written by hand
 PAIRS = {

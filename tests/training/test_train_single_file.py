@@ -1,7 +1,7 @@
 """A single-file (original LDM / SGM layout) Stable Diffusion checkpoint as ``--pretrained-model``, offline.
 
 The tiny pipelines are written as original-layout checkpoints by an independent converter
-(:mod:`ldm_checkpoint`) and their configs and tokenizers, without weights, as a diffusers folder
+(:mod:`helpers.ldm_checkpoint`) and their configs and tokenizers, without weights, as a diffusers folder
 (``--base-config``); the loaded UNet, VAE and text encoders must equal the originals exactly, which checks the
 converter and the loading at once.
 """
@@ -16,14 +16,14 @@ from typing import Any
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from test_train_config import make_dataset
 
 from beyondlora.demos.tiny_pipelines import tiny_sd_pipeline, tiny_sdxl_pipeline
 from beyondlora.training.models import load_base_model
 from beyondlora.training.settings import TrainConfig, TrainConfigError
 from beyondlora.training.trainer import train
-from ldm_checkpoint import SDXL_OPEN_CLIP_PREFIX, SDXL_TEXT_PREFIX, save_ldm_checkpoint
-from sd_helpers import part_outputs
-from test_train_config import make_dataset
+from helpers.ldm_checkpoint import SDXL_OPEN_CLIP_PREFIX, SDXL_TEXT_PREFIX, save_ldm_checkpoint
+from helpers.sd_helpers import part_outputs
 
 CPU = torch.device("cpu")
 

@@ -1,6 +1,6 @@
 """``beyondlora resize``: a delta whose true rank fits is kept exactly; smaller ranks give the Eckart–Young
 optimum; dynamic methods pick the ranks their definitions give; other modules are copied unchanged.
-ΔW is rebuilt from the files with the independent UI formula (tests/ui_formula.py)."""
+ΔW is rebuilt from the files with the independent UI formula (tests/helpers/ui_formula.py)."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from safetensors.torch import load_file, save_file
 import beyondlora as bl
 from beyondlora.cli import main
 from beyondlora.formats.single_file import group_by_module
-from test_tools_cases import planted_model
-from ui_formula import ui_delta
+from helpers.tool_cases import planted_model
+from helpers.ui_formula import ui_delta
 
 
 def _deltas(path) -> dict[str, torch.Tensor]:

@@ -1,7 +1,7 @@
 """Mixed precision and torch.compile: both paths follow the base layer's dtype, stay correct, and compile
 without graph breaks, forward and backward.
 
-Runs on :data:`layer_cases.DEVICE` (``BEYONDLORA_TEST_DEVICE=cuda`` on a GPU machine: autocast on CUDA, and
+Runs on :data:`helpers.layer_cases.DEVICE` (``BEYONDLORA_TEST_DEVICE=cuda`` on a GPU machine: autocast on CUDA, and
 every compile through inductor; on the CPU the compile matrix uses ``aot_eager``, which traces the same
 forward/backward graphs without the C++ build, and one case goes through inductor).
 """
@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 import beyondlora as bl
-from layer_cases import DEVICE, set_mode
+from helpers.layer_cases import DEVICE, set_mode
 
 TARGETS = ["0", "2"]
 CONFIGS = {

@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_bypass_memory import _saved_by
 from torch import nn
 
 import beyondlora as bl
 from beyondlora.ops.bypass_khatri_rao import merged_khatri_rao_linear
 from beyondlora.ops.bypass_kron import merged_kron_linear
 from beyondlora.ops.bypass_lowrank import merged_low_rank_linear
-from layer_cases import DEVICE, layers_of
-from test_bypass_memory import _saved_by
+from helpers.layer_cases import DEVICE, layers_of
 
 IN, OUT, RANK = 48, 40, 4
 MANY = 64  # rows: 64 · (48 + 40) = 5632 > 2 · 48 · 40 = 3840, so the merged step is cheaper

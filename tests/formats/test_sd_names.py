@@ -7,7 +7,7 @@ import pytest
 from torch import nn
 
 from beyondlora.formats.names import part_names, pipeline_part_names, route_keys
-from sd_helpers import make_pipeline
+from helpers.sd_helpers import make_pipeline
 
 # SGM (original checkpoint) path → diffusers path, for SD 1.x's block layout
 SD1_PAIRS = {

@@ -1,6 +1,6 @@
 """``beyondlora extract``: planted deltas are recovered to float32 rounding, unchanged layers skipped.
 
-Every check rebuilds ΔW from the written file with the independent UI formula (tests/ui_formula.py) or
+Every check rebuilds ΔW from the written file with the independent UI formula (tests/helpers/ui_formula.py) or
 compares against an SVD / Kronecker construction done here in float64.
 """
 
@@ -18,8 +18,8 @@ from safetensors.torch import load_file, save_file
 import beyondlora as bl
 from beyondlora.cli import main
 from beyondlora.formats.single_file import group_by_module
-from reference import block_kron
-from test_tools_cases import (
+from helpers.reference import block_kron
+from helpers.tool_cases import (
     low_rank,
     planted_model,
     save_pipeline,
@@ -28,7 +28,7 @@ from test_tools_cases import (
     tiny_text_encoder,
     tiny_unet,
 )
-from ui_formula import ui_delta
+from helpers.ui_formula import ui_delta
 
 
 def _canonical(name: str, tensor: torch.Tensor) -> torch.Tensor:

@@ -12,8 +12,8 @@ from safetensors.torch import load_file, save_file
 
 import beyondlora as bl
 from beyondlora.formats.errors import FormatError
-from layer_cases import Case, all_cases, build, randomize
-from ui_formula import ui_delta
+from helpers.layer_cases import Case, all_cases, build, randomize
+from helpers.ui_formula import ui_delta
 
 CASES = [c for c in all_cases() if not (c.options.get("use_dora") and c.multiplier != 1.0)]
 DORA_WITH_MULTIPLIER = [c for c in all_cases() if c.options.get("use_dora") and c.multiplier != 1.0]

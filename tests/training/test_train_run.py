@@ -14,11 +14,11 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
+from test_train_config import make_dataset
 
 import beyondlora as bl
 from beyondlora.training.settings import TrainConfig
 from beyondlora.training.trainer import INTERRUPTED, NonFiniteLossError, Trainer, train
-from test_train_config import make_dataset
 
 
 def options(data: Path, out: Path, **changes: Any) -> TrainConfig:

@@ -20,7 +20,7 @@ from beyondlora.integrations.diffusers import (
     set_multiplier,
     unload_adapter,
 )
-from sd_helpers import (
+from helpers.sd_helpers import (
     adapter_layer_count,
     apply_like_a_ui,
     assert_changed,

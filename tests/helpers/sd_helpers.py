@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from beyondlora.demos.tiny_pipelines import tiny_sd_pipeline, tiny_sdxl_pipeline
-from ui_formula import ui_delta
+from helpers.ui_formula import ui_delta
 
 
 def make_pipeline(kind: str, seed: int = 0):

@@ -1,5 +1,5 @@
 """``beyondlora merge``: every algorithm and format baked into the base equals W + t · ΔW computed by the
-independent UI formula (tests/ui_formula.py) from the adapter file; every other tensor is untouched."""
+independent UI formula (tests/helpers/ui_formula.py) from the adapter file; every other tensor is untouched."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 import beyondlora as bl
 from beyondlora.cli import main
 from beyondlora.formats.single_file import group_by_module
-from test_tools_cases import (
+from helpers.tool_cases import (
     files_in,
     low_rank,
     planted_model,
@@ -23,7 +23,7 @@ from test_tools_cases import (
     tiny_text_encoder,
     tiny_unet,
 )
-from ui_formula import ui_delta
+from helpers.ui_formula import ui_delta
 
 CONFIGS = {
     # alpha ≠ r everywhere: LyCORIS' own merge applies the LoHa / LoKr scale twice there

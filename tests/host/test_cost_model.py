@@ -20,7 +20,7 @@ from torch import nn
 import beyondlora as bl
 from beyondlora.host.cost_model import ACCELERATOR_BALANCE, rank_work_price
 from beyondlora.ops.geometry import LayerGeometry
-from layer_cases import DEVICE, layers_of
+from helpers.layer_cases import DEVICE, layers_of
 
 
 def _conv_lora() -> tuple[nn.Module, bl.AdapterLayer]:
