@@ -38,8 +38,8 @@ for part in "$@"; do
         workers=$("$py" -c "import xdist" 2>/dev/null && echo "-n 8")  # pytest-xdist where installed
         # shellcheck disable=SC2086
         step cuda-tests 300 env BEYONDLORA_TEST_DEVICE=cuda "$py" -m pytest -q -p no:cacheprovider $workers \
-            tests/test_core_matrix.py tests/test_autocast_compile.py tests/test_merged_step.py tests/test_cost_model.py \
-            tests/test_train_engine.py ;;
+            tests/algorithms/test_core_matrix.py tests/host/test_autocast_compile.py tests/ops/test_merged_step.py \
+            tests/host/test_cost_model.py tests/training/test_train_engine.py ;;
     train)
         for precision in fp16 bf16; do
             step "train-$precision" 150 "$py" -m beyondlora train --output-dir "/tmp/run-$precision" \

@@ -1,6 +1,6 @@
 """Pre-train the built-in demo's base model (red/green/blue circles and squares) and write its weights.
 
-    .venv/bin/python scripts/pretrain_demo_base.py [--steps 1500] [--out src/beyondlora/training/demo_assets]
+    .venv/bin/python scripts/pretrain_demo_base.py [--steps 1500] [--out src/beyondlora/demos/assets]
 
 Writes ``demo_base.safetensors`` (UNet and text encoder, float16) and ``preview.png`` (one sample per
 prompt).  Deterministic given the seed; about 0.5 s a step on one shared CPU thread.  The committed
@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from beyondlora.training.demo_model import (
+from beyondlora.demos.shapes import (
     BASE_COLOURS,
     BASE_SHAPES,
     WEIGHTS,

@@ -2,7 +2,7 @@ import os
 
 import torch
 
-from layer_cases import DEVICE
+from helpers.layer_cases import DEVICE
 
 # Two threads on a 2-core machine with anything else running slow small ops down by orders of magnitude.
 torch.set_num_threads(1)

@@ -9,7 +9,7 @@ import pytest
 
 import beyondlora
 from beyondlora.cli import main
-from beyondlora.demo import DemoConfig, run_demo
+from beyondlora.demos.cnn import DemoConfig, run_demo
 
 
 def test_version_and_help(capsys) -> None:

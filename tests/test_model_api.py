@@ -13,8 +13,8 @@ from torch import nn
 import beyondlora as bl
 from beyondlora.integrations.scalar import add_scalar
 from beyondlora.ops.products import hadamard_product
-from layer_cases import Case, build, layers_of, randomize, set_mode
-from reference import reference_module
+from helpers.layer_cases import Case, build, layers_of, randomize, set_mode
+from helpers.reference import reference_module
 
 
 def _two_adapters():

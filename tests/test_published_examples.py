@@ -19,7 +19,7 @@ import transformers
 from torch import nn
 
 import beyondlora as bl
-from test_tools_cases import tiny_unet
+from helpers.tool_cases import tiny_unet
 
 ATOL = 1e-5
 RTOL = 1e-5

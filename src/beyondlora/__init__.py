@@ -4,6 +4,7 @@ LoRA/LoCon, LoHa, LoKr, (IA)³, DyLoRA, Full and Norm tuning, with DoRA, on any 
 PEFT's API.
 """
 
+from ._version import __version__
 from .config import (
     AdapterConfig,
     DyLoraConfig,
@@ -14,6 +15,8 @@ from .config import (
     LoraConfig,
     NormConfig,
 )
+from .demos.tiny_pipelines import tiny_sd_pipeline, tiny_sdxl_pipeline
+from .host.layers import AdapterLayer
 from .integrations.diffusers import (
     list_adapters,
     load_adapter,
@@ -23,12 +26,8 @@ from .integrations.diffusers import (
     unload_adapter,
 )
 from .integrations.diffusers import set_multiplier as set_adapter_multiplier
-from .integrations.tiny_pipeline import tiny_sd_pipeline, tiny_sdxl_pipeline
-from .layers import AdapterLayer
 from .model import IA3Model, LoHaModel, LoKrModel, LoraModel, PeftModel, get_peft_model
 from .tools.convert import convert_adapter
-
-__version__ = "0.1.0"
 
 __all__ = [
     "AdapterConfig",

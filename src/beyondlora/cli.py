@@ -10,8 +10,15 @@ import argparse
 import os
 import sys
 
-from . import __version__
-from .tools.extract import extract_names
+from ._version import __version__
+from .demos.cnn import DemoConfig, run_demo
+from .tools.convert_files import convert_file
+from .tools.extract import ExtractOptions, extract, extract_names
+from .tools.inspect import format_inspection, inspect, to_json
+from .tools.merge import merge
+from .tools.model_files import DTYPES
+from .tools.resize import resize
+from .training.command import add_train_parser
 
 DTYPE_CHOICES = ("fp16", "bf16", "fp32")
 
@@ -24,15 +31,11 @@ def _threads(args: argparse.Namespace) -> None:
 
 
 def _dtype(name: str | None):
-    from .tools.checkpoints import DTYPES
-
     return None if name is None else DTYPES[name]
 
 
 def _demo(args: argparse.Namespace) -> int:
     import torch
-
-    from .demo import DemoConfig, run_demo
 
     torch.set_num_threads(args.threads)
     figures = run_demo(DemoConfig(adapt_steps=args.steps, rank=args.rank), output_dir=args.output_dir)
@@ -42,8 +45,6 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _extract(args: argparse.Namespace) -> int:
-    from .tools.extract import ExtractOptions, extract
-
     _threads(args)
     options = ExtractOptions(
         algo=args.algo,
@@ -64,16 +65,12 @@ def _extract(args: argparse.Namespace) -> int:
 
 
 def _merge(args: argparse.Namespace) -> int:
-    from .tools.merge import merge
-
     _threads(args)
     merge(args.base, args.adapters, args.out, args.multiplier, _dtype(args.dtype), echo=print)
     return 0
 
 
 def _resize(args: argparse.Namespace) -> int:
-    from .tools.resize import resize
-
     _threads(args)
     if args.dynamic_method is not None and args.dynamic_param is None:
         raise ValueError("--dynamic-method needs --dynamic-param")
@@ -82,16 +79,12 @@ def _resize(args: argparse.Namespace) -> int:
 
 
 def _convert(args: argparse.Namespace) -> int:
-    from .tools.convert_files import convert_file
-
     _threads(args)
     print(convert_file(args.source, args.destination, args.base, _dtype(args.dtype), args.prefix, args.layout))
     return 0
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from .tools.inspect import format_inspection, inspect, to_json
-
     _threads(args)
     info = inspect(args.file, args.base)
     print(to_json(info) if args.json else format_inspection(info))
@@ -209,8 +202,6 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: 1)")
     demo.set_defaults(handler=_demo)
     _add_tools(commands)
-    from .training.command import add_train_parser
-
     add_train_parser(commands)
     return parser
 

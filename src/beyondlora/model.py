@@ -1,4 +1,4 @@
-"""The model wrapper: PEFT's ``PeftModel`` API over :class:`~beyondlora.layers.AdapterLayer`."""
+"""The model wrapper: PEFT's ``PeftModel`` API over :class:`~beyondlora.host.layers.AdapterLayer`."""
 
 from __future__ import annotations
 
@@ -13,8 +13,16 @@ from torch import nn
 from .config import AdapterConfig, IA3Config, LoHaConfig, LoKrConfig, LoraConfig, SingleFileConfig
 from .formats.folder import plan_from_folder, save_folder
 from .formats.single_file import DEFAULT_PREFIX, is_single_file, plan_from_single_file, save_single_file
-from .inject import PlannedAdapter, adapter_layers, attach, attach_modules_to_save, plan_adapters, save_wrappers
-from .targeting import find_modules_to_save
+from .host.inject import (
+    PlannedAdapter,
+    adapter_layers,
+    attach,
+    attach_modules_to_save,
+    plan_adapters,
+    replace_submodule,
+    save_wrappers,
+)
+from .host.targeting import find_modules_to_save
 
 
 class PeftModel(nn.Module):
@@ -158,25 +166,21 @@ class PeftModel(nn.Module):
             layers = tqdm(layers, desc="merging")
         for name, layer in layers:
             layer.merge([n for n in adapter_names if n in layer.adapters] if adapter_names else None, keep_record=False)
-            self._put_back(name, layer.base_layer)
+            replace_submodule(self.base_model, name, layer.base_layer)
         for name, wrapper in save_wrappers(self.base_model):
             active = wrapper.active_adapter
-            self._put_back(name, wrapper.modules_to_save[active] if active else wrapper.original_module)
+            kept = wrapper.modules_to_save[active] if active else wrapper.original_module
+            replace_submodule(self.base_model, name, kept)
         return self.base_model
 
     def unload(self) -> nn.Module:
         """Remove every adapter (unmerging first) and return the original model."""
         for name, layer in adapter_layers(self.base_model):
             layer.unmerge()
-            self._put_back(name, layer.base_layer)
+            replace_submodule(self.base_model, name, layer.base_layer)
         for name, wrapper in save_wrappers(self.base_model):
-            self._put_back(name, wrapper.original_module)
+            replace_submodule(self.base_model, name, wrapper.original_module)
         return self.base_model
-
-    def _put_back(self, name: str, module: nn.Module) -> None:
-        parent_name, _, child = name.rpartition(".")
-        parent = self.base_model.get_submodule(parent_name) if parent_name else self.base_model
-        setattr(parent, child, module)
 
     def get_base_model(self) -> nn.Module:
         return self.base_model

@@ -21,11 +21,11 @@ from ..algorithms import ALGORITHMS, Adapter
 from ..algorithms.config_base import exact_pattern
 from ..config import CONFIG_NAME, AdapterConfig, config_class, read_config_json
 from ..errors import FormatError
-from ..inject import PlannedAdapter, adapter_layers, save_wrappers
-from ..layers import AdapterLayer
-from ..modules_to_save import ModulesToSaveWrapper
+from ..host.inject import PlannedAdapter, adapter_layers, save_wrappers
+from ..host.layers import AdapterLayer
+from ..host.modules_to_save import ModulesToSaveWrapper
+from ..host.targeting import find_modules_to_save, find_targets, matching_entries
 from ..ops.geometry import LayerGeometry
-from ..targeting import find_modules_to_save, find_targets, matching_entries
 from .lycoris_codecs import import_adapter
 from .tensors import check_finite, read_pickled_tensors, read_tensors, write_tensors
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from ..targeting import iter_candidate_modules
+from ..host.targeting import iter_candidate_modules
 
 #: pipeline part → (prefix written, prefixes read); SDXL's first text encoder writes ``lora_te1``
 PART_PREFIXES: dict[str, tuple[str, tuple[str, ...]]] = {

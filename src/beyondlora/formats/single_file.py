@@ -17,12 +17,13 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from .._version import __version__
 from ..algorithms import ALGORITHMS, Adapter
 from ..errors import FormatError
-from ..inject import PlannedAdapter, adapter_layers
-from ..layers import AdapterLayer
+from ..host.inject import PlannedAdapter, adapter_layers
+from ..host.layers import AdapterLayer
+from ..host.targeting import iter_candidate_modules
 from ..ops.geometry import LayerGeometry
-from ..targeting import iter_candidate_modules
 from .lycoris_codecs import describe, export_tensors, import_adapter
 from .tensors import check_finite, read_tensors, write_tensors
 
@@ -114,8 +115,6 @@ def write_single_file(
 ) -> None:
     """Write tensors from :func:`single_file_tensors` with our header (version, per-module hyper-parameters,
     kohya's ``ss_network_*`` keys), then ``metadata`` on top, atomically."""
-    from .. import __version__
-
     header = {"format": "pt", "beyondlora_version": __version__, MODULES_METADATA: json.dumps(described)}
     header.update(kohya_metadata(described))
     header.update(metadata or {})

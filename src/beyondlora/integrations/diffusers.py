@@ -35,8 +35,9 @@ from ..formats.single_file import (
     single_file_tensors,
     write_single_file,
 )
-from ..inject import PlannedAdapter, adapter_layers
-from ..layers import AdapterLayer
+from ..host.inject import PlannedAdapter, adapter_layers
+from ..host.layers import AdapterLayer
+from ..tools.diffusers_layout import is_diffusers_layout, to_single_file
 from .parts import adapter_names, controller, find_parts, inner_model, naming_for, remember, unwrap_empty
 
 #: how many unmatched keys a warning or error names before summarising
@@ -85,8 +86,6 @@ def plan_adapter(
 def _read_file(path: Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any]]:
     """A single file grouped by module key; diffusers' own LoRA layout (``unet.<path>.lora_A.weight``,
     what ``pipe.save_lora_weights`` writes) is converted to single-file keys first."""
-    from ..tools.diffusers_layout import is_diffusers_layout, to_single_file
-
     grouped, recorded = read_single_file(path)
     tensors = {f"{module}.{name}": t for module, params in grouped.items() for name, t in params.items()}
     if not is_diffusers_layout(list(tensors)):

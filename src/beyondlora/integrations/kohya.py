@@ -6,7 +6,7 @@ then the network's ``apply_to``, ``load_weights``, ``prepare_optimizer_params``,
 :class:`KohyaNetwork` implements them over beyondlora's adapters: every algorithm, canonical file names
 (SD 1.x/2.x, SDXL with sd-scripts' own or diffusers' UNet), and files UIs apply exactly.
 
-The adapters live inside the UNet / text-encoder layers (as :class:`~beyondlora.layers.AdapterLayer`) and
+The adapters live inside the UNet / text-encoder layers (as :class:`~beyondlora.host.layers.AdapterLayer`) and
 are registered in the network too, so the network's parameters are exactly the trainable ones.  sd-scripts
 casts and freezes the base models after ``apply_to``; ``prepare_grad_etc`` / ``on_epoch_start`` restore the
 adapters' own dtype and trainability (the same parameter objects the optimizer holds).
@@ -32,8 +32,8 @@ from ..formats.lycoris_codecs import describe, import_adapter
 from ..formats.names import pipeline_part_names
 from ..formats.single_file import adapter_file_tensors, group_by_module, read_single_file, write_single_file
 from ..formats.tensors import check_finite, read_pickled_tensors
-from ..inject import PlannedAdapter, plan_adapters
-from ..layers import AdapterLayer
+from ..host.inject import PlannedAdapter, plan_adapters
+from ..host.layers import AdapterLayer
 from ..ops.geometry import LayerGeometry, layer_kind
 from .diffusers import merge_planned, plan_tensors
 from .kohya_args import NetworkArgs, adapter_config, load_preset, select_modules

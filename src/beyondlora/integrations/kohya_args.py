@@ -18,8 +18,8 @@ from torch import nn
 from ..algorithms import ALGORITHMS
 from ..algorithms.config_base import AdapterConfig, algo_names, build_config
 from ..algorithms.full import Norm
+from ..host.targeting import iter_candidate_modules
 from ..ops.geometry import layer_kind
-from ..targeting import iter_candidate_modules
 
 _TRUE = {"true", "1", "yes", "y", "on", "t"}
 _FALSE = {"false", "0", "no", "n", "off", "f"}

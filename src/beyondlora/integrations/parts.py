@@ -1,7 +1,7 @@
 """The model parts of a pipeline (or a single module), their file naming, and adapter bookkeeping on them.
 
 Adapters are injected *in place* into a pipeline's parts (``pipe.unet`` stays a ``UNet2DConditionModel``,
-some of its layers become :class:`~beyondlora.layers.AdapterLayer`), so diffusers keeps working unchanged.
+some of its layers become :class:`~beyondlora.host.layers.AdapterLayer`), so diffusers keeps working unchanged.
 The layers themselves are the source of truth for which adapters exist and which are active; a weak
 per-part registry only remembers each adapter's config.  A part may also be a :class:`PeftModel` the user
 put there (``pipe.unet = bl.get_peft_model(pipe.unet, config)``): it is then used as it is.
@@ -17,7 +17,7 @@ from torch import nn
 from ..config import AdapterConfig, SingleFileConfig
 from ..formats.names import PartNames, is_clip_text_model, is_diffusers_unet, is_sgm_unet, part_names
 from ..formats.names import pipeline_part_names as _pipeline_part_names
-from ..inject import adapter_layers, save_wrappers
+from ..host.inject import adapter_layers, replace_submodule, save_wrappers
 from ..model import PeftModel
 
 #: the pipeline attributes that can host adapters, in file order
@@ -104,13 +104,7 @@ def unwrap_empty(model: nn.Module) -> None:
     """Put plain modules back where adapter hosts no longer host anything (a removal leaves none behind)."""
     for name, layer in adapter_layers(model):
         if not layer.adapters and not layer.merged:
-            _set_submodule(model, name, layer.base_layer)
+            replace_submodule(model, name, layer.base_layer)
     for name, wrapper in save_wrappers(model):
         if not wrapper.modules_to_save:
-            _set_submodule(model, name, wrapper.original_module)
-
-
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, module)
+            replace_submodule(model, name, wrapper.original_module)

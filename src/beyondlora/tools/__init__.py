@@ -6,6 +6,6 @@
 - :mod:`.convert` / :mod:`.convert_files` — single file ⇄ PEFT folder ⇄ diffusers' LoRA layout;
 - :mod:`.inspect` — what an adapter file holds;
 
-on top of :mod:`.checkpoints` (models read header-first, tensor by tensor), :mod:`.adapters` (adapter files
+on top of :mod:`.model_files` (models read header-first, tensor by tensor), :mod:`.adapter_files` (adapter files
 read against a real or inferred model) and :mod:`.lowrank` (the SVD / Tucker / Kronecker math).
 """

@@ -20,10 +20,10 @@ import torch
 
 from ..formats.single_file import is_single_file, read_metadata
 from ..formats.tensors import check_finite, write_tensors
-from .adapters import adapter_kind, load_adapter, readable_file, renamed_metadata, single_file_tensors
-from .checkpoints import Checkpoint, skeleton
+from .adapter_files import adapter_kind, load_adapter, readable_file, renamed_metadata, single_file_tensors
 from .convert import convert_adapter
 from .diffusers_layout import METADATA_KEY, from_adapters
+from .model_files import Checkpoint, skeleton
 
 _PRECISE = ("alpha", "on_input")
 

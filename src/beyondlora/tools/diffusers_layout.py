@@ -23,7 +23,7 @@ from ..algorithms import Adapter
 from ..algorithms.config_base import pattern_value
 from ..errors import FormatError
 from ..formats.single_file import module_key
-from .checkpoints import Checkpoint, Component, module_name
+from .model_files import Checkpoint, Component, module_name
 
 #: diffusers part → single-file prefix
 PARTS = {

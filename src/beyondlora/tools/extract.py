@@ -1,6 +1,6 @@
 r"""``beyondlora extract``: the difference between a fine-tuned model and its base, as an adapter file.
 
-For every module (see :mod:`~beyondlora.tools.checkpoints`) the difference ΔW = W_tuned − W_base is
+For every module (see :mod:`~beyondlora.tools.model_files`) the difference ΔW = W_tuned − W_base is
 computed in float32 (float64 for float64 models), one layer at a time.  A layer with
 max|ΔW| ≤ ``min_diff`` · max|W_base| did not change and is skipped.  The others become:
 
@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from .._version import __version__
 from ..algorithms import ALGORITHMS, Adapter
 from ..algorithms.common import Extraction
 from ..formats.lycoris_codecs import describe, export_tensors
@@ -41,7 +42,7 @@ from ..formats.single_file import MODULES_METADATA, kohya_metadata, module_key
 from ..formats.tensors import write_tensors
 from ..ops.decompositions import check_mode, low_rank_factors, select_rank, split, svd
 from ..ops.geometry import LayerGeometry
-from .checkpoints import Checkpoint, Module, TensorReader, canonical
+from .model_files import Checkpoint, Module, TensorReader, canonical
 from .progress import progress
 
 MODES = ("fixed", "threshold", "ratio", "quantile", "full")
@@ -193,8 +194,6 @@ def extract(
     header["ss_network_alpha"] = header["ss_network_dim"]
     settings = {k: v for k, v in asdict(options).items() if k not in ("dtype",)}
     header["beyondlora_extract"] = json.dumps({**settings, "base": str(base.path), "tuned": str(tuned.path)})
-    from .. import __version__
-
     header["beyondlora_version"] = __version__
     write_tensors(output, tensors, header)
     report.seconds = time.perf_counter() - start

@@ -21,9 +21,9 @@ from typing import Any
 import torch
 
 from ..algorithms import Adapter
-from ..layers import AdapterLayer
-from .adapters import load_adapter
-from .checkpoints import Checkpoint, TensorReader, canonical
+from ..host.layers import AdapterLayer
+from .adapter_files import load_adapter
+from .model_files import Checkpoint, TensorReader, canonical
 
 
 def _notes(adapter: Adapter) -> list[str]:

@@ -33,9 +33,9 @@ from torch import Tensor
 
 from ..algorithms import Adapter
 from ..formats.atomic import atomic_path
-from ..layers import AdapterLayer
-from .adapters import LoadedAdapter, load_adapter
-from .checkpoints import Checkpoint, Module, StreamingWriter, TensorInfo, TensorReader, canonical
+from ..host.layers import AdapterLayer
+from .adapter_files import LoadedAdapter, load_adapter
+from .model_files import Checkpoint, Module, StreamingWriter, TensorInfo, TensorReader, canonical
 from .progress import progress
 
 

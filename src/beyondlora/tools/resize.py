@@ -30,7 +30,7 @@ from ..formats.lycoris_codecs import describe, export_tensors
 from ..formats.single_file import MODULES_METADATA, group_by_module, read_metadata
 from ..formats.tensors import write_tensors
 from ..ops.decompositions import check_mode, select_rank, split, svd
-from .adapters import adapter_kind, load_adapter, renamed_metadata, single_file_tensors
+from .adapter_files import adapter_kind, load_adapter, renamed_metadata, single_file_tensors
 from .diffusers_layout import METADATA_KEY
 from .progress import progress
 

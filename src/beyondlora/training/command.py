@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from .config import add_arguments, config_from_args
+from .settings import add_arguments, config_from_args
+from .trainer import train
 
 DESCRIPTION = (
     "Fine-tune Stable Diffusion with any adapter algorithm. With no arguments: the built-in offline demo "
@@ -15,8 +16,6 @@ DESCRIPTION = (
 
 
 def _train(args: argparse.Namespace) -> int:
-    from .trainer import train
-
     return train(config_from_args(args))
 
 

@@ -24,7 +24,8 @@ from typing import Any
 
 import torch
 
-from .config import TrainConfigError
+from ..formats.tensors import write_tensors
+from .settings import TrainConfigError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 _REPEATS = re.compile(r"^(\d+)_(.+)$")
@@ -211,8 +212,6 @@ class LatentCache:
                 image = pixels.flip(-1) if flipped else pixels
                 self.latents[f"{index}:{int(flipped)}"] = encode(image[None])[0].float().contiguous()
         if path is not None:
-            from ..formats.tensors import write_tensors
-
             write_tensors(path, self.latents, {"signature": signature})
 
     @staticmethod

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import TrainConfigError
+from .settings import TrainConfigError
 
 #: how long a process waits in a collective; the main process may sample or write a grid meanwhile
 COLLECTIVE_TIMEOUT = timedelta(hours=1)

@@ -10,7 +10,8 @@ from typing import Any
 
 import torch
 
-from .config import TrainConfigError
+from ..demos.tiny_pipelines import tiny_sd_pipeline, tiny_sdxl_pipeline
+from .settings import TrainConfigError
 
 
 @dataclass
@@ -158,19 +159,15 @@ def load_base_model(name: str, device: torch.device, base_config: str | None = N
     """
     check_model_path(name, base_config)
     if name == "demo":
-        from .demo_model import SIZE, PixelCodec, load_demo_models
+        from ..demos.shapes import SIZE, PixelCodec, load_demo_models  # lazy: pulls in numpy
 
         unet, text_encoder, tokenizer, scheduler = load_demo_models()
         codec = PixelCodec()
         pipe = _Parts(unet.to(device), text_encoder.to(device))
         return BaseModel(pipe, tokenizer, scheduler, codec.encode, codec.decode, SIZE, 1, is_demo=True)
     if name == "tiny-sd":
-        from ..integrations.tiny_pipeline import tiny_sd_pipeline
-
         pipe = tiny_sd_pipeline()
     elif name == "tiny-sdxl":
-        from ..integrations.tiny_pipeline import tiny_sdxl_pipeline
-
         pipe = tiny_sdxl_pipeline()
     else:
         from diffusers import DiffusionPipeline

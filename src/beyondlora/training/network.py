@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..algorithms.config_base import AdapterConfig, algo_names, build_config
-from .config import TrainConfig
+from .settings import TrainConfig
 
 _ATTENTION = r"attn\d\.(to_q|to_k|to_v|to_out\.0)"
 _MLP = r"ff\.net\.(0\.proj|2)|proj_in|proj_out"

@@ -11,8 +11,10 @@ from typing import Any
 import torch
 
 from ..formats.atomic import atomic_path
-from .config import TrainConfig
+from ..integrations.diffusers import save_adapter
 from .report import save_grid, save_loss_curve
+from .sampling import embed_text, sample_latents
+from .settings import TrainConfig, TrainConfigError
 
 #: seeds of the demo's concept measure (more than the grid shows, for a steadier number)
 SCORE_SEEDS = list(range(8))
@@ -26,8 +28,6 @@ def prepare_output_dir(config: TrainConfig, dist: Any) -> Path:
     config.output_dir = str(output_dir)
     if dist.is_main:
         if output_dir.exists() and not output_dir.is_dir():
-            from .config import TrainConfigError
-
             raise TrainConfigError(f"--output-dir {output_dir} is a file")
         output_dir.mkdir(parents=True, exist_ok=True)
         with atomic_path(output_dir / "config.toml") as path:
@@ -42,7 +42,7 @@ def sample_prompts(trainer: Any) -> list[str]:
     if trainer.config.sample_prompts:
         return trainer.config.sample_prompts
     if trainer.base.is_demo:
-        from .demo_model import CONCEPT_PROMPT
+        from ..demos.shapes import CONCEPT_PROMPT  # lazy: pulls in numpy
 
         return [CONCEPT_PROMPT, "a red circle", "a blue square"]
     captions = list(dict.fromkeys(item.caption for item in trainer.dataset.items))
@@ -51,8 +51,6 @@ def sample_prompts(trainer: Any) -> list[str]:
 
 def _images(trainer: Any, prompts: list[str], seeds: list[int]) -> torch.Tensor:
     """One image per (seed, prompt), seed-major: (len(seeds) · len(prompts), 3, H, W)."""
-    from .sampling import embed_text, sample_latents
-
     base, config = trainer.base, trainer.config
     with torch.no_grad():
         cond, pooled = embed_text(trainer.text_encoders, base.tokenizers, prompts * len(seeds))
@@ -105,8 +103,6 @@ class _adapters_off:  # noqa: N801 - used like a function
 
 def finish_run(trainer: Any, metrics: Any, seconds: float) -> dict[str, Any]:
     """Write the adapter, the before/after grid and the loss curve; print and return the summary."""
-    from ..integrations.diffusers import save_adapter
-
     config, output_dir = trainer.config, trainer.output_dir
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[config.save_precision]
     adapter_path = output_dir / "adapter.safetensors"
@@ -144,7 +140,7 @@ def finish_run(trainer: Any, metrics: Any, seconds: float) -> dict[str, Any]:
 
 def demo_scores(trainer: Any) -> dict[str, Any]:
     """The demo's concept measure on the concept prompt's samples before and after training."""
-    from .demo_model import CONCEPT_PROMPT, concept_score
+    from ..demos.shapes import CONCEPT_PROMPT, concept_score  # lazy: pulls in numpy
 
     after = _images(trainer, [CONCEPT_PROMPT], SCORE_SEEDS)
     with _adapters_off(trainer):

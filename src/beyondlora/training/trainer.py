@@ -18,14 +18,15 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import MetricsLog, checkpoint_dirs, load_checkpoint, save_checkpoint
-from .config import TrainConfig, TrainConfigError
+from ..model import get_peft_model
 from .data import BucketDataset, LatentCache, batch_generator, load_pixels, process_caption, scan_dataset
 from .distributed import Engine
 from .models import BUILT_IN, check_model_path, load_base_model
 from .network import adapter_config
 from .outputs import finish_run, prepare_output_dir, sample_grid
-from .sampling import time_ids
+from .resume import MetricsLog, checkpoint_dirs, load_checkpoint, save_checkpoint
+from .sampling import embed_text, time_ids
+from .settings import TrainConfig, TrainConfigError
 
 INTERRUPTED = 130
 #: fp16 steps skipped in a row (gradients infinite at every loss scale tried) before the run stops; the
@@ -133,12 +134,10 @@ class Trainer:
 
     # --- setup ---------------------------------------------------------------------------------
     def _setup(self) -> None:
-        from ..model import get_peft_model
-
         config = self.config
         data_dir = config.train_data_dir
         if data_dir is None:
-            from .demo_model import write_concept_dataset
+            from ..demos.shapes import write_concept_dataset  # lazy: pulls in numpy
 
             data_dir = str(self.output_dir / "concept_data")
             if self.dist.is_main:
@@ -202,8 +201,6 @@ class Trainer:
     # --- one step ------------------------------------------------------------------------------
     def _text(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(hidden states, pooled or None) of the captions; memoised per caption when the encoders are frozen."""
-        from .sampling import embed_text
-
         if self.config.train_text_encoder:
             return embed_text(self.trained_models[1:], self.base.tokenizers, captions)
         missing = [c for c in dict.fromkeys(captions) if c not in self.embeddings]

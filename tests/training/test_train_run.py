@@ -1,0 +1,187 @@
+"""``beyondlora train`` on the tiny offline SD pipeline: outputs, every algorithm and option, resume bit for
+bit, SIGTERM checkpoint-and-exit, NaN stop."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file
+from test_train_config import make_dataset
+
+import beyondlora as bl
+from beyondlora.training.settings import TrainConfig
+from beyondlora.training.trainer import INTERRUPTED, NonFiniteLossError, Trainer, train
+
+
+def options(data: Path, out: Path, **changes: Any) -> TrainConfig:
+    values: dict[str, Any] = dict(
+        pretrained_model="tiny-sd",
+        train_data_dir=str(data),
+        output_dir=str(out),
+        batch_size=2,
+        max_steps=4,
+        save_every=2,
+        random_flip=True,
+        shuffle_caption=True,
+        caption_dropout=0.2,
+        sample_seeds=[0],
+        sample_steps=2,
+        rank=4,
+        preset="attn-mlp",
+        learning_rate=3e-3,
+    )
+    values.update(changes)
+    return TrainConfig(**values)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_dataset(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture(scope="module")
+def reference(data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One uninterrupted run of 4 steps."""
+    out = tmp_path_factory.mktemp("reference") / "run"
+    assert train(options(data, out)) == 0
+    return out
+
+
+def test_outputs_of_a_run(reference: Path) -> None:
+    records = [json.loads(line) for line in (reference / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert all(r["lr"] == pytest.approx(3e-3) and r["loss"] > 0 for r in records)
+    adapter = reference / "adapter.safetensors"
+    with safe_open(str(adapter), "pt") as handle:
+        keys, metadata = list(handle.keys()), handle.metadata()
+    assert keys and all(k.startswith("lora_unet_") for k in keys)
+    assert any(".lokr_w1" in k for k in keys)
+    assert json.loads(metadata["beyondlora_training"])["max_steps"] == 4
+    for picture in ("before_after.png", "loss_curve.png"):
+        with Image.open(reference / picture) as image:
+            assert image.width > 100
+    rerun = TrainConfig.from_sources(str(reference / "config.toml"), {})
+    assert rerun.max_steps == 4 and rerun.output_dir == str(reference)
+    # the file loads into a fresh pipeline and changes its UNet's output
+    pipe = bl.tiny_sd_pipeline()
+    sample, t, states = torch.randn(1, 4, 8, 8), torch.tensor([500]), torch.randn(1, 16, 32)
+    plain = pipe.unet(sample, t, encoder_hidden_states=states).sample
+    bl.load_adapter(pipe, adapter, strict=True)
+    adapted = pipe.unet(sample, t, encoder_hidden_states=states).sample
+    assert not torch.allclose(plain, adapted)
+
+
+def test_resume_equals_one_run(data: Path, reference: Path, tmp_path: Path) -> None:
+    out = tmp_path / "halves"
+    assert train(options(data, out, max_steps=2)) == 0
+    assert train(options(data, out, resume=True)) == 0
+    first, second = load_file(str(reference / "adapter.safetensors")), load_file(str(out / "adapter.safetensors"))
+    assert first.keys() == second.keys()
+    for key in first:
+        assert torch.equal(first[key], second[key]), key
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+
+
+def test_sigterm_saves_and_resume_finishes_the_same(
+    data: Path, reference: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    original = Trainer._loss
+
+    def loss_then_signal(self: Trainer, step: int, *args: Any) -> torch.Tensor:
+        if step == 2:  # the third step: the run stops once it is done
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(self, step, *args)
+
+    out = tmp_path / "stopped"
+    monkeypatch.setattr(Trainer, "_loss", loss_then_signal)
+    assert train(options(data, out)) == INTERRUPTED
+    assert [p.name for p in sorted((out / "checkpoints").iterdir())] == ["step-000002", "step-000003"]
+    assert not (out / "adapter.safetensors").exists()
+    monkeypatch.setattr(Trainer, "_loss", original)
+    assert train(options(data, out, resume=True)) == 0
+    first, second = load_file(str(reference / "adapter.safetensors")), load_file(str(out / "adapter.safetensors"))
+    assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(
+    data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    original = Trainer._loss
+
+    def poisoned(self: Trainer, step: int, *args: Any) -> torch.Tensor:
+        loss = original(self, step, *args)
+        return loss * float("nan") if step == 2 else loss
+
+    monkeypatch.setattr(Trainer, "_loss", poisoned)
+    out = tmp_path / "nan"
+    with pytest.raises(NonFiniteLossError, match="at step 3.*step-000002"):
+        train(options(data, out))
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-000002"]
+    saved = load_file(str(out / "checkpoints" / "step-000002" / "trainable.safetensors"))
+    assert all(torch.isfinite(v).all() for v in saved.values())
+
+
+def test_existing_run_needs_resume(reference: Path, data: Path) -> None:
+    before = (reference / "config.toml").read_text()
+    with pytest.raises(ValueError, match="already has checkpoints: pass --resume"):
+        train(options(data, reference, max_steps=9))
+    assert (reference / "config.toml").read_text() == before  # the run's record is left alone
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        dict(algo="loha", prediction_type="v_prediction", min_snr_gamma=5.0),
+        dict(algo="lora", preset="full", conv_rank=2, conv_alpha=1.0, use_dora=True, noise_offset=0.1),
+        dict(algo="ia3", gradient_accumulation=2, lr_scheduler="cosine", warmup_steps=1),
+        dict(algo="dylora", train_text_encoder=True, gradient_checkpointing=True, lr_scheduler="linear"),
+        dict(algo="full", preset="attn", cache_latents=False, random_crop=True, enable_bucket=False),
+        dict(algo="lokr", factor=4, cache_latents_to_disk=True, sample_every=2, sample_prompts=["a thing"]),
+    ],
+    ids=["loha-v-minsnr", "locon-dora-conv", "ia3-accum-cosine", "dylora-te-ckpt", "full-nocache", "lokr-disk"],
+)
+def test_algorithms_and_options(data: Path, tmp_path: Path, changes: dict[str, Any]) -> None:
+    out = tmp_path / "run"
+    assert train(options(data, out, max_steps=2, save_every=0, **changes)) == 0
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == 2 and all(torch.isfinite(torch.tensor(r["loss"])) for r in records)
+    tensors = load_file(str(out / "adapter.safetensors"))
+    assert tensors
+    if changes.get("train_text_encoder"):
+        assert any(k.startswith("lora_te_text_model_") for k in tensors)
+    if changes.get("sample_every"):
+        assert (out / "samples" / "step-000002.png").is_file()
+    if changes.get("cache_latents_to_disk"):
+        assert (out / "latent_cache.safetensors").is_file()
+    if changes.get("warmup_steps"):
+        assert records[0]["lr"] == pytest.approx(3e-3 / 2)
+
+
+def test_a_diffusers_folder_as_the_base(data: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "pipeline"
+    bl.tiny_sd_pipeline(seed=3).save_pretrained(str(folder))
+    out = tmp_path / "run"
+    assert train(options(data, out, pretrained_model=str(folder), max_steps=1, save_every=0)) == 0
+    reference = bl.tiny_sd_pipeline(seed=3)
+    bl.load_adapter(reference, out / "adapter.safetensors", strict=True)  # every name matches
+    assert len(load_file(str(out / "adapter.safetensors"))) > 0
+
+
+def test_sdxl_with_its_text_encoders(data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "xl"
+    config = options(data, out, pretrained_model="tiny-sdxl", max_steps=2, save_every=0, train_text_encoder=True)
+    assert train(config) == 0
+    tensors = load_file(str(out / "adapter.safetensors"))
+    prefixes = {key.split("_")[1] for key in tensors}
+    assert prefixes == {"unet", "te1", "te2"}
+    pipe = bl.tiny_sdxl_pipeline()
+    bl.load_adapter(pipe, out / "adapter.safetensors", strict=True)  # SGM UNet names and both encoders match
