@@ -12,7 +12,7 @@ from torch import nn
 
 import beyondlora as bl
 from beyondlora.integrations.scalar import add_scalar
-from beyondlora.ops.products import hadamard_product
+from beyondlora.ops.products import hadamard_delta
 from helpers.layer_cases import Case, build, layers_of, randomize, set_mode
 from helpers.reference import reference_module
 
@@ -225,8 +225,8 @@ def test_hadamard_product_gradcheck() -> None:
         torch.randn(s, dtype=torch.float64, generator=generator, requires_grad=True)
         for s in [(5, 3), (3, 7), (5, 3), (3, 7)]
     ]
-    assert torch.autograd.gradcheck(lambda *t: hadamard_product(*t), tensors)
-    assert torch.autograd.gradgradcheck(lambda *t: hadamard_product(*t), tensors) is not None
+    assert torch.autograd.gradcheck(lambda *t: hadamard_delta(*t), tensors)
+    assert torch.autograd.gradgradcheck(lambda *t: hadamard_delta(*t), tensors) is not None
 
 
 # --- bad adapter folders -------------------------------------------------------------------------------

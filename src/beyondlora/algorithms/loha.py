@@ -21,9 +21,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops.bypass_common import autocasting
-from ..ops.bypass_khatri_rao import hadamard_merged, khatri_rao_conv, khatri_rao_linear, merged_khatri_rao_linear
+from ..ops.bypass_khatri_rao import khatri_rao_conv, khatri_rao_linear, merged_khatri_rao_linear
 from ..ops.geometry import LayerGeometry
-from ..ops.products import column_khatri_rao, hadamard_product, row_khatri_rao, tucker_rebuild
+from ..ops.products import column_khatri_rao, hadamard_delta, row_khatri_rao, tucker_rebuild
 from .base import Adapter
 from .codec import (
     consumer_alpha,
@@ -114,7 +114,7 @@ class LoHa(Adapter):
         a1 = a1 * (self.scale * factor)
         if self.tucker:
             return tucker_rebuild(self.hada_t1, a1, self.hada_w1_b) * tucker_rebuild(self.hada_t2, a2, self.hada_w2_b)
-        return hadamard_product(a1, self.hada_w1_b, a2, self.hada_w2_b).reshape(self.geometry.weight_shape)
+        return hadamard_delta(a1, self.hada_w1_b, a2, self.hada_w2_b).reshape(self.geometry.weight_shape)
 
     def add_delta(self, weight: Tensor, base_weight: Tensor, draw: Any = None, multiplier: float = 1.0) -> Tensor:
         """Without autograd: ``W + t · s · (w1_a w1_b) ⊙ (w2_a w2_b)`` as one ``addcmul`` (no separate ΔW).  With
@@ -124,7 +124,7 @@ class LoHa(Adapter):
             return super().add_delta(weight, base_weight, draw, multiplier)
         a1, a2 = self._out_factors(draw)
         factors = (a1 * (self.scale * multiplier), self.hada_w1_b.flatten(1), a2, self.hada_w2_b.flatten(1))
-        return hadamard_merged(weight.flatten(1), factors).view(weight.shape)
+        return hadamard_delta(*factors, base=weight.flatten(1)).view(weight.shape)
 
     def add_bypass(
         self, result: Tensor, x: Tensor, draw: Any = None, multiplier: float = 1.0, lean: bool = False

@@ -27,7 +27,7 @@ from ..ops.bypass_kron import kron_conv, kron_linear, merged_kron_linear
 from ..ops.decompositions import nearest_kronecker
 from ..ops.factorization import factorization, peft_factorization
 from ..ops.geometry import LayerGeometry
-from ..ops.products import kron, tucker_rebuild
+from ..ops.products import kron_delta, tucker_rebuild
 from .base import Adapter
 from .codec import (
     consumer_alpha,
@@ -201,7 +201,7 @@ class LoKr(Adapter):
 
     def delta_weight(self, base_weight: Tensor, draw: Any = None, factor: float = 1.0) -> Tensor:
         """``s · W1 ⊗ W2`` of shape (out, in, *k) (``s · factor`` folded into the small W1)."""
-        return kron(self.w1(draw) * (self.scale * factor), self.w2(draw))
+        return kron_delta(self.w1(draw) * (self.scale * factor), self.w2(draw))
 
     def bypass(self, x: Tensor, draw: Any = None) -> Tensor | None:
         if self.geometry.kind == "embedding":

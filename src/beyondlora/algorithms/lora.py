@@ -19,10 +19,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops.bypass_common import autocasting
-from ..ops.bypass_lowrank import low_rank_linear, low_rank_merged, merged_low_rank_linear
+from ..ops.bypass_lowrank import low_rank_linear, merged_low_rank_linear
 from ..ops.decompositions import low_rank_factors, tucker2
 from ..ops.geometry import LayerGeometry
-from ..ops.products import tucker_rebuild
+from ..ops.products import low_rank_delta, tucker_rebuild
 from .base import Adapter
 from .codec import consumer_alpha, file_alpha, peft_refusal, reshaped, shape_of, with_folder_alpha
 from .common import AdapterOptions, Extraction, check_init, fold_scale, kaiming_
@@ -136,7 +136,7 @@ class LoRA(Adapter):
         up = up * (scale * factor)
         if mid is not None:
             return tucker_rebuild(mid, up.t(), down.flatten(1))
-        return (up @ down.flatten(1)).reshape(self.geometry.weight_shape)
+        return low_rank_delta(up, down.flatten(1)).reshape(self.geometry.weight_shape)
 
     def add_delta(self, weight: Tensor, base_weight: Tensor, draw: Any = None, multiplier: float = 1.0) -> Tensor:
         """``W + t · s · up @ down`` as one ``addmm`` (one pass over W, no separate ΔW); Tucker, under autocast
@@ -146,7 +146,7 @@ class LoRA(Adapter):
         if mid is not None or autocasting(weight.device.type) or up.dtype != weight.dtype:
             return super().add_delta(weight, base_weight, draw, multiplier)
         up, alpha = fold_scale(up, scale, multiplier)
-        return low_rank_merged(weight.flatten(1), (down.flatten(1), up), alpha).view(weight.shape)
+        return low_rank_delta(up, down.flatten(1), alpha, base=weight.flatten(1)).view(weight.shape)
 
     def add_bypass(
         self, result: Tensor, x: Tensor, draw: Any = None, multiplier: float = 1.0, lean: bool = False

@@ -30,7 +30,7 @@ from .bypass_conv import OutputSide, conv_bypass
 from .bypass_lowrank import low_rank_backward, low_rank_forward
 from .bypass_merged import merged_linear
 from .geometry import LayerGeometry
-from .products import column_khatri_rao, row_khatri_rao
+from .products import column_khatri_rao, hadamard_delta, row_khatri_rao
 
 
 def _split_up_grad(grad_up: Tensor, a1: Tensor, a2: Tensor) -> tuple[Tensor, Tensor]:
@@ -108,12 +108,8 @@ def khatri_rao_linear_grads(
     return [grad_x, *grads]
 
 
-def hadamard_merged(weight: Tensor, factors: tuple[Tensor, Tensor, Tensor, Tensor], alpha: float = 1.0) -> Tensor:
-    """``W + alpha · (a1 b1) ⊙ (a2 b2)`` in one ``addcmul`` (no separate ΔW): two rank-r products
-    (2·r·out·in multiply-adds), not the rank-r² Khatri-Rao one (r²·out·in).  Shapes: weight (out, n),
-    a1, a2 (out, r), b1, b2 (r, n)."""
-    a1, b1, a2, b2 = factors
-    return torch.addcmul(weight, a1 @ b1, a2 @ b2, value=alpha)
+def _hadamard_merged(weight: Tensor, factors: tuple[Tensor, Tensor, Tensor, Tensor], alpha: float) -> Tensor:
+    return hadamard_delta(*factors, alpha, base=weight)
 
 
 def _hadamard_factor_grads(
@@ -135,7 +131,7 @@ def merged_khatri_rao_linear(
     """``x (W + alpha · (a1 b1) ⊙ (a2 b2))ᵀ + b`` trained without W's gradient (:mod:`.bypass_merged`): the
     factors' gradients by :func:`khatri_rao_linear_grads`.  Shapes as in :class:`KhatriRaoLinear`."""
     factors = (a1, b1, a2, b2)
-    return merged_linear(x, weight, bias, alpha, hadamard_merged, _hadamard_factor_grads, factors)
+    return merged_linear(x, weight, bias, alpha, _hadamard_merged, _hadamard_factor_grads, factors)
 
 
 def khatri_rao_linear(

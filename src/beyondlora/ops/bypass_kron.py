@@ -20,6 +20,7 @@ from torch import Tensor
 from .bypass_common import add_output, addmm_output, cast, compute_dtype, grad_like, input_to_save
 from .bypass_conv import OutputSide, conv_bypass
 from .bypass_merged import merged_linear
+from .products import kron_delta
 
 
 def _kron_input_side(x: Tensor, w2_in: Tensor | None, c: int, d: int) -> tuple[Tensor, Tensor]:
@@ -129,8 +130,7 @@ def kron_linear_grads(
 def _kron_merged(weight: Tensor, factors: tuple[Tensor, Tensor | None, Tensor], alpha: float) -> Tensor:
     """``W + alpha · W1 ⊗ W2`` with W2 = w2_out w2_in (alpha folded into the small W1)."""
     w1, w2_in, w2_out = factors
-    w2 = w2_out if w2_in is None else w2_out @ w2_in
-    return torch.kron(w1 * alpha, w2).add_(weight)
+    return kron_delta(w1, w2_out if w2_in is None else w2_out @ w2_in, alpha, base=weight)
 
 
 def _kron_factor_grads(

@@ -20,6 +20,7 @@ from torch import Tensor
 
 from .bypass_common import addmm_output, cast, compute_dtype, grad_like, input_to_save
 from .bypass_merged import merged_linear
+from .products import low_rank_delta
 
 
 def low_rank_forward(
@@ -90,11 +91,9 @@ class LowRankLinear(torch.autograd.Function):
         )
 
 
-def low_rank_merged(weight: Tensor, factors: tuple[Tensor, Tensor], alpha: float = 1.0) -> Tensor:
-    """``W + alpha · up @ down`` in one ``addmm`` (no separate ΔW).  Shapes: weight (out, n), factors
-    ``(down, up)`` with down (r, n), up (out, r)."""
+def _low_rank_merged(weight: Tensor, factors: tuple[Tensor, Tensor], alpha: float) -> Tensor:
     down, up = factors
-    return torch.addmm(weight, up, down, alpha=alpha)
+    return low_rank_delta(up, down, alpha, base=weight)
 
 
 def _low_rank_factor_grads(
@@ -113,7 +112,7 @@ def merged_low_rank_linear(
     (out, in), down (r, in), up (out, r).  Against the bypass (:class:`LowRankLinear`) it trades two rebuilds
     of W' (2·r·in·out multiply-adds) for one rank-r product less over the activations and no separate output
     add or ∂x accumulation: cheaper when ``tokens · (in + out) > 2 · in · out``."""
-    return merged_linear(x, weight, bias, alpha, low_rank_merged, _low_rank_factor_grads, (down, up))
+    return merged_linear(x, weight, bias, alpha, _low_rank_merged, _low_rank_factor_grads, (down, up))
 
 
 #: Multiply-adds of the forward products ``tokens · r · (in + out)`` from which :class:`LowRankLinear`'s product

@@ -1,6 +1,9 @@
-"""Structured products the adapters are built from.
+"""Structured products the adapters are built from, and each algorithm's one ΔW builder.
 
-All functions are pure: tensors in, tensors out, no state.
+:func:`low_rank_delta` (LoRA), :func:`kron_delta` (LoKr) and :func:`hadamard_delta` (LoHa) are the only places
+their ΔW is formed: the rebuild, the combined path's ``W + ΔW`` and the merged training step all call them
+(with ``base`` the latter two fuse the sum into the product's own pass).  All functions are pure: tensors
+in, tensors out, no state.
 """
 
 from __future__ import annotations
@@ -26,6 +29,36 @@ def kron(small: Tensor, large: Tensor) -> Tensor:
     extra = large.dim() - small.dim()
     # torch.kron views its inputs: an einsum result (Tucker rebuild) can have strides it cannot view
     return torch.kron(small.reshape(*small.shape, *([1] * extra)), large.contiguous())
+
+
+def low_rank_delta(up: Tensor, down: Tensor, alpha: float = 1.0, base: Tensor | None = None) -> Tensor:
+    """LoRA's ΔW ``alpha · up @ down``, or ``base + alpha · up @ down`` in one ``addmm`` (no separate ΔW).
+
+    Shapes: up (out, r), down (r, n), base (out, n) → (out, n).
+    """
+    if base is not None:
+        return torch.addmm(base, up, down, alpha=alpha)
+    return (up if alpha == 1.0 else up * alpha) @ down
+
+
+def kron_delta(small: Tensor, large: Tensor, alpha: float = 1.0, base: Tensor | None = None) -> Tensor:
+    """LoKr's ΔW ``alpha · small ⊗ large`` (:func:`kron`, alpha folded into the small factor), or ``base`` plus
+    it, added in place into the fresh product.  Shapes as in :func:`kron`; base (a·b, c·d, *k)."""
+    delta = kron(small if alpha == 1.0 else small * alpha, large)
+    return delta if base is None else delta.add_(base)
+
+
+def hadamard_delta(
+    a1: Tensor, b1: Tensor, a2: Tensor, b2: Tensor, alpha: float = 1.0, base: Tensor | None = None
+) -> Tensor:
+    """LoHa's ΔW ``alpha · (a1 b1) ⊙ (a2 b2)`` with the memory-lean backward of :class:`HadamardProduct`, or
+    ``base`` plus it in one ``addcmul`` (two rank-r products, not the rank-r² Khatri-Rao one).
+
+    Shapes: a1, a2 (out, r); b1, b2 (r, n); base (out, n) → (out, n).
+    """
+    if base is not None:
+        return torch.addcmul(base, a1 @ b1, a2 @ b2, value=alpha)
+    return HadamardProduct.apply(a1 if alpha == 1.0 else a1 * alpha, b1, a2, b2)
 
 
 def row_khatri_rao(first: Tensor, second: Tensor) -> Tensor:
@@ -58,8 +91,3 @@ class HadamardProduct(torch.autograd.Function):
         del grad_first
         grad_second = grad * (a1 @ b1)
         return grad_a1, grad_b1, grad_second @ b2.t(), a2.t() @ grad_second
-
-
-def hadamard_product(a1: Tensor, b1: Tensor, a2: Tensor, b2: Tensor) -> Tensor:
-    """``(a1 @ b1) ⊙ (a2 @ b2)`` with the memory-lean backward of :class:`HadamardProduct`."""
-    return HadamardProduct.apply(a1, b1, a2, b2)
