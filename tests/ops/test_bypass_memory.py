@@ -22,11 +22,11 @@ from torch import nn
 
 import beyondlora as bl
 from beyondlora.algorithms.base import AdapterOptions
-from beyondlora.algorithms.loha import LoHa, _khatri_rao_conv_hidden
-from beyondlora.algorithms.lokr import LoKr, _kron_conv_hidden
+from beyondlora.algorithms.loha import LoHa
+from beyondlora.algorithms.lokr import LoKr
 from beyondlora.ops import bypass_lowrank
-from beyondlora.ops.bypass_khatri_rao import khatri_rao_conv, khatri_rao_linear
-from beyondlora.ops.bypass_kron import kron_conv, kron_linear
+from beyondlora.ops.bypass_khatri_rao import khatri_rao_conv, khatri_rao_conv_hidden, khatri_rao_linear
+from beyondlora.ops.bypass_kron import kron_conv, kron_conv_hidden, kron_linear
 from beyondlora.ops.bypass_lowrank import low_rank_linear
 from beyondlora.ops.geometry import LayerGeometry
 from helpers.layer_cases import all_cases, build, layers_of, randomize, set_mode
@@ -170,7 +170,7 @@ def test_kron_conv_gradcheck(conv: str, mode: str, recompute: bool) -> None:
         w2_out, factors = _leaf(b, r), (_leaf(r, d), _leaf(r, r, *g.kernel))
     else:
         w2_out, factors = _leaf(b, r), (_leaf(r, d * g.kernel_numel),)
-    hidden = partial(_kron_conv_hidden, g, c, d, mode)
+    hidden = partial(kron_conv_hidden, g, c, d, mode)
     inputs = [t for t in (result, x, w1, w2_out, *factors) if t is not None]
 
     def fn(*args):
@@ -195,7 +195,7 @@ def test_khatri_rao_conv_gradcheck(conv: str, tucker: bool, recompute: bool) -> 
         factors = (_leaf(r, g.in_dim), _leaf(r, g.in_dim), _leaf(r, r, *g.kernel), _leaf(r, r, *g.kernel))
     else:
         factors = (_leaf(r, g.in_dim * g.kernel_numel), _leaf(r, g.in_dim * g.kernel_numel))
-    hidden = partial(_khatri_rao_conv_hidden, g)
+    hidden = partial(khatri_rao_conv_hidden, g)
 
     def fn(res, xx, aa1, aa2, *rest):  # given the geometry, "keep" runs KhatriRaoConvKeep (not Tucker)
         return khatri_rao_conv(res, xx, hidden, aa1, aa2, tuple(rest), 0.8, recompute, geometry=g)

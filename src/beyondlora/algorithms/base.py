@@ -44,8 +44,8 @@ class Adapter(nn.Module):
 
     algorithm: ClassVar[str]
     supported_kinds: ClassVar[frozenset[Kind]] = DENSE_KINDS
-    #: ΔW is a function of the base weight ((IA)³); merging must then remember what it added.
-    depends_on_base: ClassVar[bool] = False
+    #: ΔW itself is a function of the base weight ((IA)³: W ⊙ v); see :attr:`depends_on_base`
+    scales_base: ClassVar[bool] = False
     #: whether ``r``/``alpha`` mean anything for this algorithm
     has_rank: ClassVar[bool] = True
     #: the config dataclass (PEFT field names) that builds this algorithm's adapters
@@ -270,10 +270,11 @@ class Adapter(nn.Module):
             return weight + self.effective_delta(base_weight, draw)[0]
         return self.add_delta(weight, base_weight, draw, self.multiplier)
 
-    def keeps_merged_delta(self) -> bool:
-        """Whether merging must remember the delta it added: it depends on W ((IA)³, DoRA), so it cannot be
-        recomputed from the merged weight."""
-        return self.depends_on_base or self.decomposed
+    @property
+    def depends_on_base(self) -> bool:
+        """Whether what this adapter adds depends on the base weight ((IA)³, DoRA): merging must then remember
+        the delta it added (it cannot be recomputed from the merged weight), and its norm needs the base."""
+        return self.scales_base or self.decomposed
 
     def decomposed_output(self, plain_out: Tensor, delta_out: Tensor, base_weight: Tensor, draw: Any = None) -> Tensor:
         """DoRA's bypass: ``W' x − W x`` from ``plain_out`` = W x (no bias) and ``delta_out`` = ΔW x

@@ -54,7 +54,7 @@ class IA3(Adapter):
     folder_keys = frozenset({"ia3_l"})
     algo_names = ("ia3",)
     supported_kinds = frozenset({"linear", "conv", "hf_conv1d"})
-    depends_on_base = True
+    scales_base = True
     has_rank = False
 
     def __init__(self, geometry: LayerGeometry, options: AdapterOptions, base_weight: Tensor) -> None:

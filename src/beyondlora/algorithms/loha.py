@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops.bypass_common import autocasting
-from ..ops.bypass_khatri_rao import khatri_rao_conv, khatri_rao_linear, merged_khatri_rao_linear
+from ..ops.bypass_khatri_rao import khatri_rao_conv, khatri_rao_conv_hidden, khatri_rao_linear, merged_khatri_rao_linear
 from ..ops.geometry import LayerGeometry
 from ..ops.products import column_khatri_rao, hadamard_delta, row_khatri_rao, tucker_rebuild
 from .base import Adapter
@@ -140,7 +140,7 @@ class LoHa(Adapter):
         b1, b2 = self.hada_w1_b, self.hada_w2_b
         if g.kind != "conv":
             return khatri_rao_linear(result, x, a1, b1, a2, b2, alpha)
-        hidden = partial(_khatri_rao_conv_hidden, g)
+        hidden = partial(khatri_rao_conv_hidden, g)
         if self.tucker:
             factors = (b1, b2, self.hada_t1, self.hada_t2)
             return khatri_rao_conv(result, x, hidden, a1.t(), a2.t(), factors, alpha, lean)
@@ -245,16 +245,3 @@ class LoHa(Adapter):
 
     def scalar_factor(self) -> nn.Parameter:
         return self.hada_w1_a
-
-
-def _khatri_rao_conv_hidden(
-    g: LayerGeometry, x: Tensor, b1: Tensor, b2: Tensor, t1: Tensor | None = None, t2: Tensor | None = None
-) -> Tensor:
-    """LoHa's input side on a convolution: x convolved with ``b1 •c b2`` (r², in, *k), or in Tucker form
-    projected by ``b1 •c b2`` (r², in) and then convolved with the Kronecker product of the cores.  Bound to
-    its geometry with :func:`functools.partial` (what ``torch.compile`` traces on every supported torch)."""
-    down = column_khatri_rao(b1, b2)
-    if t1 is None:
-        return g.conv(x, down.reshape(-1, g.in_dim, *g.kernel))
-    core = torch.einsum("ij...,kl...->ikjl...", t1, t2).flatten(2, 3).flatten(0, 1)
-    return g.conv(g.pointwise(g.pad_input(x), down), core, padded=True)

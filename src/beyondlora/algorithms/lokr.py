@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import FormatError
-from ..ops.bypass_kron import kron_conv, kron_linear, merged_kron_linear
+from ..ops.bypass_kron import kron_conv, kron_conv_hidden, kron_linear, merged_kron_linear
 from ..ops.decompositions import nearest_kronecker
 from ..ops.factorization import factorization, peft_factorization
 from ..ops.geometry import LayerGeometry
@@ -223,12 +223,12 @@ class LoKr(Adapter):
             return kron_linear(result, x, w1, self.lokr_w2_b, self._w2_out(draw), alpha, lean)
         (_, _), (c, d) = self.out_factors, self.in_factors
         if self.w2_is_full:
-            hidden = partial(_kron_conv_hidden, g, c, d, "full")
+            hidden = partial(kron_conv_hidden, g, c, d, "full")
             return kron_conv(result, x, hidden, w1, None, (self.w2(draw),), alpha, lean)
         if self.tucker:
-            hidden = partial(_kron_conv_hidden, g, c, d, "tucker")
+            hidden = partial(kron_conv_hidden, g, c, d, "tucker")
             return kron_conv(result, x, hidden, w1, self._w2_out(draw).t(), (self.lokr_w2_b, self.lokr_t2), alpha, lean)
-        hidden = partial(_kron_conv_hidden, g, c, d, "low_rank")
+        hidden = partial(kron_conv_hidden, g, c, d, "low_rank")
         return kron_conv(result, x, hidden, w1, self._w2_out(draw), (self.lokr_w2_b,), alpha, lean)
 
     def has_merged_step(self) -> bool:
@@ -450,18 +450,3 @@ def _peft_layout(adapter: LoKr, factor: int, decompose_both: bool) -> bool:
     w1_full = not (decompose_both and r < max(out_l, in_m) / 2)
     w2_full = r >= max(out_k, in_n) / 2
     return w1_full == adapter.w1_is_full and w2_full == adapter.w2_is_full
-
-
-def _kron_conv_hidden(
-    g: LayerGeometry, c: int, d: int, mode: str, x: Tensor, first: Tensor, core: Tensor | None = None
-) -> Tensor:
-    """W2's input side on a convolution: x (B, c·d, *S) with the c input groups folded into the batch,
-    convolved to (B·c, R, *S') by the full W2 (R = b, ``mode="full"``), ``w2_b`` (R = r, ``"low_rank"``) or
-    ``w2_b`` then the Tucker core (``"tucker"``).  Bound with :func:`functools.partial` up to ``x``: a plain
-    function and a partial are what ``torch.compile`` traces on every supported torch."""
-    grouped = x.reshape(x.shape[0] * c, d, *x.shape[2:])
-    if mode == "full":
-        return g.conv(grouped, first)
-    if mode == "tucker":
-        return g.conv(g.pointwise(g.pad_input(grouped), first), core, padded=True)
-    return g.conv(grouped, first.reshape(-1, d, *g.kernel))

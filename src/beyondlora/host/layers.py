@@ -349,7 +349,7 @@ class AdapterLayer(nn.Module):
             delta, delta_bias = self.effective_delta(name, self.base_weight())
             self.geometry.add_to_module(self.base_layer, delta, delta_bias)
             if keep_record:
-                keep = adapter.keeps_merged_delta()
+                keep = adapter.depends_on_base
                 self.merged[name] = _Merged(adapter.multiplier, delta if keep else None, delta_bias if keep else None)
 
     @torch.no_grad()

@@ -244,3 +244,16 @@ def khatri_rao_conv(
     if not recompute and len(in_factors) == 2 and geometry is not None and explicit_padding(geometry):
         return KhatriRaoConvKeep.apply(result, x, geometry, alpha, a1, in_factors[0], a2, in_factors[1])
     return conv_bypass(result, x, hidden_fn, KHATRI_RAO_OUTPUT, a1, a2, in_factors, alpha, recompute)
+
+
+def khatri_rao_conv_hidden(
+    g: LayerGeometry, x: Tensor, b1: Tensor, b2: Tensor, t1: Tensor | None = None, t2: Tensor | None = None
+) -> Tensor:
+    """LoHa's input side on a convolution: x convolved with ``b1 •c b2`` (r², in, *k), or in Tucker form
+    projected by ``b1 •c b2`` (r², in) and then convolved with the Kronecker product of the cores.  Bound to
+    its geometry with :func:`functools.partial` (what ``torch.compile`` traces on every supported torch)."""
+    down = column_khatri_rao(b1, b2)
+    if t1 is None:
+        return g.conv(x, down.reshape(-1, g.in_dim, *g.kernel))
+    core = torch.einsum("ij...,kl...->ikjl...", t1, t2).flatten(2, 3).flatten(0, 1)
+    return g.conv(g.pointwise(g.pad_input(x), down), core, padded=True)

@@ -20,6 +20,7 @@ from torch import Tensor
 from .bypass_common import add_output, addmm_output, cast, compute_dtype, grad_like, input_to_save
 from .bypass_conv import OutputSide, conv_bypass
 from .bypass_merged import merged_linear
+from .geometry import LayerGeometry
 from .products import kron_delta
 
 
@@ -224,3 +225,18 @@ def kron_conv(
     t's bytes more); ``W1 t`` is never kept.
     """
     return conv_bypass(result, x, hidden_fn, KRON_OUTPUT, w1, w2_out, in_factors, alpha, recompute)
+
+
+def kron_conv_hidden(
+    g: LayerGeometry, c: int, d: int, mode: str, x: Tensor, first: Tensor, core: Tensor | None = None
+) -> Tensor:
+    """W2's input side on a convolution: x (B, c·d, *S) with the c input groups folded into the batch,
+    convolved to (B·c, R, *S') by the full W2 (R = b, ``mode="full"``), ``w2_b`` (R = r, ``"low_rank"``) or
+    ``w2_b`` then the Tucker core (``"tucker"``).  Bound with :func:`functools.partial` up to ``x``: a plain
+    function and a partial are what ``torch.compile`` traces on every supported torch."""
+    grouped = x.reshape(x.shape[0] * c, d, *x.shape[2:])
+    if mode == "full":
+        return g.conv(grouped, first)
+    if mode == "tucker":
+        return g.conv(g.pointwise(g.pad_input(grouped), first), core, padded=True)
+    return g.conv(grouped, first.reshape(-1, d, *g.kernel))

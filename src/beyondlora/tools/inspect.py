@@ -63,7 +63,7 @@ def inspect(path: str | Path, base: str | Path | None = None) -> dict[str, Any]:
                 layer.add_adapter("inspected", adapter)
                 delta, delta_bias = layer.effective_delta("inspected", weight, multiplier=1.0)
                 entry["relative_delta_norm"] = float(delta.norm()) / max(float(weight.norm()), 1e-30)
-            elif adapter.depends_on_base or adapter.dora_scale is not None:
+            elif adapter.depends_on_base:
                 delta, delta_bias = None, None
                 entry["notes"].append("ΔW depends on the base weight: pass --base for its norm")
             else:
