@@ -51,6 +51,11 @@ PRESETS: dict[str, dict[str, Any]] = {
         unet_target_module=["Attention", "CrossAttention", "SelfAttention"],
         text_encoder_target_module=["CLIPAttention", "CLIPSdpaAttention"],
     ),
+    "attn": dict(  # beyondlora train's name for attn-only
+        _LINEAR_ONLY,
+        unet_target_module=["Attention", "CrossAttention", "SelfAttention"],
+        text_encoder_target_module=["CLIPAttention", "CLIPSdpaAttention"],
+    ),
     "unet-only": dict(unet_target_module=UNET_BLOCKS, unet_target_name=UNET_NAMES),
     "unet-transformer-only": dict(_LINEAR_ONLY, unet_target_module=["Transformer2DModel"]),
     "unet-convblock-only": dict(

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..algorithms.config_base import algo_names, unsupported_fields
+from ..integrations.kohya_args import PRESETS, load_preset
 
 try:
     import tomllib
@@ -24,7 +25,6 @@ except ModuleNotFoundError:  # Python 3.10
 
 
 ALGOS = tuple(algo_names())
-PRESETS = ("attn", "attn-mlp", "full")
 OPTIMIZERS = ("adamw", "adamw8bit", "prodigy")
 SCHEDULES = ("constant", "cosine", "linear")
 PRECISIONS = ("no", "fp16", "bf16")
@@ -74,7 +74,9 @@ class TrainConfig:
     conv_rank: int | None = field(default=None, metadata={"help": "rank of 3×3 convs (preset 'full'; default: rank)"})
     conv_alpha: float | None = field(default=None, metadata={"help": "alpha of 3×3 convs (default: conv rank)"})
     factor: int = field(default=-1, metadata={"help": "LoKr factor (-1: balanced)"})
-    preset: str = field(default="full", metadata={"help": "/".join(PRESETS)})
+    preset: str = field(
+        default="full", metadata={"help": "layers to adapt: " + "/".join(PRESETS) + " (kohya's), or a preset TOML file"}
+    )
     use_dora: bool = field(default=False, metadata={"help": "DoRA weight decomposition"})
     train_text_encoder: bool = field(default=False, metadata={"help": "also adapt the text encoder(s)"})
     # data
@@ -174,7 +176,6 @@ class TrainConfig:
         CPU is refused where the device is known, by :class:`.distributed.Engine`)."""
         choices = {
             "algo": ALGOS,
-            "preset": PRESETS,
             "optimizer": OPTIMIZERS,
             "lr_scheduler": SCHEDULES,
             "mixed_precision": PRECISIONS,
@@ -222,8 +223,15 @@ class TrainConfig:
             raise TrainConfigError("--cache-latents-to-disk contradicts --no-cache-latents")
         if self.algo in ALGOS and unsupported_fields(algo_names()[self.algo], {"use_dora": self.use_dora}):
             raise TrainConfigError(f"--use-dora does not apply to --algo {self.algo}")
-        if (self.conv_rank is not None or self.conv_alpha is not None) and self.preset != "full":
-            raise TrainConfigError("--conv-rank/--conv-alpha need --preset full (the other presets adapt no 3×3 conv)")
+        try:
+            preset = load_preset(self.preset)
+        except ValueError as error:
+            raise TrainConfigError(f"--preset: {error}") from None
+        if (self.conv_rank is not None or self.conv_alpha is not None) and not preset.get("enable_conv", True):
+            raise TrainConfigError(
+                f"--conv-rank/--conv-alpha need --preset full (or another preset that adapts 3×3 convs; "
+                f"{self.preset} adapts none)"
+            )
         modules = {"adamw8bit": "bitsandbytes", "prodigy": "prodigyopt"}
         if self.optimizer in modules:
             import importlib.util

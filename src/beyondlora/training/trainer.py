@@ -153,14 +153,18 @@ class Trainer:
             self.base.scheduler.register_to_config(prediction_type=config.prediction_type)
         self.dataset = BucketDataset(items, resolution, step, config.enable_bucket)
         torch.manual_seed(config.seed)
-        self.unet = get_peft_model(self.base.unet, adapter_config(config, "unet"))
+        unet_config = adapter_config(config, "unet", self.base.unet)
+        if unet_config is None:
+            raise TrainConfigError(f"--preset {config.preset} adapts no layer of this model's UNet")
+        self.unet = get_peft_model(self.base.unet, unet_config)
         self.text_encoders = list(self.base.text_encoders)  # the wrapped ones when they train
         self.adapted = [self.unet]
         if config.train_text_encoder:
-            self.text_encoders = [get_peft_model(t, adapter_config(config, "text_encoder")) for t in self.text_encoders]
-            for text_encoder in self.text_encoders:
-                text_encoder.train()
-            self.adapted += self.text_encoders
+            for number, text_encoder in enumerate(self.text_encoders):
+                text_config = adapter_config(config, "text_encoder", text_encoder)
+                if text_config is not None:
+                    self.text_encoders[number] = get_peft_model(text_encoder, text_config).train()
+                    self.adapted.append(self.text_encoders[number])
         self.unet.train()
         # what the training forward calls (DDP wrappers with several processes); sampling calls the models
         self.trained_models = [
