@@ -240,6 +240,21 @@ def test_network_args_are_typed_and_unknown_ones_are_errors() -> None:
         network_module.create_network_from_weights(1.0, None, None, None, pipe.unet, weights_sd={}, colour="1")
 
 
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        ({"algo": "loha", "dropout": "0.1"}, "network arg dropout does not apply to algorithm loha"),
+        ({"algo": "ia3", "dropout": "0.1"}, "network arg dropout does not apply to algorithm ia3"),
+        ({"algo": "ia3", "dora_wd": "true"}, "network arg use_dora does not apply to algorithm ia3"),
+        ({"algo": "full", "use_scalar": "true"}, r"use_scalar applies to loha, lokr, lora, dylora, not full"),
+    ],
+)
+def test_network_args_an_algorithm_lacks_are_refused(args: dict[str, str], message: str) -> None:
+    pipe = make_pipeline("sd")
+    with pytest.raises(ValueError, match=message):
+        network_module.create_network(1.0, 4, 1.0, pipe.vae, pipe.text_encoder, pipe.unet, **args)
+
+
 def _layers(network, kind: str) -> set[str]:
     """Adapted module kinds: 'linear', 'conv3' (k×k conv), 'conv1' (pointwise), 'norm'."""
     kinds = set()
