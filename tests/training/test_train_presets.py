@@ -80,6 +80,8 @@ def test_presets_the_trainer_refuses(pipe, tmp_path: Path) -> None:
     with pytest.raises(TrainConfigError, match="--conv-rank/--conv-alpha need --preset full"):
         TrainConfig(preset="attn-only", conv_rank=4).validate()
     mixed = tmp_path / "mixed.toml"
-    mixed.write_text('unet_target_module = ["Transformer2DModel"]\n[module_algo_map.Transformer2DModel]\nalgo = "loha"\n')
+    mixed.write_text(
+        'unet_target_module = ["Transformer2DModel"]\n[module_algo_map.Transformer2DModel]\nalgo = "loha"\n'
+    )
     with pytest.raises(TrainConfigError, match="other network args"):
         adapter_config(TrainConfig(preset=str(mixed)), "unet", pipe.unet)
