@@ -60,13 +60,13 @@ def _extract(args: argparse.Namespace) -> int:
         dtype=_dtype(args.dtype),
         exact_svd=args.exact_svd,
     )
-    extract(args.base, args.tuned, args.out, options, echo=print)
+    extract(args.base, args.tuned, args.out, options, echo=print, overwrite=args.overwrite)
     return 0
 
 
 def _merge(args: argparse.Namespace) -> int:
     _threads(args)
-    merge(args.base, args.adapters, args.out, args.multiplier, _dtype(args.dtype), echo=print)
+    merge(args.base, args.adapters, args.out, args.multiplier, _dtype(args.dtype), echo=print, overwrite=args.overwrite)
     return 0
 
 
@@ -74,13 +74,23 @@ def _resize(args: argparse.Namespace) -> int:
     _threads(args)
     if args.dynamic_method is not None and args.dynamic_param is None:
         raise ValueError("--dynamic-method needs --dynamic-param")
-    resize(args.adapter, args.out, args.rank, args.dynamic_method, args.dynamic_param, _dtype(args.dtype), echo=print)
+    resize(
+        args.adapter,
+        args.out,
+        args.rank,
+        args.dynamic_method,
+        args.dynamic_param,
+        _dtype(args.dtype),
+        echo=print,
+        overwrite=args.overwrite,
+    )
     return 0
 
 
 def _convert(args: argparse.Namespace) -> int:
     _threads(args)
-    print(convert_file(args.source, args.destination, args.base, _dtype(args.dtype), args.prefix, args.layout))
+    destination, dtype = args.destination, _dtype(args.dtype)
+    print(convert_file(args.source, destination, args.base, dtype, args.prefix, args.layout, overwrite=args.overwrite))
     return 0
 
 
@@ -128,6 +138,7 @@ def _add_tools(commands: argparse._SubParsersAction) -> None:
     extract.add_argument("--dtype", choices=DTYPE_CHOICES, help="save dtype (default: the base model's)")
     extract.add_argument("--exact-svd", action="store_true", help="full SVD even where a randomized one is cheaper")
     extract.add_argument("--threads", type=int, help="torch CPU threads")
+    extract.add_argument("--overwrite", action="store_true", help="replace OUT even where it is BASE or TUNED")
     extract.set_defaults(handler=_extract)
 
     merge = commands.add_parser(
@@ -142,6 +153,7 @@ def _add_tools(commands: argparse._SubParsersAction) -> None:
     merge.add_argument("--multiplier", type=float, nargs="+", help="strength: one for all, or one per adapter")
     merge.add_argument("--dtype", choices=DTYPE_CHOICES, help="cast floating tensors (default: keep each dtype)")
     merge.add_argument("--threads", type=int, help="torch CPU threads")
+    merge.add_argument("--overwrite", action="store_true", help="replace --out even where it is an input")
     merge.set_defaults(handler=_merge)
 
     resize = commands.add_parser(
@@ -156,6 +168,7 @@ def _add_tools(commands: argparse._SubParsersAction) -> None:
     resize.add_argument("--dynamic-param", type=float)
     resize.add_argument("--dtype", choices=DTYPE_CHOICES, help="save dtype (default: as in the source)")
     resize.add_argument("--threads", type=int, help="torch CPU threads")
+    resize.add_argument("--overwrite", action="store_true", help="replace OUT even where it is ADAPTER")
     resize.set_defaults(handler=_resize)
 
     convert = commands.add_parser(
@@ -177,6 +190,7 @@ def _add_tools(commands: argparse._SubParsersAction) -> None:
         help="diffusers: write DESTINATION in diffusers' LoRA layout (LoRA only; needs --base, a diffusers folder)",
     )
     convert.add_argument("--threads", type=int, help="torch CPU threads")
+    convert.add_argument("--overwrite", action="store_true", help="replace DESTINATION even where it is an input")
     convert.set_defaults(handler=_convert)
 
     inspect = commands.add_parser("inspect", help="modules, algorithms, ranks, parameters and ΔW norms of an adapter")

@@ -250,15 +250,15 @@ class PeftModel(nn.Module):
         from the file's tensors, so there is no random initialization to skip.
         """
         if is_single_file(model_id):
-            config = SingleFileConfig(source=str(model_id), inference_mode=not is_trainable)
-            planned = plan_from_single_file(self.base_model, model_id)
-            self.add_adapter(adapter_name, config, _planned=planned)
+            planned, save_states = plan_from_single_file(self.base_model, model_id)
+            config = SingleFileConfig(
+                source=str(model_id), inference_mode=not is_trainable, modules_to_save=list(save_states) or None
+            )
+            self.add_adapter(adapter_name, config, _planned=planned, _save_states=save_states)
         else:
             config, planned, save_states = plan_from_folder(self.base_model, model_id)
             config.inference_mode = not is_trainable
             self.add_adapter(adapter_name, config, _planned=planned, _save_states=save_states)
-        if not is_trainable:
-            self.eval()
         if not is_trainable:
             self.eval()
 

@@ -56,6 +56,8 @@ class Adapter(nn.Module):
     #: the tensor names one module of this algorithm may carry in a single file (besides ``alpha`` and
     #: ``dora_scale``); a module holding any of them is recognised as this algorithm
     file_keys: ClassVar[frozenset[str]] = frozenset()
+    #: those of :attr:`file_keys` that carry exact values (flags) and are never cast to a save dtype
+    file_exact_keys: ClassVar[frozenset[str]] = frozenset()
     #: ``peft_type`` of this algorithm's PEFT folders, and the tensor names a module carries there
     folder_type: ClassVar[str]
     folder_keys: ClassVar[frozenset[str]] = frozenset()

@@ -50,9 +50,13 @@ def file_magnitude(magnitude: Tensor, multiplier: float) -> Tensor:
     return magnitude
 
 
-def read_magnitude(scale: Tensor, geometry: LayerGeometry) -> tuple[Tensor, bool]:
-    """A file's ``dora_scale`` shaped as our magnitude, and whether it is per output channel (else input)."""
+def read_magnitude(scale: Tensor, geometry: LayerGeometry, where: str) -> tuple[Tensor, bool]:
+    """A file's ``dora_scale`` shaped as our magnitude, and whether it is per output channel (else input);
+    one of another size raises naming both shapes (``where`` names the module)."""
     g = geometry
+    if scale.numel() not in (g.out_dim, g.in_dim):
+        expected = f"{g.out_dim} (output axis) or {g.in_dim} (input axis) values"
+        raise FormatError(f"{where}: dora_scale has shape {tuple(scale.shape)}, expected {expected}")
     on_output = scale.shape[0] == g.out_dim and scale.numel() == g.out_dim
     if on_output:
         return scale.reshape(g.out_dim, *([1] * len(g.weight_shape[1:]))), True

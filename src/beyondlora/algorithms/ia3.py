@@ -50,6 +50,7 @@ class IA3(Adapter):
     algorithm = "ia3"
     config_class = IA3Config
     file_keys = frozenset({"weight", "on_input"})
+    file_exact_keys = frozenset({"on_input"})
     folder_type = "IA3"
     folder_keys = frozenset({"ia3_l"})
     algo_names = ("ia3",)
@@ -100,7 +101,7 @@ class IA3(Adapter):
     def read_file(
         cls, params: dict[str, Tensor], geometry: LayerGeometry, where: str, rank_hint: tuple[int, float] | None
     ) -> tuple[dict[str, Tensor], dict[str, Any]]:
-        on_input = bool(params["on_input"].item()) if "on_input" in params else False
+        on_input = _on_input(params, where)
         weight = reshaped(params, "weight", (geometry.in_dim if on_input else geometry.out_dim,), where)
         return {"weight": weight}, dict(on_input=on_input)
 
@@ -108,7 +109,7 @@ class IA3(Adapter):
     def file_weight_shape(cls, params: dict[str, Tensor], where: str) -> tuple[tuple[int, ...], bool]:
         """Only the scaled axis is known; the other gets size 1."""
         weight = params["weight"]
-        on_input = bool(params["on_input"].item()) if "on_input" in params else False
+        on_input = _on_input(params, where)
         ones = (1,) * max(weight.dim() - 2, 0)
         return ((1, weight.numel()) if on_input else (weight.numel(), 1)) + ones, False
 
@@ -140,3 +141,13 @@ class IA3(Adapter):
         if geometry is not None and not options.on_input and geometry.has_bias and not torch.all(params["ia3_l"] == 1):
             raise FormatError("PEFT's (IA)³ scales this layer's bias too; ours leaves biases unchanged")
         return {"weight": params["ia3_l"].flatten() - 1, "on_input": torch.tensor(int(options.on_input))}
+
+
+def _on_input(params: dict[str, Tensor], where: str) -> bool:
+    """A module's ``on_input`` flag (absent: output side); anything but one number raises naming its shape."""
+    flag = params.get("on_input")
+    if flag is None:
+        return False
+    if flag.numel() != 1:
+        raise FormatError(f"{where}: on_input has shape {tuple(flag.shape)}, expected () (0 or 1)")
+    return bool(flag.item())

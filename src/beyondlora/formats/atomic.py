@@ -1,4 +1,5 @@
-"""Atomic writes: a crash or a full disk never leaves a half-written file under the final name."""
+"""Atomic writes: a crash or a full disk never leaves a half-written file under the final name, and the file
+gets the permissions a plain ``open(path, "w")`` would give it (0666 less the umask)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,15 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     os.close(handle)
     try:
         yield Path(temporary)
+        os.chmod(temporary, 0o666 & ~_umask())  # mkstemp makes 0600: a UI running as another user could not read it
         os.replace(temporary, path)
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temporary)
+
+
+def _umask() -> int:
+    """The process's umask (reading it means setting it: set it straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask

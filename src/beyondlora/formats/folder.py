@@ -21,12 +21,12 @@ from ..algorithms import ALGORITHMS, Adapter
 from ..algorithms.config_base import exact_pattern
 from ..config import CONFIG_NAME, AdapterConfig, config_class, read_config_json
 from ..errors import FormatError
-from ..host.inject import PlannedAdapter, adapter_layers, save_wrappers
+from ..host.inject import PlannedAdapter, adapter_layers
 from ..host.layers import AdapterLayer
-from ..host.modules_to_save import ModulesToSaveWrapper
-from ..host.targeting import find_modules_to_save, find_targets, matching_entries
+from ..host.targeting import find_targets, matching_entries
 from ..ops.geometry import LayerGeometry
 from .lycoris_codecs import import_adapter
+from .saved_modules import read_saved_states, saved_tensors
 from .tensors import check_finite, read_pickled_tensors, read_tensors, write_tensors
 
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -112,10 +112,7 @@ def save_folder(model: nn.Module, directory: str | Path, config: AdapterConfig, 
                 "save to a .safetensors file"
             )
         tensors.update({f"{KEY_PREFIX}{name}.{k}": v.detach() for k, v in adapter.folder_tensors().items()})
-    for path, wrapper in save_wrappers(model):
-        if adapter_name in wrapper.modules_to_save:
-            for name, tensor in wrapper.modules_to_save[adapter_name].state_dict().items():
-                tensors[f"{KEY_PREFIX}{path}.{name}"] = tensor
+    tensors.update(saved_tensors(model, adapter_name, _folder_key))
     target = adapter_directory(directory, adapter_name)
     target.mkdir(parents=True, exist_ok=True)
     write_tensors(target / WEIGHTS_NAME, tensors, metadata={"format": "pt"})
@@ -184,26 +181,17 @@ def plan_from_folder(
         if not params:
             raise ValueError(f"{where}: no tensors for this targeted module")
         planned.append(PlannedAdapter(name, module, _import(config, name, base, params, where)))
-    save_states = {}
-    for name in find_modules_to_save(model, config.modules_to_save):
-        module = model.get_submodule(name)
-        original = module.original_module if isinstance(module, ModulesToSaveWrapper) else module
-        state = {}
-        for key, expected in original.state_dict().items():
-            full = f"{KEY_PREFIX}{name}.{key}"
-            if full not in tensors:
-                raise ValueError(f"{source}: missing tensor {full!r} (expected shape {tuple(expected.shape)})")
-            if tensors[full].shape != expected.shape:
-                found = tuple(tensors[full].shape)
-                raise ValueError(f"{source}: tensor {full!r} has shape {found}, expected {tuple(expected.shape)}")
-            state[key] = tensors[full]
-            used.add(full)
-        save_states[name] = state
+    save_states, saved_keys = read_saved_states(model, config.modules_to_save, tensors, _folder_key, source)
+    used |= saved_keys
     unused = sorted(set(tensors) - used)
     if unused:
         listed = ", ".join(unused[:8]) + (" …" if len(unused) > 8 else "")
         raise ValueError(f"{source}: {len(unused)} tensor(s) match no adapted module of this model: {listed}")
     return config, planned, save_states
+
+
+def _folder_key(module: str, tensor: str) -> str:
+    return f"{KEY_PREFIX}{module}.{tensor}"
 
 
 def _import(config: AdapterConfig, name: str, base: nn.Module, params: dict[str, torch.Tensor], where: str) -> Adapter:

@@ -37,6 +37,13 @@ def single_file_tensor_names() -> frozenset[str]:
     return SHARED_TENSORS.union(*(cls.file_keys for cls in file_families()))
 
 
+def cast_for_file(tensors: dict[str, Tensor], dtype: torch.dtype | None) -> dict[str, Tensor]:
+    """``tensors`` (single-file names, with or without their module key) cast to the save ``dtype``, except
+    those that carry exact values: ``alpha`` (the baked scale) and each algorithm's flags (``on_input``)."""
+    exact = {"alpha"}.union(*(cls.file_exact_keys for cls in file_families()))
+    return {k: v if dtype is None or k.rpartition(".")[2] in exact else v.to(dtype) for k, v in tensors.items()}
+
+
 def export_tensors(adapter: Adapter) -> dict[str, Tensor]:
     """The adapter's single-file tensors (names without the module prefix), consumer-exact."""
     out = adapter.file_tensors()
@@ -83,6 +90,8 @@ def import_adapter(
     unknown = sorted(set(params) - cls.file_keys - SHARED_TENSORS)
     if unknown:
         raise FormatError(f"{where}: tensor(s) {unknown} are not part of a {cls.algorithm} adapter")
+    if "alpha" in params and params["alpha"].numel() != 1:
+        raise FormatError(f"{where}: alpha has shape {tuple(params['alpha'].shape)}, expected () (one number)")
     if recorded and rank_hint is None and "r" in recorded:  # we wrote it: keep our r, with the consumers' scale
         rank_hint = (recorded["r"], float(recorded["r"]))
     try:
@@ -90,7 +99,7 @@ def import_adapter(
     except KeyError as missing:
         raise FormatError(f"{where}: missing tensor {missing}") from None
     if "dora_scale" in params:
-        state["dora_scale"], on_output = read_magnitude(params["dora_scale"], geometry)
+        state["dora_scale"], on_output = read_magnitude(params["dora_scale"], geometry, where)
         options.update(use_dora=True, dora_on_output=on_output)
     if recorded:
         variant = ALGORITHMS.get(recorded.get("algorithm", ""))

@@ -24,7 +24,15 @@ from ..host.inject import PlannedAdapter, adapter_layers
 from ..host.layers import AdapterLayer
 from ..host.targeting import iter_candidate_modules
 from ..ops.geometry import LayerGeometry
-from .lycoris_codecs import describe, export_tensors, import_adapter
+from .lycoris_codecs import cast_for_file, describe, export_tensors, import_adapter
+from .saved_modules import (
+    SAVED_KEY,
+    SAVED_METADATA,
+    saved_module_names,
+    saved_tensors,
+    single_file_key,
+    single_file_saved_states,
+)
 from .tensors import check_finite, read_tensors, write_tensors
 
 DEFAULT_PREFIX = "lycoris"
@@ -72,10 +80,8 @@ def single_file_tensors(
 
 def adapter_file_tensors(adapter: Adapter, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """One adapter's single-file tensors (names without the module key), cast to ``dtype`` except the
-    scalars that carry exact values (``alpha``, ``on_input``)."""
-    exported = export_tensors(adapter)
-    keep = ("alpha", "on_input")
-    return {n: t if dtype is None or n in keep else t.to(dtype) for n, t in exported.items()}
+    scalars that carry exact values (:func:`~.lycoris_codecs.cast_for_file`)."""
+    return cast_for_file(export_tensors(adapter), dtype)
 
 
 def kohya_metadata(described: dict[str, dict[str, Any]]) -> dict[str, str]:
@@ -102,8 +108,14 @@ def save_single_file(
     dtype: torch.dtype | None = None,
     metadata: dict[str, str] | None = None,
 ) -> None:
-    """Write adapter ``adapter_name`` of ``model`` as one safetensors file (atomically)."""
+    """Write adapter ``adapter_name`` of ``model`` as one safetensors file (atomically), with the modules saved
+    whole for it (``modules_to_save``) under :data:`~.saved_modules.SAVED_KEY`."""
     tensors, described = single_file_tensors(model, adapter_name, prefix, dtype)
+    saved = saved_tensors(model, adapter_name, single_file_key)
+    metadata = dict(metadata or {})
+    if saved:
+        tensors.update(saved)
+        metadata[SAVED_METADATA] = json.dumps(saved_module_names(model, adapter_name))
     write_single_file(path, tensors, described, metadata)
 
 
@@ -208,9 +220,24 @@ def plan_modules(
     return planned
 
 
-def plan_from_single_file(model: nn.Module, path: str | Path) -> list[PlannedAdapter]:
-    """Build (without attaching) every adapter a single file describes, fully checked and loaded."""
+def plan_from_single_file(
+    model: nn.Module, path: str | Path
+) -> tuple[list[PlannedAdapter], dict[str, dict[str, torch.Tensor]]]:
+    """Build (without attaching) every adapter a single file describes, fully checked and loaded, and read the
+    modules it saves whole: ``(planned adapters, {module path: state})``."""
     path = Path(path)
     grouped, recorded = read_single_file(path)
+    saved = grouped.pop(SAVED_KEY, {})
+    _, states = single_file_saved_states(model, saved, read_metadata(path), path)
     names = resolve_module_keys(model, list(grouped), path)
-    return plan_modules(model, grouped, {key: names[key] for key in grouped}, path, recorded)
+    return plan_modules(model, grouped, {key: names[key] for key in grouped}, path, recorded), states
+
+
+def refuse_saved_modules(grouped: dict[str, dict[str, torch.Tensor]], path: Path | str, reader: str) -> None:
+    """Raise when a single file carries whole modules (``modules_to_save``) that ``reader`` cannot restore:
+    dropping them would silently change the model."""
+    if SAVED_KEY in grouped:
+        raise FormatError(
+            f"{path} also holds whole modules (modules_to_save) that {reader} cannot restore; load it with "
+            "PeftModel.from_pretrained on the model it was trained on"
+        )

@@ -32,6 +32,7 @@ from ..formats.single_file import (
     plan_modules,
     read_metadata,
     read_single_file,
+    refuse_saved_modules,
     single_file_tensors,
     write_single_file,
 )
@@ -87,6 +88,7 @@ def _read_file(path: Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str
     """A single file grouped by module key; diffusers' own LoRA layout (``unet.<path>.lora_A.weight``,
     what ``pipe.save_lora_weights`` writes) is converted to single-file keys first."""
     grouped, recorded = read_single_file(path)
+    refuse_saved_modules(grouped, path, "a pipeline")
     tensors = {f"{module}.{name}": t for module, params in grouped.items() for name, t in params.items()}
     if not is_diffusers_layout(list(tensors)):
         return grouped, recorded

@@ -30,7 +30,13 @@ from ..errors import FormatError
 from ..formats.atomic import atomic_path
 from ..formats.lycoris_codecs import describe, import_adapter
 from ..formats.names import pipeline_part_names
-from ..formats.single_file import adapter_file_tensors, group_by_module, read_single_file, write_single_file
+from ..formats.single_file import (
+    adapter_file_tensors,
+    group_by_module,
+    read_single_file,
+    refuse_saved_modules,
+    write_single_file,
+)
 from ..formats.tensors import check_finite, read_pickled_tensors
 from ..host.inject import PlannedAdapter, plan_adapters
 from ..host.layers import AdapterLayer
@@ -99,6 +105,7 @@ def _read(file: str | Path | None) -> tuple[dict[str, torch.Tensor], dict[str, A
         raise ValueError("give a weights file or weights_sd")
     if str(file).endswith(".safetensors"):
         grouped, recorded = read_single_file(file)
+        refuse_saved_modules(grouped, file, "a kohya network")
         return {f"{m}.{n}": t for m, params in grouped.items() for n, t in params.items()}, recorded
     return read_pickled_tensors(file), {}
 

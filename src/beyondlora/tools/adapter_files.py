@@ -30,6 +30,7 @@ from ..errors import FormatError
 from ..formats.folder import KEY_PREFIX, WEIGHTS_NAME, adapter_tensor_name, plan_from_folder, read_config
 from ..formats.lycoris_codecs import detect_algorithm, single_file_tensor_names
 from ..formats.names import diffusers_to_sgm, flat, sgm_block_table
+from ..formats.saved_modules import SAVED_KEY
 from ..formats.single_file import MODULES_METADATA, group_by_module, plan_from_single_file, read_metadata
 from ..formats.tensors import read_tensors, write_tensors
 from .diffusers_layout import is_diffusers_layout, to_single_file
@@ -69,19 +70,43 @@ def _virtual_module(name: str, shape: tuple[int, ...], has_bias: bool) -> Module
     return Module(name, TensorInfo(Path(), "", stored, torch.float32), bias if has_bias else None, _VIRTUAL)
 
 
-def _virtual_single_file(path: Path) -> list[Module]:
+def _adapter_modules(path: Path, shown: Path) -> dict[str, dict[str, Tensor]]:
+    """A single file's tensors by module key; a file holding tensors no adapter has (a model checkpoint)
+    raises naming one (``shown``: the path the user gave)."""
     grouped = group_by_module(read_tensors(path))
     if not grouped:
-        raise FormatError(f"{path} holds no tensors")
-    modules = []
+        raise FormatError(f"{shown} holds no tensors")
     names = single_file_tensor_names()
     for key, params in grouped.items():
-        unknown = sorted(n for n in params if n not in names)
+        unknown = sorted(n for n in params if n not in names and key != SAVED_KEY)
         if unknown:
             raise FormatError(
-                f"{path}: module key {key!r} has tensors {unknown[:4]} that no adapter has "
+                f"{shown} is not an adapter: module key {key!r} has tensors {unknown[:4]} that no adapter has "
                 "(a model checkpoint rather than an adapter?)"
             )
+    return grouped
+
+
+def _saved_stand_ins(saved: dict[str, Tensor]) -> list[Module]:
+    """Stand-in modules for whole modules saved beside an adapter (``<module path>.<tensor name>`` → tensor)."""
+    by_module: dict[str, dict[str, Tensor]] = {}
+    for key, tensor in saved.items():
+        name, _, param = key.rpartition(".")
+        by_module.setdefault(name, {})[param] = tensor
+    modules = []
+    for name, params in by_module.items():
+        if "weight" in params:
+            info = TensorInfo(Path(), "", tuple(params["weight"].shape), params["weight"].dtype)
+            bias = params.get("bias")
+            bias_info = None if bias is None else TensorInfo(Path(), "", tuple(bias.shape), bias.dtype)
+            modules.append(Module(name, info, bias_info, _VIRTUAL))
+    return modules
+
+
+def _virtual_single_file(path: Path, shown: Path) -> list[Module]:
+    grouped = _adapter_modules(path, shown)
+    modules = _saved_stand_ins(grouped.pop(SAVED_KEY, {}))
+    for key, params in grouped.items():
         where = f"{path}: {key}"
         shape, has_bias = detect_algorithm(params, where).file_weight_shape(params, where)
         modules.append(_virtual_module(key, shape, has_bias))
@@ -92,7 +117,7 @@ def _virtual_folder(directory: Path) -> list[Module]:
     config = read_config(directory)
     tensors = read_tensors(directory / WEIGHTS_NAME)
     by_module: dict[str, dict[str, Tensor]] = {}
-    saved: dict[str, dict[str, Tensor]] = {}
+    saved: dict[str, Tensor] = {}
     for key, tensor in tensors.items():
         if not key.startswith(KEY_PREFIX):
             raise FormatError(f"{directory / WEIGHTS_NAME}: key {key!r} does not start with {KEY_PREFIX!r}")
@@ -101,21 +126,14 @@ def _virtual_folder(directory: Path) -> list[Module]:
         if tensor_name is not None and rest != tensor_name:
             by_module.setdefault(rest[: -len(tensor_name) - 1], {})[tensor_name] = tensor
         else:
-            name, _, param = rest.rpartition(".")
-            saved.setdefault(name, {})[param] = tensor
+            saved[rest] = tensor
     modules = []
     for name, params in by_module.items():
         cls = ALGORITHMS[config.algorithm]
         renamed = cls.from_folder(params, config.options_for(name), None)
         shape, has_bias = cls.file_weight_shape(renamed, f"{directory}: module {name!r}")
         modules.append(_virtual_module(name, shape, has_bias))
-    for name, params in saved.items():
-        if "weight" in params:
-            info = TensorInfo(Path(), "", tuple(params["weight"].shape), params["weight"].dtype)
-            bias = params.get("bias")
-            bias_info = None if bias is None else TensorInfo(Path(), "", tuple(bias.shape), bias.dtype)
-            modules.append(Module(name, info, bias_info, _VIRTUAL))
-    return modules
+    return modules + _saved_stand_ins(saved)
 
 
 #: CLIP text-encoder keys written without the ``text_model`` level (LyCORIS or PEFT on transformers 5)
@@ -220,9 +238,10 @@ def load_adapter(path: str | Path, checkpoint: Checkpoint | None = None) -> Load
     path = Path(path)
     with readable_file(path, adapter_kind(path), sgm_module_keys(checkpoint)) as (source, kind):
         if checkpoint is None:
-            modules = _virtual_folder(source) if kind == "peft_folder" else _virtual_single_file(source)
+            modules = _virtual_folder(source) if kind == "peft_folder" else _virtual_single_file(source, path)
             candidates = [("", skeleton(modules))]
         elif kind != "peft_folder":
+            _adapter_modules(source, path)
             candidates = [("", skeleton(list(checkpoint.modules.values())))]
         else:  # a PEFT folder adapts one model: try each component of the checkpoint
             candidates = []
@@ -245,7 +264,7 @@ def _plan(
                 config, planned, save_states = plan_from_folder(model, source)
                 metadata = {"adapter_config": json.dumps(config.to_dict(), sort_keys=True)}
             else:
-                planned, save_states, metadata = plan_from_single_file(model, source), {}, read_metadata(path)
+                (planned, save_states), metadata = plan_from_single_file(model, source), read_metadata(path)
         except (FormatError, ValueError, TypeError) as error:
             errors.append((root, str(error)))
             continue

@@ -18,18 +18,14 @@ from pathlib import Path
 
 import torch
 
+from ..formats.lycoris_codecs import cast_for_file
 from ..formats.single_file import is_single_file, read_metadata
 from ..formats.tensors import check_finite, write_tensors
 from .adapter_files import adapter_kind, load_adapter, readable_file, renamed_metadata, single_file_tensors
 from .convert import convert_adapter
 from .diffusers_layout import METADATA_KEY, from_adapters
 from .model_files import Checkpoint, skeleton
-
-_PRECISE = ("alpha", "on_input")
-
-
-def _cast(tensors: dict[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
-    return {k: v if dtype is None or k.rpartition(".")[2] in _PRECISE else v.to(dtype) for k, v in tensors.items()}
+from .outputs import check_output
 
 
 def convert_file(
@@ -39,6 +35,7 @@ def convert_file(
     dtype: torch.dtype | None = None,
     prefix: str | None = None,
     layout: str = "auto",
+    overwrite: bool = False,
 ) -> str:
     """Convert the adapter at ``source`` into ``destination``; returns a one-line summary.
 
@@ -50,8 +47,9 @@ def convert_file(
     to_file = is_single_file(destination)
     if layout not in ("auto", "diffusers"):
         raise ValueError(f"--layout must be auto or diffusers, got {layout!r}")
-    if source.resolve() == destination.resolve():
-        raise ValueError(f"{destination} is the source itself: choose another destination")
+    check_output(destination, [(source, "the source"), *([(base, "the base model")] if base else [])], overwrite)
+    if not to_file and destination.suffix and not destination.is_dir():
+        raise ValueError(f"{destination}: a single-file adapter ends in .safetensors and a PEFT folder has no suffix")
     if not to_file and (layout == "diffusers" or (destination.exists() and not destination.is_dir())):
         raise ValueError(f"{destination}: a diffusers-layout or single-file adapter is a .safetensors file")
     if base is None:
@@ -66,14 +64,14 @@ def convert_file(
         for key, tensor in tensors.items():
             check_finite(source, key, tensor)
         metadata = renamed_metadata({k: v for k, v in read_metadata(source).items() if k != METADATA_KEY})
-        write_tensors(destination, _cast(tensors, dtype), metadata)
+        write_tensors(destination, cast_for_file(tensors, dtype), metadata)
         what = "diffusers-layout LoRA as a single file" if kind == "diffusers" else "tensors"
         return f"wrote {len(tensors)} {what} to {destination}"
     checkpoint = Checkpoint(base)
     loaded = load_adapter(source, checkpoint)  # checks that the adapter fits the base, names every module
     if layout == "diffusers":
         tensors = from_adapters(checkpoint, loaded.adapters)
-        write_tensors(destination, _cast(tensors, dtype), {"format": "pt"})
+        write_tensors(destination, cast_for_file(tensors, dtype), {"format": "pt"})
         return f"converted {len(loaded.adapters)} module(s) to diffusers' LoRA layout in {destination}"
     model, model_prefix = skeleton(list(checkpoint.modules.values())), checkpoint.prefix
     if len(checkpoint.roots) > 1 and (source_kind == "peft_folder" or not to_file):

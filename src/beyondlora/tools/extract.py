@@ -37,12 +37,13 @@ from torch import Tensor
 from .._version import __version__
 from ..algorithms import ALGORITHMS, Adapter
 from ..algorithms.common import Extraction
-from ..formats.lycoris_codecs import describe, export_tensors
+from ..formats.lycoris_codecs import cast_for_file, describe, export_tensors
 from ..formats.single_file import MODULES_METADATA, kohya_metadata, module_key
 from ..formats.tensors import write_tensors
 from ..ops.decompositions import check_mode, low_rank_factors, select_rank, split, svd
 from ..ops.geometry import LayerGeometry
 from .model_files import Checkpoint, Module, TensorReader, canonical
+from .outputs import check_output
 from .progress import progress
 
 MODES = ("fixed", "threshold", "ratio", "quantile", "full")
@@ -155,6 +156,7 @@ def extract(
     output: str | Path,
     options: ExtractOptions | None = None,
     echo: Callable[[str], None] | None = None,
+    overwrite: bool = False,
 ) -> ExtractReport:
     """Write the adapter ``tuned − base`` to ``output`` (a ``.safetensors`` single file)."""
     options = options or ExtractOptions()
@@ -162,6 +164,7 @@ def extract(
     output = Path(output)
     if output.suffix != ".safetensors":
         raise ValueError(f"{output}: the extracted adapter is a single .safetensors file")
+    check_output(output, [(base_path, "the base model"), (tuned_path, "the tuned model")], overwrite)
     start = time.perf_counter()
     base, tuned = Checkpoint(base_path), Checkpoint(tuned_path)
     check_same_layout(base, tuned)
@@ -182,9 +185,8 @@ def extract(
             key = module_key(base.prefix, module.name)
             dtype = options.dtype or (module.weight.dtype if module.weight.dtype.is_floating_point else None)
             save_dtypes.add(dtype)
-            for name, tensor in export_tensors(adapter.cpu()).items():
-                keep = name in ("alpha", "on_input") or dtype is None
-                tensors[f"{key}.{name}"] = tensor if keep else tensor.to(dtype)
+            for name, tensor in cast_for_file(export_tensors(adapter.cpu()), dtype).items():
+                tensors[f"{key}.{name}"] = tensor
             described[key] = describe(adapter)
     if not tensors:
         raise ValueError(f"{tuned.path} does not differ from {base.path} in any extractable layer: nothing to extract")

@@ -36,6 +36,7 @@ from ..formats.atomic import atomic_path
 from ..host.layers import AdapterLayer
 from .adapter_files import LoadedAdapter, load_adapter
 from .model_files import Checkpoint, Module, StreamingWriter, TensorInfo, TensorReader, canonical
+from .outputs import check_output
 from .progress import progress
 
 
@@ -77,11 +78,13 @@ def merge(
     multipliers: list[float] | None = None,
     dtype: torch.dtype | None = None,
     echo: Callable[[str], None] | None = None,
+    overwrite: bool = False,
 ) -> MergeReport:
     """Write ``base`` with every adapter merged into ``output`` (see the module docstring)."""
     start = time.perf_counter()
     if not adapter_paths:
         raise ValueError("merge needs at least one adapter")
+    check_output(output, [(base_path, "the base model"), *((a, "an adapter") for a in adapter_paths)], overwrite)
     factors = _multipliers(multipliers, len(adapter_paths))
     checkpoint = Checkpoint(base_path)
     output = Path(output)
@@ -135,8 +138,6 @@ def merge(
 
 
 def _check_output(checkpoint: Checkpoint, output: Path) -> None:
-    if output.resolve() == checkpoint.path.resolve():
-        raise ValueError(f"{output} is the base model itself: choose another output path")
     if checkpoint.is_folder:
         if output.exists():
             raise ValueError(f"{output} exists: the merged model folder must be a new path")

@@ -26,12 +26,13 @@ from torch import Tensor
 
 from ..algorithms import LoRA
 from ..algorithms.common import AdapterOptions
-from ..formats.lycoris_codecs import describe, export_tensors
+from ..formats.lycoris_codecs import cast_for_file, describe, export_tensors
 from ..formats.single_file import MODULES_METADATA, group_by_module, read_metadata
 from ..formats.tensors import write_tensors
 from ..ops.decompositions import check_mode, select_rank, split, svd
 from .adapter_files import adapter_kind, load_adapter, renamed_metadata, single_file_tensors
 from .diffusers_layout import METADATA_KEY
+from .outputs import check_output
 from .progress import progress
 
 METHODS = ("sv_ratio", "sv_fro", "sv_cumulative")
@@ -64,10 +65,12 @@ def resize(
     param: float | None = None,
     dtype: torch.dtype | None = None,
     echo: Callable[[str], None] | None = None,
+    overwrite: bool = False,
 ) -> ResizeReport:
     """Write ``source`` with every LoRA module cut to the chosen rank into ``output`` (a single file)."""
     start = time.perf_counter()
     source, output = Path(source), Path(output)
+    check_output(output, [(source, "the adapter")], overwrite)
     if rank is None and method is None:
         raise ValueError("give --rank N, or --dynamic-method with --dynamic-param")
     if rank is not None and rank < 1:
@@ -81,6 +84,12 @@ def resize(
     if output.suffix != ".safetensors":
         raise ValueError(f"{output}: the resized adapter is a .safetensors file")
     loaded = load_adapter(source)
+    if not any(adapter.resizable for adapter in loaded.adapters.values()):
+        found = sorted({adapter.algorithm for adapter in loaded.adapters.values()})
+        raise ValueError(
+            f"{source} has nothing to resize: resize cuts LoRA / LoCon / DyLoRA ranks, and its modules are "
+            f"{', '.join(found)}; nothing was written"
+        )
     single, _, _ = single_file_tensors(source)  # diffusers' LoRA layout comes back as a single file
     grouped = group_by_module(single)
     metadata = renamed_metadata({k: v for k, v in read_metadata(source).items() if k != METADATA_KEY})
@@ -93,18 +102,12 @@ def resize(
             adapter = loaded.adapters[key]
             if not adapter.resizable:
                 report.layers.append(ResizeLayer(key, adapter.algorithm, None, None, None))
-                tensors.update(
-                    {
-                        f"{key}.{n}": t if dtype is None or n in ("alpha", "on_input") else t.to(dtype)
-                        for n, t in grouped[key].items()
-                    }
-                )
+                tensors.update({f"{key}.{n}": t for n, t in cast_for_file(grouped[key], dtype).items()})
                 continue
             new, layer = _resize_module(key, adapter, rank, method, param)
             report.layers.append(layer)
-            save_dtype = dtype or grouped[key]["lora_down.weight"].dtype
-            for name, tensor in export_tensors(new).items():
-                tensors[f"{key}.{name}"] = tensor if name == "alpha" else tensor.to(save_dtype)
+            save_dtype = dtype or max(grouped[key].values(), key=torch.numel).dtype  # the factors', not alpha's
+            tensors.update({f"{key}.{n}": t for n, t in cast_for_file(export_tensors(new), save_dtype).items()})
             recorded[key] = describe(new)
     header = dict(metadata)
     header[MODULES_METADATA] = json.dumps(recorded)
