@@ -200,10 +200,14 @@ def _assert_close(actual: Tensor, expected: Tensor) -> None:
 # --- 1. names and shapes --------------------------------------------------------------------------------
 @pytest.mark.parametrize("case", _params(CASES))
 def test_file_tensor_names_and_shapes(case: Case) -> None:
-    """What we write to a single file has exactly LyCORIS's names and shapes (alpha, on_input included)."""
+    """What we write to a single file has exactly LyCORIS's names and shapes (alpha, on_input included); a
+    Tucker LoKr's W2 as the full ``lokr_w2`` (b, d, *k) its Tucker factors rebuild, which every consumer applies."""
     _, ours, theirs = _build(case)
     our_shapes = {name: tuple(t.shape) for name, t in export_tensors(ours).items()}
     their_shapes = {name: tuple(t.shape) for name, t in theirs.state_dict().items()}
+    if case.algorithm == "lokr" and "lokr_t2" in their_shapes:
+        core, out_side, in_side = (their_shapes.pop(k) for k in ("lokr_t2", "lokr_w2_a", "lokr_w2_b"))
+        their_shapes["lokr_w2"] = (out_side[1], in_side[1], *core[2:])
     assert our_shapes == their_shapes
 
 

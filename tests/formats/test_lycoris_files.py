@@ -399,13 +399,12 @@ OURS_CASES = [
         bl.LoKrConfig(r=64, alpha=2, target_modules=TARGETS),
         {name: LOKR_BOTH_FULL for name in TARGETS},
     ),
-    # LyCORIS reads the rank of a Tucker LoKr from w2_a's second dim (the output factor)
+    # a Tucker W2 is written rebuilt as a full lokr_w2, which every consumer applies (LyCORIS too: it cannot
+    # reload lokr_t2 files, ComfyUI cannot apply them)
     OursCase(
         "lokr-tucker",
         bl.LoKrConfig(r=2, alpha=1, use_effective_conv2d=True, target_modules=TARGETS),
-        {"conv1": {"lokr_w1", "lokr_w2_a", "lokr_w2_b", "lokr_t2", "alpha"}},
-        load_error=AttributeError,
-        load_match="lokr_w2_a",
+        {"conv1": LOKR_BOTH_FULL},
     ),
     OursCase(
         "lora-dora",

@@ -75,3 +75,37 @@ def ui_delta(params: dict[str, Tensor], weight: Tensor) -> tuple[Tensor, Tensor 
             norm = norm.reshape(1, -1, *([1] * (merged.dim() - 2)))
         delta = merged * (magnitude / (norm + torch.finfo(merged.dtype).eps)) - weight
     return delta, bias
+
+
+# --- each UI's own conventions, as documented facts (shared/FACTS.md, measured with their loader code) ---
+def _without_dora(params: dict[str, Tensor]) -> dict[str, Tensor]:
+    return {k: v for k, v in params.items() if k != "dora_scale"}
+
+
+def comfyui_delta(params: dict[str, Tensor], weight: Tensor) -> tuple[Tensor, Tensor | None]:
+    """What ComfyUI adds: nothing for (IA)³ keys (it has no such adapter) nor for a LoKr with ``lokr_t2`` (its
+    einsum + kron fails on torch 2.13; logged, weight left unchanged); output-axis DoRA normalised by ‖W‖
+    per output row instead of ‖W + ΔW‖; everything else as :func:`ui_delta`."""
+    if "on_input" in params or "lokr_t2" in params:
+        return torch.zeros_like(weight, dtype=torch.float64), None
+    magnitude = params.get("dora_scale")
+    if magnitude is None or magnitude.shape[0] == 1:  # none, or on the input axis: (1, in, …)
+        return ui_delta(params, weight)
+    delta, bias = ui_delta(_without_dora(params), weight)
+    w = weight.double()
+    norm = w.reshape(w.shape[0], -1).norm(dim=1).reshape(-1, *([1] * (w.dim() - 1)))
+    return (w + delta) * (magnitude.double().reshape(norm.shape) / norm) - w, bias
+
+
+def a1111_delta(params: dict[str, Tensor], weight: Tensor) -> tuple[Tensor, Tensor | None]:
+    """What AUTOMATIC1111 (v1.10) adds for DoRA: it normalises per input channel whatever the magnitude's
+    shape, so an output-axis (out, 1, …) magnitude broadcasts against the (1, in, …) norm; everything else
+    as :func:`ui_delta`."""
+    magnitude = params.get("dora_scale")
+    if magnitude is None:
+        return ui_delta(params, weight)
+    delta, bias = ui_delta(_without_dora(params), weight)
+    merged = weight.double() + delta
+    norm = merged.transpose(0, 1).reshape(merged.shape[1], -1).norm(dim=1)
+    norm = norm.reshape(1, -1, *([1] * (merged.dim() - 2)))
+    return merged * (magnitude.double() / norm) - weight.double(), bias

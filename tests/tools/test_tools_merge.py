@@ -12,6 +12,7 @@ from safetensors.torch import load_file, save_file
 
 import beyondlora as bl
 from beyondlora.cli import main
+from beyondlora.formats.saved_modules import SAVED_KEY
 from beyondlora.formats.single_file import group_by_module
 from helpers.tool_cases import (
     files_in,
@@ -52,6 +53,8 @@ def _expected(base: dict, adapters: list[tuple[str, float]], prefix: str = "lyco
     expected = {k: v.double() if v.is_floating_point() else v for k, v in base.items()}
     for path, t in adapters:
         for key, params in group_by_module(load_file(path)).items():
+            if key == SAVED_KEY:  # whole modules saved beside the adapter: the callers set those
+                continue
             name = key[len(prefix) + 1 :].replace("block_proj", "block.proj")
             weight = _canonical(name, base[f"{name}.weight"].double())
             delta, bias = ui_delta(params, weight)
@@ -75,6 +78,8 @@ def _touched(paths, prefix: str = "lycoris") -> set[str]:
     out = set()
     for path in paths:
         for key, params in group_by_module(load_file(path)).items():
+            if key == SAVED_KEY:
+                continue
             name = key[len(prefix) + 1 :].replace("block_proj", "block.proj")
             out.add(f"{name}.weight")
             if "diff_b" in params or "b_norm" in params:
@@ -139,6 +144,10 @@ def test_peft_folder_with_modules_to_save(tmp_path) -> None:
     expected = _expected(base, [(as_file, 1.0)])
     expected["block.proj.weight"] = base["block.proj.weight"].double() + 0.25
     _assert_merged(merged, expected, base, _touched([as_file]) | {"block.proj.weight"})
+    from_file = tmp_path / "merged_from_file.safetensors"  # the single file carries the saved module too
+    assert main(["merge", str(tmp_path / "base.safetensors"), str(as_file), "--out", str(from_file)]) == 0
+    for key, tensor in load_file(from_file).items():
+        torch.testing.assert_close(tensor, merged[key], msg=key)
 
 
 def test_extract_then_merge_reproduces_a_tuned_pipeline_folder(tmp_path) -> None:

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from ..ops.geometry import Kind, LayerGeometry
 from .common import AdapterOptions, Extraction, adapter_dtype
-from .dora import dora_delta, dora_output, weight_norm
+from .dora import dora_caveats, dora_delta, dora_output, weight_norm
 
 DENSE_KINDS: frozenset[Kind] = frozenset({"linear", "conv", "embedding", "hf_conv1d"})
 
@@ -356,6 +356,11 @@ class Adapter(nn.Module):
         algorithm holds one, ``delta_bias`` (out,), with alpha = rank (scale 1); ``None`` where this form
         would store no fewer parameters than ``delta`` itself."""
         raise NotImplementedError
+
+    def consumer_caveats(self) -> list[str]:
+        """What the Stable Diffusion UIs (ComfyUI, AUTOMATIC1111) do with this module's single-file tensors where
+        it is not our ΔW; empty where both apply them exactly."""
+        return dora_caveats(self.options.dora_on_output) if self.decomposed else []
 
     def consumer_rank(self) -> int | None:
         """The rank a consumer reads from the file (its scale is alpha / rank), ``None`` when there is none."""

@@ -40,6 +40,17 @@ def dora_output(
     return (ratio - 1) * plain_out + ratio * delta_out
 
 
+def dora_caveats(on_output: bool) -> list[str]:
+    """What the UIs apply for a DoRA module where it is not ours (measured with their loader code)."""
+    if not on_output:
+        return []
+    return [
+        "ComfyUI divides output-axis DoRA by ‖W‖ instead of ‖W + ΔW‖ and AUTOMATIC1111 knows only input-axis "
+        "DoRA (it broadcasts the (out, 1) magnitude into another ΔW); train with dora_on_output=False for files "
+        "they apply exactly"
+    ]
+
+
 def file_magnitude(magnitude: Tensor, multiplier: float) -> Tensor:
     """The ``dora_scale`` a single file carries; at multiplier ≠ 1 no file is exact, so it refuses."""
     if multiplier != 1.0:

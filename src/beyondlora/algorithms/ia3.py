@@ -86,6 +86,12 @@ class IA3(Adapter):
         """``W ⊙ v`` and ``W + ΔW``: two memory-bound passes over the weight, for one over the output."""
         return 2.0 * super().rebuild_flops()
 
+    def consumer_caveats(self) -> list[str]:
+        return [
+            "ComfyUI has no (IA)³ adapter (it skips these keys) and AUTOMATIC1111 applies another formula than "
+            "W ⊙ (1 + v) (and raises on k×k convolutions); only beyondlora and LyCORIS apply (IA)³ files exactly"
+        ]
+
     def summary_notes(self) -> list[str]:
         return ["on input"] if self.on_input else []
 

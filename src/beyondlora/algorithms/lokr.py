@@ -303,9 +303,14 @@ class LoKr(Adapter):
 
     # --- files (single-file and PEFT tensors are our parameters, by name) ------------------------------
     def file_tensors(self) -> dict[str, Tensor]:
-        """With both factors full the consumers use scale 1 whatever alpha says: our scale goes into W1."""
+        """A Tucker W2 is written rebuilt as a full ``lokr_w2`` (b, d, *k), small, which every consumer applies
+        (ComfyUI fails on ``lokr_t2``: see shared/FACTS.md); with both factors full in the file the consumers
+        use scale 1 whatever alpha says, so our scale goes into W1."""
         out = {name: p for name, p in self.named_parameters() if name.startswith("lokr_")}
-        if self.w1_is_full and self.w2_is_full:
+        if self.tucker:
+            out = {k: v for k, v in out.items() if not k.startswith(("lokr_t2", "lokr_w2"))}
+            out["lokr_w2"] = self.w2()
+        if self.w1_is_full and "lokr_w2" in out:
             out["lokr_w1"] = self.lokr_w1 * (self.scale * self.multiplier)
             out["alpha"] = torch.tensor(float(self.rank))
         else:

@@ -8,6 +8,7 @@ files also carry, in the safetensors metadata, the library version, the per-modu
 from __future__ import annotations
 
 import json
+import warnings
 from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
@@ -54,14 +55,18 @@ def single_file_tensors(
     prefix: str = DEFAULT_PREFIX,
     dtype: torch.dtype | None = None,
     key_for: Callable[[str], str] | None = None,
+    strict: bool = False,
 ) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, Any]]]:
     """Every tensor of adapter ``adapter_name`` under its single-file key, and per-module metadata.
 
     ``key_for`` maps a module name to its full module key (prefix included) instead of
-    ``<prefix>_<name with underscores>``, e.g. for Stable Diffusion's canonical names.
+    ``<prefix>_<name with underscores>``, e.g. for Stable Diffusion's canonical names.  Modules the UIs do not
+    apply exactly (:meth:`~beyondlora.algorithms.base.Adapter.consumer_caveats`) are named in a warning, or
+    with ``strict`` refused.
     """
     tensors: dict[str, torch.Tensor] = {}
     described: dict[str, dict[str, Any]] = {}
+    caveats: dict[str, list[str]] = defaultdict(list)
     for name, layer in adapter_layers(model):
         if adapter_name not in layer.adapters:
             continue
@@ -73,9 +78,26 @@ def single_file_tensors(
             raise FormatError(f"module {name!r}: {error}") from None
         tensors.update({f"{key}.{tensor_name}": tensor for tensor_name, tensor in exported.items()})
         described[key] = describe(adapter)
+        for caveat in adapter.consumer_caveats():
+            caveats[caveat].append(name)
     if not tensors:
         raise ValueError(f"the model has no adapter named {adapter_name!r}")
+    report_caveats(caveats, strict)
     return tensors, described
+
+
+def report_caveats(caveats: dict[str, list[str]], strict: bool) -> None:
+    """Warn (``strict``: raise) that the UIs will not apply some modules of the file as we do."""
+    if not caveats:
+        return
+    parts = [
+        f"{len(names)} module(s) ({names[0]}{', …' if len(names) > 1 else ''}): {text}"
+        for text, names in caveats.items()
+    ]
+    message = "the Stable Diffusion UIs will not apply this file exactly: " + "; ".join(parts)
+    if strict:
+        raise FormatError(message + " (strict=True)")
+    warnings.warn(message, UserWarning, stacklevel=4)
 
 
 def adapter_file_tensors(adapter: Adapter, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
@@ -107,10 +129,12 @@ def save_single_file(
     prefix: str = DEFAULT_PREFIX,
     dtype: torch.dtype | None = None,
     metadata: dict[str, str] | None = None,
+    strict: bool = False,
 ) -> None:
     """Write adapter ``adapter_name`` of ``model`` as one safetensors file (atomically), with the modules saved
-    whole for it (``modules_to_save``) under :data:`~.saved_modules.SAVED_KEY`."""
-    tensors, described = single_file_tensors(model, adapter_name, prefix, dtype)
+    whole for it (``modules_to_save``) under :data:`~.saved_modules.SAVED_KEY`; ``strict`` refuses modules the
+    UIs would not apply exactly (else a warning names them)."""
+    tensors, described = single_file_tensors(model, adapter_name, prefix, dtype, strict=strict)
     saved = saved_tensors(model, adapter_name, single_file_key)
     metadata = dict(metadata or {})
     if saved:

@@ -33,6 +33,7 @@ from ..formats.single_file import (
     read_metadata,
     read_single_file,
     refuse_saved_modules,
+    report_caveats,
     single_file_tensors,
     write_single_file,
 )
@@ -319,12 +320,14 @@ def save_adapter(
     dtype: torch.dtype | None = None,
     metadata: dict[str, str] | None = None,
     prefix: str | None = None,
+    strict: bool = False,
 ) -> None:
     """Write the adapter on a pipeline's parts (or a module) as one single file with canonical names.
 
     Keys are ``lora_unet_…`` (SDXL: SGM paths), ``lora_te_text_model_…`` (SDXL: ``lora_te1_`` /
     ``lora_te2_``).  ``adapter_name`` may be left out when the parts hold one adapter.  For a plain
     module (neither UNet nor CLIP text model) ``prefix`` is written before its paths (default ``lycoris``).
+    Modules the UIs would not apply exactly are named in a warning, or with ``strict`` refused.
     """
     parts = find_parts(target)
     present = list_adapters(target)
@@ -339,14 +342,20 @@ def save_adapter(
     described: dict[str, dict[str, Any]] = {}
     for role, part in parts.items():
         model = inner_model(part)
-        if not any(adapter_name in layer.adapters for _, layer in adapter_layers(model)):
+        layers = [(n, layer) for n, layer in adapter_layers(model) if adapter_name in layer.adapters]
+        if not layers:
             continue
+        norms = [n for n, layer in layers if role.startswith("text_encoder") and layer.geometry.is_norm]
+        if norms:  # ComfyUI's CLIP key map names the six linears of each layer only
+            report_caveats({"ComfyUI skips text-encoder norm keys (its CLIP key map has no norms)": norms}, strict)
         if role:
             key_for = naming[role].key
         else:
             key_for = lambda name, p=prefix or DEFAULT_PREFIX: module_key(p, name)  # noqa: E731
         try:
-            part_tensors, part_described = single_file_tensors(model, adapter_name, dtype=dtype, key_for=key_for)
+            part_tensors, part_described = single_file_tensors(
+                model, adapter_name, dtype=dtype, key_for=key_for, strict=strict
+            )
         except KeyError as error:
             raise FormatError(f"cannot name a module of the {role or 'model'} in a single file: {error}") from None
         tensors.update(part_tensors)
