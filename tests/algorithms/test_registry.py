@@ -19,6 +19,7 @@ from beyondlora.algorithms.base import REGISTRY
 from beyondlora.algorithms.codec import reshaped
 from beyondlora.algorithms.config_base import AdapterConfig, algo_names, build_config
 from beyondlora.ops.geometry import LayerGeometry
+from beyondlora.tools.extract import extract_names
 from beyondlora.tools.inspect import inspect
 
 
@@ -83,6 +84,10 @@ def _expected(base: nn.Module, u: Tensor, v: Tensor, x: Tensor, t: float = 1.0) 
     """The base model with ``W0 + t · u vᵀ`` in its first layer, written out here."""
     w = base[0].weight + t * torch.outer(u, v)
     return base[2](torch.relu(x @ w.T + base[0].bias))
+
+
+def test_extract_offers_the_factorized_algorithms() -> None:
+    assert extract_names() == ["lokr", "locon"]  # Full and Norm store exact differences (--mode full)
 
 
 def test_a_new_algorithm_works_everywhere_through_the_registry(outer, tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import beyondlora as bl
+from beyondlora.cli import main
 from beyondlora.errors import FormatError
 from beyondlora.tools.inspect import inspect
 
@@ -105,3 +106,14 @@ def test_ia3_on_input_must_be_one_flag(tmp_path: Path) -> None:
     save_file(tensors, str(path))
     with pytest.raises(FormatError, match=r"on_input has shape \(2,\), expected \(\)"):
         bl.PeftModel.from_pretrained(_base(), path)
+
+
+def test_tools_keep_or_refuse_saved_modules(tmp_path: Path) -> None:
+    _, path = _trained(tmp_path)
+    assert main(["resize", str(path), str(tmp_path / "small.safetensors"), "--rank", "1"]) == 0
+    x = torch.randn(3, 8)
+    small = bl.PeftModel.from_pretrained(_base(), tmp_path / "small.safetensors")
+    full = bl.PeftModel.from_pretrained(_base(), path)
+    head, small_head = full.base_model[2].modules_to_save["default"], small.base_model[2].modules_to_save["default"]
+    torch.testing.assert_close(small_head.weight, head.weight)  # the saved head travels through resize
+    assert small(x).shape == full(x).shape

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from test_train_config import make_dataset
 
 import beyondlora as bl
-from beyondlora.training.settings import TrainConfig
+from beyondlora.training.settings import TrainConfig, TrainConfigError
 from beyondlora.training.trainer import INTERRUPTED, NonFiniteLossError, Trainer, train
 
 
@@ -185,3 +185,8 @@ def test_sdxl_with_its_text_encoders(data: Path, tmp_path: Path) -> None:
     assert prefixes == {"unet", "te1", "te2"}
     pipe = bl.tiny_sdxl_pipeline()
     bl.load_adapter(pipe, out / "adapter.safetensors", strict=True)  # SGM UNet names and both encoders match
+
+
+def test_text_encoder_training_needs_a_preset_that_targets_it(data: Path, tmp_path: Path) -> None:
+    with pytest.raises(TrainConfigError, match="unet-only adapts no layer of text encoder 1"):
+        train(options(data, tmp_path / "run", preset="unet-only", train_text_encoder=True))

@@ -56,8 +56,6 @@ class Adapter(nn.Module):
     #: the tensor names one module of this algorithm may carry in a single file (besides ``alpha`` and
     #: ``dora_scale``); a module holding any of them is recognised as this algorithm
     file_keys: ClassVar[frozenset[str]] = frozenset()
-    #: those of :attr:`file_keys` that carry exact values (flags) and are never cast to a save dtype
-    file_exact_keys: ClassVar[frozenset[str]] = frozenset()
     #: ``peft_type`` of this algorithm's PEFT folders, and the tensor names a module carries there
     folder_type: ClassVar[str]
     folder_keys: ClassVar[frozenset[str]] = frozenset()
@@ -69,6 +67,9 @@ class Adapter(nn.Module):
     supports_scalar: ClassVar[bool] = False
     #: the ``beyondlora extract --algo`` name that approximates a difference with this algorithm (``None``: none)
     extract_name: ClassVar[str | None] = None
+    #: whether this algorithm holds a weight difference exactly (``extract --mode full``, and layers a
+    #: low-rank form would not make smaller, are stored with it)
+    stores_difference: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

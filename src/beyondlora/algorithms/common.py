@@ -42,7 +42,7 @@ class Extraction:
 
     Attributes:
         factorize: the tool's rank rule, a matrix (m, n) → balanced factors (up (m, r), down (r, n)); ``None``
-            where the user asked for no truncation (factors stay full).
+            where the user gave none (each algorithm then has its default: LoRA a fixed rank, LoKr a full W2).
         tucker: give k×k convolutions a Tucker core where the algorithm has one.
         factor: LoKr's ``decompose_factor``.
         exact_svd: full rather than randomized SVDs.

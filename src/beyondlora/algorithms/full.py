@@ -43,7 +43,7 @@ class _Difference(Adapter):
     ``init_weights=False``.  Its own names are its file and folder names."""
 
     has_rank = False
-    extract_name = "full"
+    stores_difference = True
     weight_key: ClassVar[str]
     bias_key: ClassVar[str]
 

@@ -11,6 +11,7 @@ Files: single-file ``weight`` ((1, C, 1, …) on convs) and ``on_input``; PEFT f
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -20,7 +21,7 @@ from torch import Tensor, nn
 from ..errors import FormatError
 from ..ops.geometry import LayerGeometry
 from .base import Adapter
-from .codec import peft_refusal, reshaped
+from .codec import peft_refusal, reshaped, shape_of
 from .common import AdapterOptions, check_init
 from .config_base import AdapterConfig, exact_pattern, name_matches
 
@@ -50,7 +51,6 @@ class IA3(Adapter):
     algorithm = "ia3"
     config_class = IA3Config
     file_keys = frozenset({"weight", "on_input"})
-    file_exact_keys = frozenset({"on_input"})
     folder_type = "IA3"
     folder_keys = frozenset({"ia3_l"})
     algo_names = ("ia3",)
@@ -114,10 +114,10 @@ class IA3(Adapter):
     @classmethod
     def file_weight_shape(cls, params: dict[str, Tensor], where: str) -> tuple[tuple[int, ...], bool]:
         """Only the scaled axis is known; the other gets size 1."""
-        weight = params["weight"]
+        weight_shape = shape_of(params, "weight", where)
         on_input = _on_input(params, where)
-        ones = (1,) * max(weight.dim() - 2, 0)
-        return ((1, weight.numel()) if on_input else (weight.numel(), 1)) + ones, False
+        ones, size = (1,) * max(len(weight_shape) - 2, 0), math.prod(weight_shape)
+        return ((1, size) if on_input else (size, 1)) + ones, False
 
     # --- PEFT folders ----------------------------------------------------------------------------------
     def folder_refusal(self) -> str | None:
@@ -144,6 +144,8 @@ class IA3(Adapter):
         cls, params: dict[str, Tensor], options: AdapterOptions, geometry: LayerGeometry | None
     ) -> dict[str, Tensor]:
         """``ia3_l`` is ``1 + v``; PEFT also scales the bias of an output-scaled layer, which ours never does."""
+        if "ia3_l" not in params:
+            raise FormatError("missing tensor 'ia3_l'")
         if geometry is not None and not options.on_input and geometry.has_bias and not torch.all(params["ia3_l"] == 1):
             raise FormatError("PEFT's (IA)³ scales this layer's bias too; ours leaves biases unchanged")
         return {"weight": params["ia3_l"].flatten() - 1, "on_input": torch.tensor(int(options.on_input))}

@@ -328,7 +328,10 @@ class LoKr(Adapter):
         if w1_decomposed:
             a, c = shape_of(params, "lokr_w1_a", where)[0], shape_of(params, "lokr_w1_b", where)[1]
         else:
-            a, c = params["lokr_w1"].shape[:2]
+            w1_shape = shape_of(params, "lokr_w1", where)
+            if len(w1_shape) != 2:
+                raise FormatError(f"{where}: lokr_w1 has shape {w1_shape}, expected a matrix (a, c)")
+            a, c = w1_shape
         if g.out_dim % a or g.in_dim % c:
             raise FormatError(f"{where}: lokr_w1 of {a}×{c} does not divide the layer's {g.out_dim}×{g.in_dim}")
         ranks = [

@@ -337,6 +337,7 @@ class DyLoRA(LoRA):
     config_class = DyLoraConfig
     file_family = "lora"
     algo_names = ("dylora",)
+    extract_name = None  # extraction writes LoRA
 
     def __init__(self, geometry: LayerGeometry, options: AdapterOptions, base_weight: Tensor) -> None:
         if options.block_size <= 0 or options.r % options.block_size:

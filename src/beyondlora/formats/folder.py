@@ -171,10 +171,10 @@ def plan_from_folder(
         check_finite(source, key, tensor)
     used: set[str] = set()
     planned = []
+    names = folder_tensor_names()
     for name, module in find_targets(model, config):
         base = module.base_layer if isinstance(module, AdapterLayer) else module
         prefix = f"{KEY_PREFIX}{name}."
-        names = folder_tensor_names()
         params = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix) and k[len(prefix) :] in names}
         used.update(prefix + k for k in params)
         where = f"{source}: module {name!r}"

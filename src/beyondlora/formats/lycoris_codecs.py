@@ -38,10 +38,15 @@ def single_file_tensor_names() -> frozenset[str]:
 
 
 def cast_for_file(tensors: dict[str, Tensor], dtype: torch.dtype | None) -> dict[str, Tensor]:
-    """``tensors`` (single-file names, with or without their module key) cast to the save ``dtype``, except
-    those that carry exact values: ``alpha`` (the baked scale) and each algorithm's flags (``on_input``)."""
-    exact = {"alpha"}.union(*(cls.file_exact_keys for cls in file_families()))
-    return {k: v if dtype is None or k.rpartition(".")[2] in exact else v.to(dtype) for k, v in tensors.items()}
+    """``tensors`` (single-file names, with or without their module key) with their floating tensors cast to
+    the save ``dtype``, except ``alpha``, which carries the baked scale exactly (flags and integer buffers
+    keep their dtype)."""
+
+    def cast(key: str, tensor: Tensor) -> Tensor:
+        exact = dtype is None or not tensor.is_floating_point() or key.rpartition(".")[2] == "alpha"
+        return tensor if exact else tensor.to(dtype)
+
+    return {k: cast(k, v) for k, v in tensors.items()}
 
 
 def export_tensors(adapter: Adapter) -> dict[str, Tensor]:

@@ -35,6 +35,7 @@ from ..formats.single_file import (
     group_by_module,
     read_single_file,
     refuse_saved_modules,
+    report_caveats,
     write_single_file,
 )
 from ..formats.tensors import check_finite, read_pickled_tensors
@@ -328,7 +329,9 @@ class KohyaNetwork(nn.Module):
 
     # --- files ---------------------------------------------------------------------------------------
     def file_tensors(self, dtype: torch.dtype | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        tensors, described = {}, {}
+        """The file's tensors and per-module metadata; modules the UIs would not apply exactly are named in a
+        warning (:func:`~beyondlora.formats.single_file.report_caveats`)."""
+        tensors, described, caveats = {}, {}, defaultdict(list)
         for key, adapter in self.adapters.items():
             baked = bake_scalar(adapter)
             try:
@@ -337,6 +340,9 @@ class KohyaNetwork(nn.Module):
                 raise FormatError(f"{key}: {error}") from None
             tensors.update({f"{key}.{name}": tensor.detach().cpu() for name, tensor in exported.items()})
             described[key] = describe(baked)
+            for caveat in baked.consumer_caveats():
+                caveats[caveat].append(key)
+        report_caveats(caveats, strict=False)
         return tensors, described
 
     def save_weights(self, file: str | Path, dtype: torch.dtype | None = None, metadata: dict | None = None) -> None:

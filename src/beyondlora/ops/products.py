@@ -1,8 +1,9 @@
 """Structured products the adapters are built from, and each algorithm's one ΔW builder.
 
 :func:`low_rank_delta` (LoRA), :func:`kron_delta` (LoKr) and :func:`hadamard_delta` (LoHa) are the only places
-their ΔW is formed: the rebuild, the combined path's ``W + ΔW`` and the merged training step all call them
-(with ``base`` the latter two fuse the sum into the product's own pass).  All functions are pure: tensors
+their ΔW is formed from factor matrices (a Tucker core is first contracted by :func:`tucker_rebuild`): the
+rebuild, the combined path's ``W + ΔW`` and the merged training step all call them (with ``base`` the
+latter two fuse the sum into the product's own pass).  All functions are pure: tensors
 in, tensors out, no state.
 """
 

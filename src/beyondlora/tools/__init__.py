@@ -7,5 +7,5 @@
 - :mod:`.inspect` — what an adapter file holds;
 
 on top of :mod:`.model_files` (models read header-first, tensor by tensor), :mod:`.adapter_files` (adapter files
-read against a real or inferred model) and :mod:`.lowrank` (the SVD / Tucker / Kronecker math).
+read against a real or inferred model) and :mod:`beyondlora.ops.decompositions` (the SVD / Tucker / Kronecker math).
 """

@@ -70,6 +70,11 @@ def convert_file(
     checkpoint = Checkpoint(base)
     loaded = load_adapter(source, checkpoint)  # checks that the adapter fits the base, names every module
     if layout == "diffusers":
+        if loaded.save_states:
+            raise ValueError(
+                f"{source} also holds whole modules ({', '.join(loaded.save_states)}; modules_to_save) that "
+                "diffusers' LoRA layout cannot hold: convert to a single file or a PEFT folder instead"
+            )
         tensors = from_adapters(checkpoint, loaded.adapters)
         write_tensors(destination, cast_for_file(tensors, dtype), {"format": "pt"})
         return f"converted {len(loaded.adapters)} module(s) to diffusers' LoRA layout in {destination}"

@@ -2,9 +2,8 @@ r"""``beyondlora extract``: the difference between a fine-tuned model and its ba
 
 For every module (see :mod:`~beyondlora.tools.model_files`) the difference ΔW = W_tuned − W_base is
 computed in float32 (float64 for float64 models), one layer at a time.  A layer with
-max|ΔW| ≤ ``min_diff`` · max|W_base| did not change and is skipped.  The others become:
-
-Each algorithm approximates the difference itself (its ``extracted``, with the tool's rank rule):
+max|ΔW| ≤ ``min_diff`` · max|W_base| did not change and is skipped.  The others become, each algorithm
+approximating the difference itself (its ``extracted``, with the tool's rank rule):
 
 - **locon**: ΔW reshaped to (out, in·K) ≈ up · down by truncated SVD (:mod:`~beyondlora.ops.decompositions`),
   rank chosen per layer by ``mode`` (linear layers and 1×1 convs use ``linear_dim`` / ``linear_param``,
@@ -12,8 +11,8 @@ Each algorithm approximates the difference itself (its ``extracted``, with the t
   (``lora_mid``).  When r·(out + in·K) ≥ out·in·K the low-rank form saves nothing and the layer is
   stored as a full ``diff`` instead.
 - **lokr**: ΔW ≈ W1 ⊗ W2, the nearest Kronecker product with out = a·b, in = c·d from
-  ``factorization(dim, factor)``; W2 stays full (``mode`` ``full``, or ``fixed`` without a dim), or is
-  itself truncated by SVD to the rank the mode picks, when that saves parameters.
+  ``factorization(dim, factor)``; W2 stays full (``fixed`` without a dim), or is itself truncated by
+  SVD to the rank the mode picks, when that saves parameters.
 - **full** mode (either algo): ``diff`` (and ``diff_b``) for weights, ``w_norm`` / ``b_norm`` for 1-D
   norm scales; exact.
 
@@ -37,8 +36,8 @@ from torch import Tensor
 from .._version import __version__
 from ..algorithms import ALGORITHMS, Adapter
 from ..algorithms.common import Extraction
-from ..formats.lycoris_codecs import cast_for_file, describe, export_tensors
-from ..formats.single_file import MODULES_METADATA, kohya_metadata, module_key
+from ..formats.lycoris_codecs import describe
+from ..formats.single_file import MODULES_METADATA, adapter_file_tensors, kohya_metadata, module_key
 from ..formats.tensors import write_tensors
 from ..ops.decompositions import check_mode, low_rank_factors, select_rank, split, svd
 from ..ops.geometry import LayerGeometry
@@ -47,8 +46,6 @@ from .outputs import check_output
 from .progress import progress
 
 MODES = ("fixed", "threshold", "ratio", "quantile", "full")
-#: what mode ``full`` (and any layer a low-rank form would not make smaller) is stored as
-EXACT = "full"
 
 
 def extract_names() -> list[str]:
@@ -57,7 +54,7 @@ def extract_names() -> list[str]:
 
 
 def _extractor(name: str, geometry: LayerGeometry) -> type[Adapter] | None:
-    """The algorithm ``--algo name`` means on a layer of this kind (Full and Norm share ``full``)."""
+    """The algorithm ``--algo name`` means on a layer of this kind, or ``None``."""
     found = [c for c in ALGORITHMS.values() if c.extract_name == name and geometry.kind in c.supported_kinds]
     return found[0] if found else None
 
@@ -185,7 +182,7 @@ def extract(
             key = module_key(base.prefix, module.name)
             dtype = options.dtype or (module.weight.dtype if module.weight.dtype.is_floating_point else None)
             save_dtypes.add(dtype)
-            for name, tensor in cast_for_file(export_tensors(adapter.cpu()), dtype).items():
+            for name, tensor in adapter_file_tensors(adapter.cpu(), dtype).items():
                 tensors[f"{key}.{name}"] = tensor
             described[key] = describe(adapter)
     if not tensors:
@@ -241,7 +238,7 @@ def _extract_layer(
     bias_changed = _changed(bias_delta, base_bias, options.min_diff)
     if not (weight_changed or bias_changed):
         return report, None
-    exact = _extractor(EXACT, g)
+    exact = next(c for c in ALGORITHMS.values() if c.stores_difference and g.kind in c.supported_kinds)
     if options.mode == "full":
         adapter = exact.extracted(g, delta, bias_delta, Extraction(None))
     elif g.is_norm or g.kind == "embedding" or not weight_changed:

@@ -26,8 +26,9 @@ from torch import Tensor
 
 from ..algorithms import LoRA
 from ..algorithms.common import AdapterOptions
-from ..formats.lycoris_codecs import cast_for_file, describe, export_tensors
-from ..formats.single_file import MODULES_METADATA, group_by_module, read_metadata
+from ..formats.lycoris_codecs import cast_for_file, describe
+from ..formats.saved_modules import SAVED_KEY
+from ..formats.single_file import MODULES_METADATA, adapter_file_tensors, group_by_module, read_metadata
 from ..formats.tensors import write_tensors
 from ..ops.decompositions import check_mode, select_rank, split, svd
 from .adapter_files import adapter_kind, load_adapter, renamed_metadata, single_file_tensors
@@ -92,10 +93,11 @@ def resize(
         )
     single, _, _ = single_file_tensors(source)  # diffusers' LoRA layout comes back as a single file
     grouped = group_by_module(single)
+    saved = grouped.pop(SAVED_KEY, {})  # whole modules saved beside the adapter: copied unchanged
     metadata = renamed_metadata({k: v for k, v in read_metadata(source).items() if k != METADATA_KEY})
     recorded = json.loads(metadata.get(MODULES_METADATA, "{}"))
     report = ResizeReport(str(output))
-    tensors: dict[str, Tensor] = {}
+    tensors: dict[str, Tensor] = {f"{SAVED_KEY}.{n}": t for n, t in cast_for_file(saved, dtype).items()}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         for key in progress(sorted(grouped), "resizing", "module"):
@@ -107,7 +109,7 @@ def resize(
             new, layer = _resize_module(key, adapter, rank, method, param)
             report.layers.append(layer)
             save_dtype = dtype or max(grouped[key].values(), key=torch.numel).dtype  # the factors', not alpha's
-            tensors.update({f"{key}.{n}": t for n, t in cast_for_file(export_tensors(new), save_dtype).items()})
+            tensors.update({f"{key}.{n}": t for n, t in adapter_file_tensors(new, save_dtype).items()})
             recorded[key] = describe(new)
     header = dict(metadata)
     header[MODULES_METADATA] = json.dumps(recorded)
@@ -142,11 +144,10 @@ def _resize_module(
             use_dora=adapter.dora_scale is not None,
             dora_on_output=adapter.options.dora_on_output,
         )
-        new = LoRA(g, options, standin).to(adapter.param_dtype)
-        new.lora_up.copy_(up)
-        new.lora_down.copy_(down.reshape(new.lora_down.shape))
+        values = {"lora_up": up, "lora_down": down}
         if adapter.dora_scale is not None:
-            new.dora_scale.copy_(adapter.dora_scale)
+            values["dora_scale"] = adapter.dora_scale
+        new = LoRA.with_values(g, options, values).to(adapter.param_dtype)
         norm = float(delta.norm())
         error = float((new.delta_weight(standin).double() - delta).norm()) / norm if norm > 0 else 0.0
     return new, ResizeLayer(key, adapter.algorithm, old, new_rank, error)

@@ -71,7 +71,7 @@ class TrainConfig:
     algo: str = field(default="lokr", metadata={"help": "/".join(ALGOS)})
     rank: int = field(default=8, metadata={"help": "rank (LoKr: of the decomposed factor)"})
     alpha: float | None = field(default=None, metadata={"help": "alpha (default: rank)"})
-    conv_rank: int | None = field(default=None, metadata={"help": "rank of 3×3 convs (preset 'full'; default: rank)"})
+    conv_rank: int | None = field(default=None, metadata={"help": "rank of 3×3 convs (default: rank)"})
     conv_alpha: float | None = field(default=None, metadata={"help": "alpha of 3×3 convs (default: conv rank)"})
     factor: int = field(default=-1, metadata={"help": "LoKr factor (-1: balanced)"})
     preset: str = field(

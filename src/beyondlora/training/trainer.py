@@ -162,9 +162,13 @@ class Trainer:
         if config.train_text_encoder:
             for number, text_encoder in enumerate(self.text_encoders):
                 text_config = adapter_config(config, "text_encoder", text_encoder)
-                if text_config is not None:
-                    self.text_encoders[number] = get_peft_model(text_encoder, text_config).train()
-                    self.adapted.append(self.text_encoders[number])
+                if text_config is None:  # the text path embeds through every encoder, adapted or not
+                    raise TrainConfigError(
+                        f"--preset {config.preset} adapts no layer of text encoder {number + 1}: drop "
+                        "--train-text-encoder or choose a preset that targets it"
+                    )
+                self.text_encoders[number] = get_peft_model(text_encoder, text_config).train()
+                self.adapted.append(self.text_encoders[number])
         self.unet.train()
         # what the training forward calls (DDP wrappers with several processes); sampling calls the models
         self.trained_models = [
