@@ -63,6 +63,8 @@ class Adapter(nn.Module):
     resizable: ClassVar[bool] = False
     #: the names ``beyondlora train --algo`` and kohya's ``algo=`` network arg accept for this algorithm
     algo_names: ClassVar[tuple[str, ...]] = ()
+    #: the parameters on ΔW's output side, which LoRA+ trains at a higher learning rate (LoRA's ``up``)
+    output_factors: ClassVar[frozenset[str]] = frozenset()
     #: whether kohya's ``use_scalar`` (a trainable scalar on ΔW, see :meth:`scalar_factor`) applies
     supports_scalar: ClassVar[bool] = False
     #: the ``beyondlora extract --algo`` name that approximates a difference with this algorithm (``None``: none)

@@ -59,6 +59,7 @@ class LoHa(Adapter):
     folder_type = "LOHA"
     folder_keys = file_keys
     algo_names = ("loha",)
+    output_factors = frozenset({"hada_w1_a", "hada_w2_a"})
     supports_scalar = True
 
     def __init__(self, geometry: LayerGeometry, options: AdapterOptions, base_weight: Tensor) -> None:

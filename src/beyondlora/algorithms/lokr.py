@@ -115,6 +115,7 @@ class LoKr(Adapter):
     folder_keys = file_keys
     extract_name = "lokr"
     algo_names = ("lokr",)
+    output_factors = frozenset({"lokr_w1_a", "lokr_w2_a"})
     supports_scalar = True
 
     def __init__(self, geometry: LayerGeometry, options: AdapterOptions, base_weight: Tensor) -> None:

@@ -95,6 +95,7 @@ class LoRA(Adapter):
     resizable = True
     extract_name = "locon"
     algo_names = ("lora", "locon")
+    output_factors = frozenset({"lora_up"})
     supports_scalar = True
 
     def __init__(self, geometry: LayerGeometry, options: AdapterOptions, base_weight: Tensor) -> None:

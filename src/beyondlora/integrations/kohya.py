@@ -49,7 +49,6 @@ from .scalar import ScalarMixin, add_scalar, bake_scalar
 
 ADAPTER_NAME = "kohya"
 #: bias deltas: scaled as a whole by max-norm regularization, not as a factor of ΔW
-_BIAS_PARAMS = ("diff_b", "b_norm")
 
 
 def create_network(
@@ -258,7 +257,7 @@ class KohyaNetwork(nn.Module):
             for key, adapter in self.adapters.items():
                 if self.roles[key] == role:
                     for name, param in adapter.named_parameters():
-                        (plus if ratio and (name == "lora_up" or name.endswith("_a")) else plain).append(param)
+                        (plus if ratio and name in adapter.output_factors else plain).append(param)
             label = "unet" if role == "unet" else "textencoder" + ("2" if role == "text_encoder_2" else "")
             for params, suffix, scale in ((plain, "", 1.0), (plus, " plus", ratio)):
                 if not params or lr == 0:
@@ -319,10 +318,11 @@ class KohyaNetwork(nn.Module):
             if ratio == 1.0:
                 continue
             scaled += 1
-            factors = [(n, p) for n, p in adapter.named_parameters() if n != "dora_scale"]
-            count = sum(n not in _BIAS_PARAMS for n, _ in factors)
-            for name, param in factors:
-                param.mul_(ratio if name in _BIAS_PARAMS else ratio ** (1.0 / count))
+            bias = adapter.delta_bias()  # linear in ΔW's scale: scaled by the ratio itself
+            factors = [p for p in adapter.parameters() if p is not adapter.dora_scale]
+            count = sum(p is not bias for p in factors)
+            for param in factors:
+                param.mul_(ratio if param is bias else ratio ** (1.0 / count))
         if not norms:
             return 0, 0.0, 0.0
         return scaled, sum(norms) / len(norms), max(norms)
