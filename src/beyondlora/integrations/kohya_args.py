@@ -51,11 +51,6 @@ PRESETS: dict[str, dict[str, Any]] = {
         unet_target_module=["Attention", "CrossAttention", "SelfAttention"],
         text_encoder_target_module=["CLIPAttention", "CLIPSdpaAttention"],
     ),
-    "attn": dict(  # beyondlora train's name for attn-only
-        _LINEAR_ONLY,
-        unet_target_module=["Attention", "CrossAttention", "SelfAttention"],
-        text_encoder_target_module=["CLIPAttention", "CLIPSdpaAttention"],
-    ),
     "unet-only": dict(unet_target_module=UNET_BLOCKS, unet_target_name=UNET_NAMES),
     "unet-transformer-only": dict(_LINEAR_ONLY, unet_target_module=["Transformer2DModel"]),
     "unet-convblock-only": dict(
@@ -69,6 +64,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         name_algo_map={"ff.net.2": {"on_input": True}, "mlp.fc2": {"on_input": True}},
     ),
 }
+PRESETS["attn"] = PRESETS["attn-only"]  # beyondlora train's earlier name for it
 PRESET_KEYS = {
     "enable_conv",
     "unet_target_module",
