@@ -190,3 +190,10 @@ def test_sdxl_with_its_text_encoders(data: Path, tmp_path: Path) -> None:
 def test_text_encoder_training_needs_a_preset_that_targets_it(data: Path, tmp_path: Path) -> None:
     with pytest.raises(TrainConfigError, match="unet-only adapts no layer of text encoder 1"):
         train(options(data, tmp_path / "run", preset="unet-only", train_text_encoder=True))
+
+
+def test_summary_lists_every_file_written(reference: Path) -> None:
+    summary = json.loads((reference / "summary.json").read_text())
+    on_disk = {p.name + ("/" if p.is_dir() else "") for p in reference.iterdir() if not p.name.startswith(".")}
+    assert set(summary["files"]) == on_disk
+    assert {"adapter.safetensors", "summary.json", "config.json", "config.toml", "checkpoints/"} <= on_disk

@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from beyondlora.training.data import Item, load_pixels
+from beyondlora.training.report import loss_axis, nice_ticks
 from beyondlora.training.settings import TrainConfig, add_arguments, config_from_args
 from beyondlora.training.trainer import _lr_lambda, min_snr_weights
 
@@ -90,3 +91,12 @@ def test_latent_cache_on_disk_is_reused_only_for_the_same_images_and_model(tmp_p
     assert torch.equal(again.get(1, True), expected)
     LatentCache(dataset, encode, flips=True, path=path, model="b")
     assert len(calls) == 8  # another base model: encoded afresh
+
+
+def test_loss_curve_axes() -> None:
+    assert nice_ticks(0.013, 0.11) == [0.02, 0.04, 0.06, 0.08, 0.1]
+    assert nice_ticks(0, 200) == [0, 50, 100, 150, 200]
+    assert nice_ticks(1, 200) == [50, 100, 150, 200]
+    assert loss_axis([0.02, 0.05, 0.11]) == (False, [0.02, 0.04, 0.06, 0.08, 0.1])
+    assert loss_axis([0.5, 0.03, 0.001]) == (True, [0.001, 0.01, 0.1])  # three decades: log scale
+    assert loss_axis([0.9, 0.004]) == (True, [0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5])

@@ -122,8 +122,7 @@ def finish_run(trainer: Any, metrics: Any, seconds: float) -> dict[str, Any]:
         "final_loss": metrics.losses[-1] if metrics.losses else None,
     }
     lines = [
-        f"trained {config.algo} for {config.max_steps} steps ({seconds:.0f} s of training); outputs in {output_dir}",
-        f"  adapter {adapter_path.name}, metrics.jsonl, before_after.png, loss_curve.png, config.toml",
+        f"trained {config.algo} for {config.max_steps} steps ({seconds:.0f} s of training); outputs in {output_dir}"
     ]
     if trainer.base.is_demo:
         summary.update(demo_scores(trainer))
@@ -132,8 +131,11 @@ def finish_run(trainer: Any, metrics: Any, seconds: float) -> dict[str, Any]:
             f"{len(SCORE_SEEDS)} seeds): before {summary['score_before']:.3f}, after {summary['score_after']:.3f} "
             f"({summary['score_after'] - summary['score_before']:+.3f})"
         )
+    names = {"summary.json"} | {p.name + ("/" if p.is_dir() else "") for p in output_dir.iterdir()}
+    summary["files"] = sorted(n for n in names if not n.startswith("."))  # every file and folder of the run
     with atomic_path(output_dir / "summary.json") as path:
         path.write_text(json.dumps(summary, indent=2))
+    lines.insert(1, "  wrote " + ", ".join(summary["files"]))
     trainer.echo("\n".join(lines))
     return summary
 

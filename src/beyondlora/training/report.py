@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import textwrap
 from pathlib import Path
 
@@ -55,35 +56,68 @@ def save_grid(
     return path
 
 
+def nice_ticks(low: float, high: float, count: int = 5) -> list[float]:
+    """Round tick values in [low, high]: every multiple of a step of 1, 2 or 5 × 10^k, the smallest such step
+    that gives at most about ``count`` ticks."""
+    raw = (high - low) / count or abs(high) or 1.0
+    magnitude = 10 ** math.floor(math.log10(raw))
+    step = next(m * magnitude for m in (1, 2, 5, 10) if m * magnitude >= raw * (1 - 1e-9))
+    first = math.ceil(low / step - 1e-9)
+    return [round(k * step, 12) for k in range(first, math.floor(high / step + 1e-9) + 1)]
+
+
+def loss_axis(losses: list[float]) -> tuple[bool, list[float]]:
+    """``(log scale, tick values)`` for a loss axis: logarithmic when the losses span more than two decades,
+    with ticks at the powers of ten (and 2×, 5× where fewer than three fit); else linear :func:`nice_ticks`."""
+    low, high = min(losses), max(losses)
+    if low > 0 and high / low > 100:
+        decades = range(math.floor(math.log10(low)), math.ceil(math.log10(high)) + 1)
+        ticks = [10.0**d for d in decades if low <= 10.0**d <= high]
+        if len(ticks) < 3:
+            ticks = sorted(m * 10.0**d for d in decades for m in (1, 2, 5) if low <= m * 10.0**d <= high)
+        return True, ticks
+    return False, nice_ticks(low, high if high > low else low + 1.0)
+
+
 def save_loss_curve(steps: list[int], losses: list[float], path: str | Path, smooth: int = 10) -> Path:
-    """Write the loss per step (light) and its running mean over ``smooth`` steps (dark) as a PNG."""
+    """Write the loss per step (light) and its running mean over ``smooth`` steps (dark) as a PNG, with a title,
+    labelled axes, tick marks and grid lines (a log-scale loss axis when the losses span decades)."""
     from PIL import Image, ImageDraw
 
-    width, height, margin = 480, 280, 40
+    width, height, left, top, bottom, right = 560, 320, 56, 30, 44, 14
     sheet = Image.new("RGB", (width, height), _BACKGROUND)
     draw = ImageDraw.Draw(sheet)
-    draw.rectangle((margin, 10, width - 10, height - margin), outline=_INK)
+    draw.text((left, 8), f"training loss: per step (light), mean of the last {smooth} steps (dark)", fill=_INK)
+    draw.rectangle((left, top, width - right, height - bottom), outline=_INK)
     if steps:
-        low, high = min(losses), max(losses)
+        log, y_ticks = loss_axis(losses)
+        scale = (lambda v: math.log10(v)) if log else (lambda v: v)
+        low, high = scale(min(losses + y_ticks)), scale(max(losses + y_ticks))
         high = high if high > low else low + 1.0
         first, last = steps[0], max(steps[-1], steps[0] + 1)
 
         def point(step: float, value: float) -> tuple[float, float]:
-            x = margin + (step - first) / (last - first) * (width - 10 - margin)
-            y = height - margin - (value - low) / (high - low) * (height - margin - 10)
+            x = left + (step - first) / (last - first) * (width - right - left)
+            y = height - bottom - (scale(value) - low) / (high - low) * (height - bottom - top)
             return x, y
 
+        for tick in y_ticks:
+            _, y = point(first, tick)
+            draw.line([(left, y), (width - right, y)], fill=(225, 225, 225))
+            draw.text((4, y - 6), f"{tick:.3g}", fill=_INK)
+        for tick in nice_ticks(first, last):
+            x, _ = point(tick, losses[0])
+            draw.line([(x, top), (x, height - bottom)], fill=(225, 225, 225))
+            draw.text((x - 8, height - bottom + 4), f"{tick:g}", fill=_INK)
         draw.line([point(s, v) for s, v in zip(steps, losses, strict=True)], fill=(170, 190, 230), width=1)
         means = [
             sum(losses[max(0, i - smooth + 1) : i + 1]) / len(losses[max(0, i - smooth + 1) : i + 1])
             for i in range(len(losses))
         ]
         draw.line([point(s, v) for s, v in zip(steps, means, strict=True)], fill=(20, 60, 160), width=2)
-        draw.text((2, 8), f"{high:.3g}", fill=_INK)
-        draw.text((2, height - margin - 10), f"{low:.3g}", fill=_INK)
-        draw.text((margin, height - margin + 4), str(first), fill=_INK)
-        draw.text((width - 50, height - margin + 4), str(steps[-1]), fill=_INK)
-    draw.text((width // 2 - 40, height - 18), "step  (loss)", fill=_INK)
+        draw.rectangle((left, top, width - right, height - bottom), outline=_INK)
+        draw.text((4, top - 14), "loss (log)" if log else "loss", fill=_INK)
+    draw.text((width // 2 - 10, height - 16), "step", fill=_INK)
     path = Path(path)
     with atomic_path(path) as temporary:
         sheet.save(temporary, format="PNG")
