@@ -19,6 +19,7 @@ from .tools.merge import merge
 from .tools.model_files import DTYPES
 from .tools.resize import resize
 from .training.command import add_train_parser
+from .training.sample_command import add_sample_parser
 
 DTYPE_CHOICES = ("fp16", "bf16", "fp32")
 
@@ -217,6 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(handler=_demo)
     _add_tools(commands)
     add_train_parser(commands)
+    add_sample_parser(commands)
     return parser
 
 

@@ -13,7 +13,7 @@ import torch
 from ..formats.atomic import atomic_path
 from ..integrations.diffusers import save_adapter
 from .report import save_grid, save_loss_curve
-from .sampling import embed_text, sample_latents
+from .sampling import generate
 from .settings import TrainConfig, TrainConfigError
 
 #: seeds of the demo's concept measure (more than the grid shows, for a steadier number)
@@ -52,25 +52,8 @@ def sample_prompts(trainer: Any) -> list[str]:
 def _images(trainer: Any, prompts: list[str], seeds: list[int]) -> torch.Tensor:
     """One image per (seed, prompt), seed-major: (len(seeds) · len(prompts), 3, H, W)."""
     base, config = trainer.base, trainer.config
-    with torch.no_grad():
-        cond, pooled = embed_text(trainer.text_encoders, base.tokenizers, prompts * len(seeds))
-        uncond, pooled_uncond = embed_text(trainer.text_encoders, base.tokenizers, [""])
     side = config.resolution or base.resolution
-    shape = (base.unet.config.in_channels, side // base.scale_factor, side // base.scale_factor)
-    seed_list = [s for s in seeds for _ in prompts]
-    latents = sample_latents(
-        base.unet,
-        dict(base.scheduler.config),
-        cond,
-        uncond,
-        shape,
-        seed_list,
-        config.sample_steps,
-        config.guidance_scale if config.guidance_scale is not None else (1.5 if base.is_demo else 7.5),
-        pooled=None if pooled is None else (pooled, pooled_uncond),
-        pixel_size=(side, side),
-    )
-    return base.decode(latents).cpu()
+    return generate(base, trainer.text_encoders, prompts, seeds, side, config.sample_steps, config.guidance_scale)
 
 
 def sample_grid(trainer: Any, path: Path | None = None) -> torch.Tensor:

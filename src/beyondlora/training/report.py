@@ -22,6 +22,14 @@ def _to_pil(image: torch.Tensor, scale: int):  # (3, H, W) in [0, 1]
     return picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST)
 
 
+def save_image(image: torch.Tensor, path: str | Path) -> Path:
+    """Write one image (3, H, W) in [0, 1] as a PNG at its own size."""
+    path = Path(path)
+    with atomic_path(path) as temporary:
+        _to_pil(image, 1).save(temporary, format="PNG")
+    return path
+
+
 def save_grid(
     rows: list[torch.Tensor],
     path: str | Path,

@@ -80,3 +80,38 @@ def sample_latents(
         latents = scheduler.step(out_uncond + guidance * (out_cond - out_uncond), t, latents).prev_sample
     unet.train(was_training)
     return latents
+
+
+def default_guidance(base: Any) -> float:
+    """The classifier-free guidance scale samples use unless told: 1.5 for the demo's tiny model, else 7.5."""
+    return 1.5 if base.is_demo else 7.5
+
+
+def generate(
+    base: Any,
+    text_encoders: list[Any],
+    prompts: list[str],
+    seeds: list[int],
+    resolution: int,
+    steps: int,
+    guidance: float | None = None,
+) -> torch.Tensor:
+    """One image per (seed, prompt) from the base model ``base`` (a :class:`~.models.BaseModel`) through
+    ``text_encoders`` (its own, or adapted ones): (len(seeds) · len(prompts), 3, H, W) in [0, 1], seed-major."""
+    with torch.no_grad():
+        cond, pooled = embed_text(text_encoders, base.tokenizers, prompts * len(seeds))
+        uncond, pooled_uncond = embed_text(text_encoders, base.tokenizers, [""])
+    shape = (base.unet.config.in_channels, resolution // base.scale_factor, resolution // base.scale_factor)
+    latents = sample_latents(
+        base.unet,
+        dict(base.scheduler.config),
+        cond,
+        uncond,
+        shape,
+        [s for s in seeds for _ in prompts],
+        steps,
+        default_guidance(base) if guidance is None else guidance,
+        pooled=None if pooled is None else (pooled, pooled_uncond),
+        pixel_size=(resolution, resolution),
+    )
+    return base.decode(latents).cpu()
