@@ -7,6 +7,7 @@ with status 2, leaving no output file behind.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 
@@ -223,6 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # bitsandbytes logs, on import, that its 4-bit CPU kernels are missing: nothing the commands run uses them
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
