@@ -20,6 +20,7 @@ from beyondlora.demos.shapes import (
     write_concept_dataset,
 )
 from beyondlora.training.data import scan_dataset
+from beyondlora.training.report import save_image
 from beyondlora.training.sampling import encode_prompts, sample_latents
 from beyondlora.training.settings import TrainConfig
 from beyondlora.training.trainer import train
@@ -78,3 +79,25 @@ def test_short_demo_run_reports_the_concept_measure(tmp_path: Path, capsys) -> N
     assert "concept score of 'a yellow cross'" in printed and f"before {summary['score_before']:.3f}" in printed
     assert len(list((out / "concept_data").rglob("*.png"))) == 8
     assert (out / "adapter.safetensors").is_file() and (out / "before_after.png").is_file()
+
+
+def test_own_data_on_the_demo_base_samples_its_own_prompts(tmp_path: Path, capsys) -> None:
+    """Training on a folder of one's own captioned images (not the demo concept): the previews and the summary
+    use its captions, and no demo concept score is reported."""
+    data = tmp_path / "data" / "3_thing"
+    data.mkdir(parents=True)
+    for number, caption in enumerate(["a green thing", "a purple thing"]):
+        image = torch.zeros(3, 16, 16)
+        image[number, 4:12, 4:12] = 1.0
+        save_image(image, data / f"im{number}.png")
+        (data / f"im{number}.txt").write_text(caption)
+    out = tmp_path / "run"
+    config = TrainConfig(
+        train_data_dir=str(tmp_path / "data"), output_dir=str(out), max_steps=2, sample_seeds=[0], sample_steps=2
+    )
+    assert train(config) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["sample_prompts"] == ["a green thing", "a purple thing"]
+    assert "score_before" not in summary and "prompt" not in summary
+    assert "concept score" not in capsys.readouterr().out
+    assert not (out / "concept_data").exists()

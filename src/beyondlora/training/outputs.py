@@ -39,9 +39,11 @@ def prepare_output_dir(config: TrainConfig, dist: Any) -> Path:
 
 
 def sample_prompts(trainer: Any) -> list[str]:
+    """``--sample-prompts``, else the demo concept's prompts when the run learns it, else the run's first
+    three distinct captions."""
     if trainer.config.sample_prompts:
         return trainer.config.sample_prompts
-    if trainer.base.is_demo:
+    if trainer.demo_concept:
         from ..demos.shapes import CONCEPT_PROMPT  # lazy: pulls in numpy
 
         return [CONCEPT_PROMPT, "a red circle", "a blue square"]
@@ -103,11 +105,12 @@ def finish_run(trainer: Any, metrics: Any, seconds: float) -> dict[str, Any]:
         "seconds": round(seconds, 1),
         "adapter": str(adapter_path),
         "final_loss": metrics.losses[-1] if metrics.losses else None,
+        "sample_prompts": prompts,
     }
     lines = [
         f"trained {config.algo} for {config.max_steps} steps ({seconds:.0f} s of training); outputs in {output_dir}"
     ]
-    if trainer.base.is_demo:
+    if trainer.demo_concept:
         summary.update(demo_scores(trainer))
         lines.append(
             f"  concept score of '{summary['prompt']}' samples (IoU of yellow pixels with a cross, 0..1, "

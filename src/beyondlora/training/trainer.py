@@ -136,6 +136,8 @@ class Trainer:
     def _setup(self) -> None:
         config = self.config
         data_dir = config.train_data_dir
+        #: the run learns the demo's concept (yellow crosses): its samples and score are the demo's
+        self.demo_concept = data_dir is None
         if data_dir is None:
             from ..demos.shapes import write_concept_dataset  # lazy: pulls in numpy
 
