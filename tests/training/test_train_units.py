@@ -100,3 +100,15 @@ def test_loss_curve_axes() -> None:
     assert loss_axis([0.02, 0.05, 0.11]) == (False, [0.02, 0.04, 0.06, 0.08, 0.1])
     assert loss_axis([0.5, 0.03, 0.001]) == (True, [0.001, 0.01, 0.1])  # three decades: log scale
     assert loss_axis([0.9, 0.004]) == (True, [0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5])
+
+
+def test_help_shows_every_default() -> None:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    helps = {a.dest: a.help or "" for a in parser._actions}
+    for f in dataclasses.fields(TrainConfig):
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if default is not None and default != []:
+            shown = " ".join(map(str, default)) if isinstance(default, list) else str(default)
+            assert f"default: {shown}" in helps[f.name] or "default" in helps[f.name], f.name
+    assert "(default: 0.004)" in helps["learning_rate"] and "(default: lokr)" in helps["algo"]

@@ -278,12 +278,17 @@ def _is_instance(value: Any, kind: Any) -> bool:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """One ``--flag`` per field (``--x/--no-x`` for booleans); defaults are None so TOML values stay."""
+    """One ``--flag`` per field (``--x/--no-x`` for booleans), its help ending in the field's default; the
+    parsed defaults are None so TOML values stay."""
     parser.add_argument("config", nargs="?", help="a TOML file of options (flags override it)")
     for f in dataclasses.fields(TrainConfig):
         kinds = [k for k in _base_types(f.type) if k is not type(None)]
         kind = kinds[0]
         help_text = f.metadata.get("help", "")
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if default is not None and default != [] and "default" not in help_text:
+            shown = " ".join(map(str, default)) if isinstance(default, list) else default
+            help_text = f"{help_text} (default: {shown})".strip()
         flag = f"--{_flag(f.name)}"
         if kind is bool:
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
