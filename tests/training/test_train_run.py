@@ -197,3 +197,11 @@ def test_summary_lists_every_file_written(reference: Path) -> None:
     on_disk = {p.name + ("/" if p.is_dir() else "") for p in reference.iterdir() if not p.name.startswith(".")}
     assert set(summary["files"]) == on_disk
     assert {"adapter.safetensors", "summary.json", "config.json", "config.toml", "checkpoints/"} <= on_disk
+
+
+def test_a_rank_that_has_no_effect_is_named(data: Path, tmp_path: Path, capsys) -> None:
+    assert train(options(data, tmp_path / "run", algo="lokr", rank=64, max_steps=1, save_every=0)) == 0
+    printed = capsys.readouterr().out
+    assert "note: rank 64 has no effect on LoKr layers whose W2 is kept full" in printed
+    assert train(options(data, tmp_path / "low", algo="lokr", rank=1, factor=4, max_steps=1, save_every=0)) == 0
+    assert "has no effect" not in capsys.readouterr().out

@@ -360,6 +360,11 @@ class Adapter(nn.Module):
         would store no fewer parameters than ``delta`` itself."""
         raise NotImplementedError
 
+    def unused_options(self) -> list[str]:
+        """Options this adapter was given that have no effect on it (each a sentence saying what to set
+        instead); empty when every option acts."""
+        return []
+
     def consumer_caveats(self) -> list[str]:
         """What the Stable Diffusion UIs (ComfyUI, AUTOMATIC1111) do with this module's single-file tensors where
         it is not our ΔW; empty where both apply them exactly."""

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..host.inject import adapter_layers
 from ..model import get_peft_model
 from .data import BucketDataset, LatentCache, batch_generator, load_pixels, process_caption, scan_dataset
 from .distributed import Engine
@@ -133,6 +134,17 @@ class Trainer:
         self.output_dir = prepare_output_dir(config, self.dist)
 
     # --- setup ---------------------------------------------------------------------------------
+    def _report_unused_options(self) -> None:
+        """Say, once per kind, when an option has no effect on some of the adapted layers."""
+        unused: dict[str, int] = {}
+        for model in self.adapted:
+            for _, layer in adapter_layers(model):
+                for adapter in layer.adapters.values():
+                    for note in adapter.unused_options():
+                        unused[note] = unused.get(note, 0) + 1
+        for note, count in unused.items():
+            self.echo(f"note: {note} ({count} layer(s))")
+
     def _setup(self) -> None:
         config = self.config
         data_dir = config.train_data_dir
@@ -172,6 +184,7 @@ class Trainer:
                 self.text_encoders[number] = get_peft_model(text_encoder, text_config).train()
                 self.adapted.append(self.text_encoders[number])
         self.unet.train()
+        self._report_unused_options()
         # what the training forward calls (DDP wrappers with several processes); sampling calls the models
         self.trained_models = [
             # SDXL's first text encoder feeds its penultimate layer on: its last layer gets no gradient
