@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from safetensors.torch import load_file
 from test_train_config import make_dataset
 
 import beyondlora as bl
+from beyondlora.training.data import UnreadableImageWarning
 from beyondlora.training.settings import TrainConfig, TrainConfigError
 from beyondlora.training.trainer import INTERRUPTED, NonFiniteLossError, Trainer, train
 
@@ -205,3 +207,14 @@ def test_a_rank_that_has_no_effect_is_named(data: Path, tmp_path: Path, capsys) 
     assert "note: rank 64 has no effect on LoKr layers whose W2 is kept full" in printed
     assert train(options(data, tmp_path / "low", algo="lokr", rank=1, factor=4, max_steps=1, save_every=0)) == 0
     assert "has no effect" not in capsys.readouterr().out
+
+
+def test_an_unreadable_image_is_reported_once(tmp_path: Path, capsys) -> None:
+    data = make_dataset(tmp_path / "data")
+    (data / "2_thing" / "broken.png").write_bytes(b"not a png at all")
+    (data / "2_thing" / "broken.txt").write_text("x")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UnreadableImageWarning)  # no Python warning escapes
+        assert train(options(data, tmp_path / "run", max_steps=1, save_every=0)) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("skipping unreadable image") == 1 and "broken.png" in printed

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import signal
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,15 @@ import torch.nn.functional as F
 
 from ..host.inject import adapter_layers
 from ..model import get_peft_model
-from .data import BucketDataset, LatentCache, batch_generator, load_pixels, process_caption, scan_dataset
+from .data import (
+    BucketDataset,
+    LatentCache,
+    UnreadableImageWarning,
+    batch_generator,
+    load_pixels,
+    process_caption,
+    scan_dataset,
+)
 from .distributed import Engine
 from .models import BUILT_IN, check_model_path, load_base_model
 from .network import adapter_config
@@ -122,8 +131,7 @@ class Trainer:
         check_model_path(config.pretrained_model, config.base_config)
         if config.train_data_dir is None and config.pretrained_model != "demo":
             raise TrainConfigError("--train-data-dir is required unless --pretrained-model is 'demo'")
-        if config.train_data_dir is not None:
-            scan_dataset(config.train_data_dir)  # every data error before the model loads
+        self.items = None if config.train_data_dir is None else self._scan(config.train_data_dir)
         if config.resume and not checkpoint_dirs(Path(config.output_dir or "")):
             raise TrainConfigError(f"--resume: no checkpoint in {Path(config.output_dir or '') / 'checkpoints'}")
         if config.output_dir and not config.resume and checkpoint_dirs(Path(config.output_dir)):
@@ -134,6 +142,20 @@ class Trainer:
         self.output_dir = prepare_output_dir(config, self.dist)
 
     # --- setup ---------------------------------------------------------------------------------
+    def _scan(self, folder: str) -> list[Any]:
+        """The data folder's items, read once (every data error before the model loads); each unreadable
+        image is reported as one plain line (on the main process), not as a Python warning."""
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            items = scan_dataset(folder)
+        for warning in caught:
+            if issubclass(warning.category, UnreadableImageWarning):
+                if self.dist.is_main:
+                    self.echo(f"warning: {warning.message}")
+            else:
+                warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+        return items
+
     def _report_unused_options(self) -> None:
         """Say, once per kind, when an option has no effect on some of the adapted layers."""
         unused: dict[str, int] = {}
@@ -157,7 +179,7 @@ class Trainer:
             if self.dist.is_main:
                 write_concept_dataset(data_dir)
             self.dist.barrier()
-        items = scan_dataset(data_dir)
+        items = self.items if self.items is not None else scan_dataset(data_dir)
         self.base = load_base_model(config.pretrained_model, self.dist.device, config.base_config)
         resolution = config.resolution or self.base.resolution
         step = 8 * self.base.scale_factor
