@@ -12,7 +12,7 @@ import torch
 
 from ..formats.atomic import atomic_path
 from ..integrations.diffusers import save_adapter
-from .report import save_grid, save_loss_curve
+from .report import save_grid, save_loss_curve, save_sample_grid
 from .sampling import generate
 from .settings import TrainConfig, TrainConfigError
 
@@ -64,7 +64,7 @@ def sample_grid(trainer: Any, path: Path | None = None) -> torch.Tensor:
     images = _images(trainer, prompts, seeds)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_grid(list(images.split(len(prompts))), path, labels=prompts, row_labels=[f"seed {s}" for s in seeds])
+        save_sample_grid(images, prompts, seeds, path)
     return images
 
 

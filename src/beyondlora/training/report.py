@@ -64,6 +64,12 @@ def save_grid(
     return path
 
 
+def save_sample_grid(images: torch.Tensor, prompts: list[str], seeds: list[int], path: str | Path) -> Path:
+    """Seed-major samples (len(seeds) · len(prompts), 3, H, W) as a grid: prompts across, seeds down."""
+    rows = list(images.split(len(prompts)))
+    return save_grid(rows, path, labels=prompts, row_labels=[f"seed {s}" for s in seeds])
+
+
 def nice_ticks(low: float, high: float, count: int = 5) -> list[float]:
     """Round tick values in [low, high]: every multiple of a step of 1, 2 or 5 × 10^k, the smallest such step
     that gives at most about ``count`` ticks."""

@@ -14,7 +14,7 @@ import torch
 
 from ..integrations.diffusers import load_adapter
 from .models import load_base_model
-from .report import save_grid, save_image
+from .report import save_image, save_sample_grid
 from .sampling import generate
 
 DESCRIPTION = (
@@ -52,8 +52,7 @@ def sample(
     for index, image in enumerate(images):
         seed, prompt = seeds[index // len(prompts)], index % len(prompts)
         written.append(save_image(image, output / f"p{prompt}_s{seed}.png"))
-    rows = list(images.split(len(prompts)))
-    written.append(save_grid(rows, output / "grid.png", labels=prompts, row_labels=[f"seed {s}" for s in seeds]))
+    written.append(save_sample_grid(images, prompts, seeds, output / "grid.png"))
     return written
 
 
