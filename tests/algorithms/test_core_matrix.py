@@ -127,9 +127,14 @@ def test_save_load_round_trip(case: Case, tmp_path) -> None:
     peft, base, x = _wrap(case)
     randomize(peft)
     expected = peft(x)
-    # files hold the adapter at its current strength; DoRA's strength is not a parameter change, so a
-    # DoRA adapter is saved at strength 1 and given its strength again after loading
-    restrength = case.options.get("use_dora", False) and case.multiplier != 1.0
+    # files hold the adapter at its current strength; DoRA's and a rotation's strength is not a parameter
+    # change, so such an adapter is saved at strength 1 and given its strength again after loading
+    unscalable = case.options.get("use_dora", False) or case.algorithm in ("oft", "boft")
+    restrength = unscalable and case.multiplier != 1.0
+    if restrength:
+        with pytest.raises(FormatError, match="multiplier"):
+            peft.save_pretrained(tmp_path / "refused.safetensors")
+        assert not (tmp_path / "refused.safetensors").exists()
     if restrength:
         peft.set_multiplier(1.0)
     single = tmp_path / "adapter.safetensors"

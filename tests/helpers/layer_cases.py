@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 import beyondlora as bl
+from beyondlora.algorithms import ALGORITHMS
 
 #: where the matrix tests run: ``cpu`` unless ``BEYONDLORA_TEST_DEVICE`` names another (``cuda`` on a GPU machine:
 #: ``BEYONDLORA_TEST_DEVICE=cuda pytest tests/algorithms/test_core_matrix.py tests/host/test_autocast_compile.py …``)
@@ -73,15 +74,7 @@ class Case:
         return f"{self.algorithm}-{self.layer}[{opts}{mult}]"
 
     def config(self, **overrides: Any) -> bl.AdapterConfig:
-        cls = {
-            "lora": bl.LoraConfig,
-            "loha": bl.LoHaConfig,
-            "lokr": bl.LoKrConfig,
-            "ia3": bl.IA3Config,
-            "dylora": bl.DyLoraConfig,
-            "full": bl.FullConfig,
-            "norm": bl.NormConfig,
-        }[self.algorithm]
+        cls = ALGORITHMS[self.algorithm].config_class
         return cls(target_modules=["layer"], **{**self.options, **overrides})
 
 
@@ -137,7 +130,29 @@ def all_cases() -> list[Case]:
         for layer in ("linear", "conv2d"):
             cases.append(Case(algorithm, layer, options, multiplier=0.7))
     cases.append(Case("norm", "layer_norm", {}, multiplier=-0.5))
+    cases += _rotation_and_glora_cases()
     return cases
+
+
+#: BOFT's rank per layer: the block size must be even and split the outputs into a power of two of blocks
+_BOFT_RANK = {"linear": 10, "hf_conv1d": 10, "conv2d_circular_stride": 6, "conv2d_1x1": 6, "conv3d": 2}
+
+
+def _rotation_and_glora_cases() -> list[Case]:
+    cases = []
+    for layer in DENSE:
+        for options in ({}, {"constraint": 0.05}, {"rescaled": True}):
+            cases.append(Case("oft", layer, {"r": 4, **options}))
+            cases.append(Case("boft", layer, {"r": _BOFT_RANK.get(layer, 4), **options}))
+        for options in ({}, {"alpha": 3.0}, {"use_rslora": True, "alpha": 6.0}, {"use_effective_conv2d": True}):
+            cases.append(Case("glora", layer, {"r": 2, **options}))
+    for layer in ("conv1d", "embedding"):
+        cases.append(Case("boft", layer, {"r": 4, "boft_m": 1}))
+    for layer in ("linear", "conv2d"):
+        cases.append(Case("oft", layer, {"r": 4, "rescaled": True, "constraint": 0.05}, multiplier=0.7))
+        cases.append(Case("boft", layer, {"r": _BOFT_RANK.get(layer, 4), "rescaled": True}, multiplier=0.7))
+        cases.append(Case("glora", layer, {"r": 2, "alpha": 3.0}, multiplier=0.7))
+    return [c for c in cases if c.algorithm in ALGORITHMS]  # TODO(#17): drop once all three have landed
 
 
 class Holder(nn.Module):
@@ -170,7 +185,7 @@ def randomize(model: nn.Module, std: float = 0.3) -> None:
             for adapter in module.adapters.values():
                 with torch.no_grad():
                     for name, param in adapter.named_parameters():
-                        if name == "dora_scale":
+                        if name in ("dora_scale", "rescale"):  # magnitudes: near their init
                             param.mul_(1 + 0.2 * torch.randn_like(param))
                         else:
                             param.normal_(0.0, std)

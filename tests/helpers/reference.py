@@ -37,6 +37,50 @@ def block_kron(small: Tensor, large: Tensor) -> Tensor:
     return out
 
 
+def cayley_rotations(blocks: Tensor, cap: float) -> Tensor:
+    """LyCORIS' OFT rotations: Q = B − Bᵀ per block, scaled to Frobenius norm ``cap`` over all blocks together
+    when ‖Q‖ + 1e-8 exceeds it (``cap`` 0: never), then R = (I + Q)(I − Q)⁻¹."""
+    q = blocks - blocks.transpose(-1, -2)
+    if cap > 0:
+        norm = q.norm() + 1e-8
+        if norm > cap:
+            q = q * cap / norm
+    eye = torch.eye(q.shape[-1], dtype=q.dtype, device=q.device)
+    return (eye + q) @ torch.linalg.inv(eye - q)
+
+
+def _rotated(adapter, base_weight: Tensor, rotation: Tensor) -> Tensor:
+    """``rescale ⊙ (M W) − W`` for an (out × out) ``rotation`` M acting on W's rows."""
+    w = base_weight.double()
+    out = w.shape[0]
+    rotated = (rotation @ w.reshape(out, -1)).reshape(w.shape)
+    rescale = _p(adapter, "rescale")
+    if rescale is not None:
+        rotated = rescale.reshape(out, *([1] * (w.dim() - 1))) * rotated
+    return rotated - w
+
+
+def oft_rotation(adapter) -> Tensor:
+    """Diag-OFT's (out × out) operator: blockdiag(R₁ᵀ, …, Rₙᵀ)."""
+    cap = adapter.constraint * adapter.geometry.out_dim
+    return torch.block_diag(*[r.t() for r in cayley_rotations(_p(adapter, "oft_blocks"), cap)])
+
+
+def boft_rotation(adapter) -> Tensor:
+    """BOFT's (out × out) operator: M = Sₘ ⋯ S₁, stage i = Pᵢᵀ blockdiag(R_i1, …) Pᵢ with Pᵢ the permutation
+    that interleaves the two halves of every run of 2ᵏ·b/2 rows (k = i), so stage i mixes rows 2ⁱ·b/2 apart."""
+    rotations = cayley_rotations(_p(adapter, "oft_blocks"), adapter.constraint * adapter.geometry.out_dim)
+    stages, _, b, _ = rotations.shape
+    out = adapter.geometry.out_dim
+    operator = torch.eye(out, dtype=torch.float64, device=rotations.device)
+    for i in range(stages):
+        k = 2**i * (b // 2)
+        order = torch.arange(out).reshape(-1, 2, k).transpose(1, 2).flatten()
+        perm = torch.eye(out, dtype=torch.float64, device=rotations.device)[order]
+        operator = perm.t() @ torch.block_diag(*rotations[i]) @ perm @ operator
+    return operator
+
+
 def reference_delta(adapter, base_weight: Tensor) -> Tensor:
     """ΔW (times the scale, without the multiplier) in canonical (out, in, *k) shape, float64."""
     shape = adapter.geometry.weight_shape
@@ -77,6 +121,20 @@ def reference_delta(adapter, base_weight: Tensor) -> Tensor:
         if adapter.on_input:
             return w * v.reshape(1, -1, *([1] * (w.dim() - 2)))
         return w * v.reshape(-1, *([1] * (w.dim() - 1)))
+    if algo == "oft":
+        return _rotated(adapter, base_weight, oft_rotation(adapter))
+    if algo == "boft":
+        return _rotated(adapter, base_weight, boft_rotation(adapter))
+    if algo == "glora":
+        w = base_weight.double()
+        a = _p(adapter, "a1").reshape(w.shape[1], -1) @ _p(adapter, "a2").reshape(-1, w.shape[1])
+        w_a = torch.einsum("oi...,ij->oj...", w, a)
+        b1, b2, bm = _p(adapter, "b1"), _p(adapter, "b2"), _p(adapter, "bm")
+        if bm is not None:
+            b = torch.einsum("or,rt...,ti->oi...", b1.reshape(shape[0], -1), bm, b2.reshape(bm.shape[1], -1))
+        else:
+            b = (b1.reshape(shape[0], -1) @ b2.reshape(b2.shape[0], -1)).reshape(shape)
+        return s * (w_a + b)
     if algo == "full":
         return _p(adapter, "diff")
     if algo == "norm":

@@ -23,6 +23,7 @@ metadata (:meth:`Adapter.kohya_args`).  Subclasses that name an ``algorithm`` re
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
@@ -46,6 +47,9 @@ class Adapter(nn.Module):
     supported_kinds: ClassVar[frozenset[Kind]] = DENSE_KINDS
     #: ΔW itself is a function of the base weight ((IA)³: W ⊙ v); see :attr:`depends_on_base`
     scales_base: ClassVar[bool] = False
+    #: the bypass multiplies by the base weight itself (OFT: ``(R − I)·W x``; GLoRA: ``W·(A x)``), so it is
+    #: computed by :meth:`base_bypass` and needs nothing merged into W
+    bypass_uses_base: ClassVar[bool] = False
     #: whether ``r``/``alpha`` mean anything for this algorithm
     has_rank: ClassVar[bool] = True
     #: the config dataclass (PEFT field names) that builds this algorithm's adapters
@@ -196,6 +200,13 @@ class Adapter(nn.Module):
         """Convolutions: ``ΔW ⊛ x`` (times the scale) without building ΔW, or ``None``."""
         return None
 
+    def base_bypass(self, x: Tensor, apply_base: Callable[[Tensor], Tensor], draw: Any = None) -> Tensor | None:
+        """``ΔW · x`` (times the scale) for an adapter whose ΔW multiplies the base weight
+        (:attr:`bypass_uses_base`), given ``apply_base(z)`` = ``W z``: the base operation without its bias on any
+        ``z`` shaped like ``x`` (``apply_base(x)`` is free: the layer has computed it already).  ``None`` when
+        this layer has no such path."""
+        return None
+
     def has_merged_step(self) -> bool:
         """Whether :meth:`merged_step` exists for this adapter on this layer."""
         return False
@@ -238,7 +249,7 @@ class Adapter(nn.Module):
         """Whether this adapter's bypass reads the base layer's own output ``W x`` (DoRA; output-side scaling),
         which exists only while nothing is merged into W and the base call's input is the layer's input."""
         scaling = self.channel_scaling()
-        return self.decomposed or (scaling is not None and not scaling[1])
+        return self.decomposed or self.bypass_uses_base or (scaling is not None and not scaling[1])
 
     def has_exact_bypass(self) -> bool:
         """Whether the bypass path computes this adapter exactly on its layer (DoRA on the input axis has none:

@@ -31,6 +31,14 @@ class AdapterOptions:
     unbalanced_factorization: bool = False
     block_size: int = 4
     on_input: bool = False
+    #: OFT/BOFT: Q over all blocks is scaled down to Frobenius norm ``constraint · out`` when above it (0: never)
+    constraint: float = 0.0
+    #: OFT/BOFT: a trainable per-output magnitude multiplying the rotated weight
+    rescaled: bool = False
+    #: OFT: an exact block size (0: from ``r`` as LyCORIS' ``factorization``)
+    oft_block_size: int = 0
+    #: BOFT: how many butterfly stages (−1: all that the block count allows)
+    boft_m: int = -1
     dropout: float = 0.0
     #: explicit LoKr shapes (a ``LoKrLayout``) for adapters read from files; ``None`` = LyCORIS' rules
     lokr_layout: Any = None

@@ -27,6 +27,7 @@ Merging adds the same deltas to the base weights in place; unmerging subtracts t
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -244,7 +245,11 @@ class AdapterLayer(nn.Module):
                 if fused is not None:
                     result = fused
                     continue
-            delta_out = adapter.bypass(x_in, draws[name])
+            if adapter.bypass_uses_base:
+                plain_out = self._without_bias(base_out) if plain_out is None else plain_out
+                delta_out = adapter.base_bypass(x_in, self._base_operation(x_in, plain_out), draws[name])
+            else:
+                delta_out = adapter.bypass(x_in, draws[name])
             if adapter.decomposed:
                 plain_out = self._without_bias(base_out) if plain_out is None else plain_out
                 weight = self.base_weight().to(adapter.param_dtype)
@@ -254,6 +259,17 @@ class AdapterLayer(nn.Module):
             if bias is not None:
                 result = result + (t * g.per_channel(bias, x.dim())).to(result.dtype)
         return result
+
+    def _base_operation(self, x: Tensor, plain_out: Tensor) -> Callable[[Tensor], Tensor]:
+        """``z ↦ W z`` (the base operation without its bias, in z's dtype) for :meth:`~.Adapter.base_bypass`;
+        for ``z`` = ``x`` it returns ``plain_out`` = W x, already computed."""
+
+        def apply_base(z: Tensor) -> Tensor:
+            if z is x:
+                return cast(plain_out, z.dtype)
+            return self.geometry.apply(z, cast(self.geometry.canonical_weight(self.base_layer), z.dtype))
+
+        return apply_base
 
     def _scale_output(self, out: Tensor, scalings: list[Adapter], has_bias: bool = True) -> Tensor:
         """Output-side channel scaling ((IA)³) in one pass, ``v = Σ t · v_i``: ``(W x + b) ⊙ (1 + v) − v ⊙ b``
