@@ -154,7 +154,7 @@ def test_checkpoint_keeps_the_fp16_loss_scale(tmp_path: Path) -> None:
         scaler.update()
     save_checkpoint(tmp_path, 3, {"p": param}, optimizer, scheduler, 3, keep=1, scaler=scaler)
     fresh = torch.amp.GradScaler("cpu", init_scale=1.0, growth_interval=1)
-    load_checkpoint(tmp_path, {"p": param}, optimizer, scheduler, fresh)
+    assert load_checkpoint(tmp_path, {"p": param}, optimizer, scheduler, fresh)[:2] == (3, 3)
     assert fresh.state_dict() == scaler.state_dict() and fresh.get_scale() == 2048.0
 
 

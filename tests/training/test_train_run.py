@@ -84,13 +84,18 @@ def test_outputs_of_a_run(reference: Path) -> None:
 def test_resume_equals_one_run(data: Path, reference: Path, tmp_path: Path) -> None:
     out = tmp_path / "halves"
     assert train(options(data, out, max_steps=2)) == 0
+    earlier = torch.load(out / "checkpoints" / "step-000002" / "state.pt", weights_only=False)["seconds"]
+    assert earlier > 0
     assert train(options(data, out, resume=True)) == 0
     first, second = load_file(str(reference / "adapter.safetensors")), load_file(str(out / "adapter.safetensors"))
     assert first.keys() == second.keys()
     for key in first:
         assert torch.equal(first[key], second[key]), key
-    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert steps == [1, 2, 3, 4]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    # the clock goes on from the checkpoint: the run's time covers both sessions
+    assert records[2]["time"] > earlier and records[3]["time"] >= records[2]["time"]
+    assert json.loads((out / "summary.json").read_text())["seconds"] >= records[3]["time"] - 0.1
 
 
 def test_sigterm_saves_and_resume_finishes_the_same(

@@ -55,9 +55,11 @@ def save_checkpoint(
     data_position: int,
     keep: int,
     scaler: Any = None,
+    seconds: float = 0.0,
 ) -> Path:
     """Write the checkpoint of ``step`` atomically and keep only the newest ``keep``.  ``scaler``: the
-    fp16 gradient scaler, whose scale is part of the training state."""
+    fp16 gradient scaler, whose scale is part of the training state; ``seconds``: the run's time so far, over
+    every session that led to this step (a resumed run reports its whole time)."""
     folder = output_dir / "checkpoints"
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / f"step-{step:06d}"
@@ -67,7 +69,13 @@ def save_checkpoint(
             {k: v.detach().cpu().contiguous() for k, v in trainable.items()}, str(temporary / "trainable.safetensors")
         )
         torch.save(optimizer.state_dict(), temporary / "optimizer.pt")
-        state = {"step": step, "data_position": data_position, "scheduler": scheduler.state_dict(), "rng": rng_states()}
+        state = {
+            "step": step,
+            "data_position": data_position,
+            "scheduler": scheduler.state_dict(),
+            "rng": rng_states(),
+            "seconds": seconds,
+        }
         if scaler is not None:
             state["scaler"] = scaler.state_dict()
         torch.save(state, temporary / "state.pt")
@@ -91,8 +99,8 @@ def load_checkpoint(
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
     scaler: Any = None,
-) -> tuple[int, int]:
-    """Restore the latest checkpoint in place; returns (step, data position)."""
+) -> tuple[int, int, float]:
+    """Restore the latest checkpoint in place; returns (step, data position, the run's seconds so far)."""
     found = checkpoint_dirs(output_dir)
     if not found:
         raise TrainConfigError(f"--resume: no checkpoint in {output_dir / 'checkpoints'}")
@@ -114,7 +122,7 @@ def load_checkpoint(
     if scaler is not None and "scaler" in state:
         scaler.load_state_dict(state["scaler"])
     set_rng_states(state["rng"])
-    return int(state["step"]), int(state["data_position"])
+    return int(state["step"]), int(state["data_position"]), float(state.get("seconds", 0.0))
 
 
 class MetricsLog:

@@ -334,6 +334,7 @@ class Trainer:
                 step * self.config.gradient_accumulation,
                 self.config.keep_checkpoints,
                 self.dist.scaler,
+                time.perf_counter() - self._started,
             )
         self.dist.barrier()
 
@@ -342,13 +343,15 @@ class Trainer:
         from tqdm.auto import tqdm
 
         config = self.config
-        started = time.perf_counter()
+        self._started = started = time.perf_counter()
         self._setup()
         start = 0
         if config.resume:
-            start, _ = load_checkpoint(
+            start, _, earlier = load_checkpoint(
                 self.output_dir, self.trainable, self.optimizer, self.scheduler, self.dist.scaler
             )
+            # the clock goes on from the checkpoint: times in metrics.jsonl and the summary cover the whole run
+            self._started = started = started - earlier
             if self.dist.is_main:
                 self.echo(f"resuming {self.output_dir} from step {start}")
         metrics = MetricsLog(self.output_dir / "metrics.jsonl", start) if self.dist.is_main else None
