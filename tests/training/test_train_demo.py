@@ -79,6 +79,9 @@ def test_short_demo_run_reports_the_concept_measure(tmp_path: Path, capsys) -> N
     assert "concept score of 'a yellow cross'" in printed and f"before {summary['score_before']:.3f}" in printed
     assert len(list((out / "concept_data").rglob("*.png"))) == 8
     assert (out / "adapter.safetensors").is_file() and (out / "before_after.png").is_file()
+    # the defaults the model and the algorithm decided are on record: the run reruns as it ran
+    recorded = TrainConfig.from_sources(str(out / "config.toml"), {})
+    assert (recorded.learning_rate, recorded.batch_size, recorded.resolution) == (4e-3, 8, 16)
 
 
 def test_own_data_on_the_demo_base_samples_its_own_prompts(tmp_path: Path, capsys) -> None:

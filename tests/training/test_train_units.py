@@ -111,4 +111,20 @@ def test_help_shows_every_default() -> None:
         if default is not None and default != []:
             shown = " ".join(map(str, default)) if isinstance(default, list) else str(default)
             assert f"default: {shown}" in helps[f.name] or "default" in helps[f.name], f.name
-    assert "(default: 0.004)" in helps["learning_rate"] and "(default: lokr)" in helps["algo"]
+    assert "(default: lokr)" in helps["algo"]
+    # the defaults decided by the model and the algorithm say how
+    assert "lokr 0.001" in helps["learning_rate"] and "lora 0.0001" in helps["learning_rate"]
+    assert "4× that on the demo" in helps["learning_rate"] and "1 on SDXL" in helps["batch_size"]
+
+
+@pytest.mark.parametrize(
+    ("algo", "demo", "expected"), [("lokr", True, 4e-3), ("lokr", False, 1e-3), ("lora", False, 1e-4), ("ia3", True, 2e-2)]
+)
+def test_learning_rate_by_algorithm_and_model(algo: str, demo: bool, expected: float) -> None:
+    config = TrainConfig(algo=algo)
+    config.fill_model_defaults(is_demo=demo, batch_size=2, resolution=512)
+    assert config.learning_rate == pytest.approx(expected)
+    assert (config.batch_size, config.resolution) == (2, 512)
+    given = TrainConfig(algo=algo, learning_rate=0.5, batch_size=3, resolution=256)
+    given.fill_model_defaults(is_demo=demo, batch_size=2, resolution=512)
+    assert (given.learning_rate, given.batch_size, given.resolution) == (0.5, 3, 256)

@@ -77,6 +77,9 @@ class AdapterConfig:
     algorithm: ClassVar[str]
     #: with no ``target_modules``, every layer of these kinds is adapted (empty: ``target_modules`` is needed)
     targets_by_kind: ClassVar[frozenset[str]] = frozenset()
+    #: the peak AdamW learning rate this algorithm usually trains a pretrained Stable Diffusion model at
+    #: (``beyondlora train``'s default for it)
+    learning_rate: ClassVar[float] = 1e-4
 
     target_modules: list[str] | str | None = None
     exclude_modules: list[str] | str | None = None

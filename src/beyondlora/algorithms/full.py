@@ -26,6 +26,7 @@ class FullConfig(AdapterConfig):
 
     peft_type: ClassVar[str] = "FULL"
     algorithm: ClassVar[str] = "full"
+    learning_rate: ClassVar[float] = 1e-5
 
 
 @dataclass(kw_only=True)
@@ -34,6 +35,7 @@ class NormConfig(AdapterConfig):
 
     peft_type: ClassVar[str] = "NORM"
     algorithm: ClassVar[str] = "norm"
+    learning_rate: ClassVar[float] = 1e-4
     targets_by_kind: ClassVar[frozenset[str]] = frozenset({"layer_norm", "group_norm"})
 
 

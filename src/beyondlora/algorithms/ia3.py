@@ -32,6 +32,7 @@ class IA3Config(AdapterConfig):
 
     peft_type: ClassVar[str] = "IA3"
     algorithm: ClassVar[str] = "ia3"
+    learning_rate: ClassVar[float] = 5e-3
     feedforward_modules: list[str] | str | None = None
     init_ia3_weights: bool | None = field(default=None, repr=False)
 

@@ -44,6 +44,7 @@ class LoHaConfig(RankConfig):
 
     peft_type: ClassVar[str] = "LOHA"
     algorithm: ClassVar[str] = "loha"
+    learning_rate: ClassVar[float] = 5e-4
     use_effective_conv2d: bool = False
 
     def options_for(self, module_name: str) -> AdapterOptions:

@@ -57,6 +57,7 @@ class LoKrConfig(RankConfig):
 
     peft_type: ClassVar[str] = "LOKR"
     algorithm: ClassVar[str] = "lokr"
+    learning_rate: ClassVar[float] = 1e-3
     use_effective_conv2d: bool = False
     decompose_both: bool = False
     decompose_factor: int = -1

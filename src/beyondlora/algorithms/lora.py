@@ -47,6 +47,7 @@ class LoraConfig(RankConfig):
 
     peft_type: ClassVar[str] = "LORA"
     algorithm: ClassVar[str] = "lora"
+    learning_rate: ClassVar[float] = 1e-4
     use_effective_conv2d: bool = False
     dropout: float = 0.0
     lora_dropout: float | None = field(default=None, repr=False)
@@ -73,6 +74,7 @@ class DyLoraConfig(RankConfig):
 
     peft_type: ClassVar[str] = "DYLORA"
     algorithm: ClassVar[str] = "dylora"
+    learning_rate: ClassVar[float] = 1e-4
     block_size: int = 4
 
     def __post_init__(self) -> None:

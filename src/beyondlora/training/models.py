@@ -27,6 +27,8 @@ class BaseModel:
     resolution: int
     scale_factor: int
     is_demo: bool = False
+    #: images per step per process when the run does not say
+    batch_size: int = 8
 
     @property
     def unet(self) -> Any:
@@ -186,7 +188,10 @@ def load_base_model(name: str, device: torch.device, base_config: str | None = N
     encode, decode = _vae_codec(pipe.vae)
     scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
     resolution = pipe.unet.config.sample_size * scale
-    return BaseModel(pipe, pipe.tokenizer, scheduler, encode, decode, resolution, scale)
+    base = BaseModel(pipe, pipe.tokenizer, scheduler, encode, decode, resolution, scale)
+    if name not in BUILT_IN:  # a real model: what fits a consumer GPU at its resolution
+        base.batch_size = 1 if base.is_xl else 2
+    return base
 
 
 def _load_single_file(path: Path, base_config: str | None) -> Any:

@@ -30,12 +30,18 @@ def prepare_output_dir(config: TrainConfig, dist: Any) -> Path:
         if output_dir.exists() and not output_dir.is_dir():
             raise TrainConfigError(f"--output-dir {output_dir} is a file")
         output_dir.mkdir(parents=True, exist_ok=True)
-        with atomic_path(output_dir / "config.toml") as path:
-            path.write_text(config.to_toml())
-        with atomic_path(output_dir / "config.json") as path:
-            path.write_text(json.dumps(config.to_dict(), indent=2))
+        write_config(config, output_dir)
     dist.barrier()
     return output_dir
+
+
+def write_config(config: TrainConfig, output_dir: Path) -> None:
+    """The effective configuration as ``config.toml`` (which reruns the run) and ``config.json``; written
+    again once the base model has settled its defaults (:meth:`.TrainConfig.fill_model_defaults`)."""
+    with atomic_path(output_dir / "config.toml") as path:
+        path.write_text(config.to_toml())
+    with atomic_path(output_dir / "config.json") as path:
+        path.write_text(json.dumps(config.to_dict(), indent=2))
 
 
 def sample_prompts(trainer: Any) -> list[str]:

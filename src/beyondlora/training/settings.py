@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..algorithms import ALGORITHMS
 from ..algorithms.config_base import algo_names, unsupported_fields
 from ..integrations.kohya_args import PRESETS, load_preset
 
@@ -25,6 +26,21 @@ except ModuleNotFoundError:  # Python 3.10
 
 
 ALGOS = tuple(algo_names())
+#: how many times the algorithm's usual learning rate the demo trains at: a tiny model and a 200-step run
+DEMO_LEARNING_RATE_SCALE = 4.0
+
+
+def default_learning_rate(algo: str, is_demo: bool) -> float:
+    """``--algo``'s usual peak learning rate on a pretrained model (its config's ``learning_rate``), times
+    :data:`DEMO_LEARNING_RATE_SCALE` on the demo."""
+    rate = ALGORITHMS[algo_names()[algo]].config_class.learning_rate
+    return rate * DEMO_LEARNING_RATE_SCALE if is_demo else rate
+
+
+def _learning_rates() -> str:
+    return ", ".join(f"{name} {default_learning_rate(name, False):g}" for name in ALGOS)
+
+
 OPTIMIZERS = ("adamw", "adamw8bit", "prodigy")
 SCHEDULES = ("constant", "cosine", "linear")
 PRECISIONS = ("no", "fp16", "bf16")
@@ -81,7 +97,13 @@ class TrainConfig:
     train_text_encoder: bool = field(default=False, metadata={"help": "also adapt the text encoder(s)"})
     # data
     resolution: int | None = field(default=None, metadata={"help": "training side in pixels (default: the model's)"})
-    batch_size: int = field(default=8, metadata={"help": "images per step per process"})
+    batch_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "images per step per process (default: the model's: 8 on the demo and tiny models, "
+            "2 on SD 1.x/2.x, 1 on SDXL)"
+        },
+    )
     enable_bucket: bool = field(default=True, metadata={"help": "aspect-ratio bucketing"})
     random_flip: bool = field(default=False, metadata={"help": "mirror images at random"})
     random_crop: bool = field(
@@ -94,7 +116,13 @@ class TrainConfig:
     cache_latents_to_disk: bool = field(default=False, metadata={"help": "also keep the latent cache on disk"})
     # optimisation
     max_steps: int = field(default=200, metadata={"help": "optimizer steps"})
-    learning_rate: float = field(default=4e-3, metadata={"help": "peak learning rate"})
+    learning_rate: float | None = field(
+        default=None,
+        metadata={
+            "help": f"peak learning rate (default: by algorithm: {_learning_rates()}; "
+            f"{DEMO_LEARNING_RATE_SCALE:g}× that on the demo)"
+        },
+    )
     optimizer: str = field(default="adamw", metadata={"help": "/".join(OPTIMIZERS)})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
     lr_scheduler: str = field(default="constant", metadata={"help": "/".join(SCHEDULES)})
@@ -190,7 +218,7 @@ class TrainConfig:
             raise TrainConfigError(f"--prediction-type must be epsilon or v_prediction, got {self.prediction_type!r}")
         positive = ("rank", "batch_size", "max_steps", "gradient_accumulation", "sample_steps", "keep_checkpoints")
         for name in positive:
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise TrainConfigError(f"--{_flag(name)} must be at least 1, got {getattr(self, name)}")
         for name in (
             "save_every",
@@ -205,7 +233,7 @@ class TrainConfig:
                 raise TrainConfigError(f"--{_flag(name)} must not be negative, got {getattr(self, name)}")
         if self.conv_rank is not None and self.conv_rank < 1:
             raise TrainConfigError(f"--conv-rank must be at least 1, got {self.conv_rank}")
-        if not self.learning_rate > 0:
+        if self.learning_rate is not None and not self.learning_rate > 0:
             raise TrainConfigError(f"--learning-rate must be positive, got {self.learning_rate}")
         if not 0.0 <= self.caption_dropout < 1.0:
             raise TrainConfigError(f"--caption-dropout must be in [0, 1), got {self.caption_dropout}")
@@ -240,6 +268,16 @@ class TrainConfig:
                 raise TrainConfigError(f"--optimizer {self.optimizer} needs the {modules[self.optimizer]} package")
         if self.sample_prompts is not None and not self.sample_prompts:
             raise TrainConfigError("--sample-prompts is empty")
+
+    def fill_model_defaults(self, is_demo: bool, batch_size: int, resolution: int) -> None:
+        """Settle the defaults that depend on the base model (and the algorithm): the learning rate
+        (:func:`default_learning_rate`), the batch size and the resolution, where the run left them open."""
+        if self.learning_rate is None:
+            self.learning_rate = default_learning_rate(self.algo, is_demo)
+        if self.batch_size is None:
+            self.batch_size = batch_size
+        if self.resolution is None:
+            self.resolution = resolution
 
     # --- writing -----------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

@@ -33,7 +33,7 @@ from .data import (
 from .distributed import Engine
 from .models import BUILT_IN, check_model_path, load_base_model
 from .network import adapter_config
-from .outputs import finish_run, prepare_output_dir, sample_grid
+from .outputs import finish_run, prepare_output_dir, sample_grid, write_config
 from .resume import MetricsLog, checkpoint_dirs, load_checkpoint, save_checkpoint
 from .sampling import embed_text, time_ids
 from .settings import TrainConfig, TrainConfigError
@@ -181,7 +181,10 @@ class Trainer:
             self.dist.barrier()
         items = self.items if self.items is not None else scan_dataset(data_dir)
         self.base = load_base_model(config.pretrained_model, self.dist.device, config.base_config)
-        resolution = config.resolution or self.base.resolution
+        config.fill_model_defaults(self.base.is_demo, self.base.batch_size, self.base.resolution)
+        if self.dist.is_main:
+            write_config(config, self.output_dir)
+        resolution = config.resolution
         step = 8 * self.base.scale_factor
         if resolution % step:
             raise TrainConfigError(f"--resolution must be a multiple of {step} for this model, got {resolution}")
