@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -34,6 +35,7 @@ from ..ops.bypass_common import autocasting
 from ..ops.decompositions import low_rank_factors, tucker2
 from ..ops.geometry import LayerGeometry
 from ..ops.products import input_mixed, low_rank_delta, tucker_rebuild
+from ..ops.recompute import rebuilt_if_saved
 from .base import Adapter
 from .codec import consumer_alpha, file_alpha, shape_of
 from .common import AdapterOptions, Extraction, check_init, kaiming_
@@ -103,7 +105,10 @@ class GLoRA(Adapter):
                 if param is not None:
                     kaiming_(param)
             for param in (self.a2, self.b2):
-                kaiming_(param) if self.options.init_weights is False else param.zero_()
+                if self.options.init_weights is False:
+                    kaiming_(param)
+                else:
+                    param.zero_()
 
     # --- the math --------------------------------------------------------------------------------------
     def draw(self) -> tuple[Tensor, Tensor] | None:
@@ -152,7 +157,7 @@ class GLoRA(Adapter):
         left, right = self._flat_factors(base_weight, draw, alpha)
         return low_rank_delta(left, right, base=weight.reshape(left.shape[0], -1)).view(weight.shape)
 
-    def base_bypass(self, x: Tensor, apply_base: Any, draw: Any = None) -> Tensor | None:
+    def base_bypass(self, x: Tensor, apply_base: Callable[[Tensor], Tensor], draw: Any = None) -> Tensor | None:
         """``s · (W (a1 (a2 x)) + b1 (b2 x))``: on linear-like layers both hiddens from one (…, 2r) product; on
         convolutions A mixes each position's channels (each group's alike), ``W (·)`` is the base op with its
         stride and padding, and B runs as LoCon's convolution (Tucker: pointwise, core, pointwise).  Embeddings
@@ -166,13 +171,18 @@ class GLoRA(Adapter):
         if g.kind != "conv":
             return None
         groups = g.groups
-        mixed = g.pointwise(g.pointwise(x, _per_group(self.a2, groups), groups), _per_group(a1 * s, groups), groups)
+        mix_in, mix_out = _per_group(self.a2, groups), _per_group(a1 * s, groups)
+        mixed = g.pointwise(g.pointwise(x, mix_in, groups), mix_out, groups)
+        # a convolution keeps its input for backward even with W frozen: rebuild A x from x there instead
+        kept = (x.detach(), mix_in.detach(), mix_out.detach())
+        with rebuilt_if_saved(mixed, lambda: g.pointwise(g.pointwise(kept[0], kept[1], groups), kept[2], groups)):
+            out_a = apply_base(mixed)
         if self.bm is None:
             hidden = g.conv(x, _per_group(self.b2, groups), groups)
         else:
             inner = g.pointwise(g.pad_input(x), _per_group(self.b2.flatten(1), groups), groups)
             hidden = g.conv(inner, _per_group(self.bm, groups), groups, padded=True)
-        return apply_base(mixed) + g.pointwise(hidden, b1 * s, groups)
+        return out_a + g.pointwise(hidden, b1 * s, groups)
 
     def bypass_flops(self, tokens: int) -> float:
         """The A and B hiddens' products plus the base op on ``A x`` (a full-size op per position); the input
