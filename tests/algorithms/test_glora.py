@@ -286,3 +286,23 @@ def test_malformed_files_name_module_key_and_shape_and_change_nothing(key, chang
         bl.PeftModel.from_pretrained(model, tmp_path / "bad.safetensors")
     assert not any(isinstance(m, bl.AdapterLayer) for m in model.modules())
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+# --- the cost model -----------------------------------------------------------------------------------------
+def test_the_bypass_is_priced_with_its_base_op_and_embeddings_take_the_combined_path() -> None:
+    """Linear 64 → 64, r = 4: the bypass does t · (3 · 4 · 64 + 64 · 64 + 4 · 64) multiply-adds (the A and B
+    hiddens, the base op on A x, b1), the rebuild 3 · 4 · 64 · 64 = 49,152: inference keeps the bypass for one
+    row (5,120) and rebuilds for 64 rows (327,680)."""
+    model = bl.get_peft_model(nn.Sequential(nn.Linear(64, 64)), bl.GLoRAConfig(r=4, target_modules=["0"]))
+    (host,) = [m for m in model.modules() if isinstance(m, bl.AdapterLayer)]
+    adapter = host.adapters["default"]
+    assert adapter.bypass_flops(10) == 10 * (3 * 4 * 64 + 64 * 64 + 4 * 64)
+    assert adapter.rebuild_flops() == 3 * 4 * 64 * 64
+    with torch.no_grad():
+        assert host._path(torch.randn(1, 64), ["default"]) == "bypass"
+        assert host._path(torch.randn(64, 64), ["default"]) == "combined"
+    table = bl.get_peft_model(nn.Sequential(nn.Embedding(30, 8)), bl.GLoRAConfig(r=2, target_modules=["0"]))
+    (host,) = [m for m in table.modules() if isinstance(m, bl.AdapterLayer)]
+    host.forward_mode = "bypass"  # A x of an index is a dense column the lookup cannot take: no bypass
+    assert not host.adapters["default"].has_exact_bypass()
+    assert host._path(torch.tensor([[1, 2, 3]]), ["default"]) == "combined"

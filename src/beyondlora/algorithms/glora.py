@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from ..errors import FormatError
 from ..ops.bypass_common import autocasting
+from ..ops.bypass_glora import glora_halves, merged_glora_linear
 from ..ops.decompositions import low_rank_factors, tucker2
 from ..ops.geometry import LayerGeometry
 from ..ops.products import input_mixed, low_rank_delta, tucker_rebuild
@@ -132,8 +133,7 @@ class GLoRA(Adapter):
         without a kernel (:attr:`_flat`): both halves in one rank-2r product."""
         a1, b1 = self._masked(draw)
         weight = base_weight.reshape(self.geometry.out_dim, -1)
-        left = torch.cat([weight @ (a1 * alpha), b1 * alpha], dim=1)
-        return left, torch.cat([self.a2, self.b2.reshape(self.rank, -1)])
+        return glora_halves(weight, a1 * alpha, self.a2, b1 * alpha, self.b2.reshape(self.rank, -1))
 
     def delta_weight(self, base_weight: Tensor, draw: Any = None, factor: float = 1.0) -> Tensor:
         """``s · (W a1 a2 + b1 b2)`` in canonical shape (Tucker: ``B = Σ bm[i, j] b1[:, i] ⊗ b2[j]``), the scale
@@ -156,6 +156,20 @@ class GLoRA(Adapter):
             return super().add_delta(weight, base_weight, draw, multiplier)
         left, right = self._flat_factors(base_weight, draw, alpha)
         return low_rank_delta(left, right, base=weight.reshape(left.shape[0], -1)).view(weight.shape)
+
+    def has_merged_step(self) -> bool:
+        """Linear-like layers (:func:`~beyondlora.ops.bypass_glora.merged_glora_linear`)."""
+        return self.geometry.kind in ("linear", "hf_conv1d")
+
+    def merged_step(
+        self, x: Tensor, weight: Tensor, bias: Tensor | None, draw: Any = None, multiplier: float = 1.0
+    ) -> Tensor | None:
+        """``x (W + t · ΔW)ᵀ + b`` with the factors' gradients through their rank-2r route; it spares the bypass's
+        base op on ``A x`` in forward and backward."""
+        if not self.has_merged_step():
+            return None
+        a1, b1 = self._masked(draw)
+        return merged_glora_linear(x, weight, bias, a1, self.a2, b1, self.b2, self.scale * multiplier)
 
     def base_bypass(self, x: Tensor, apply_base: Callable[[Tensor], Tensor], draw: Any = None) -> Tensor | None:
         """``s · (W (a1 (a2 x)) + b1 (b2 x))``: on linear-like layers both hiddens from one (…, 2r) product; on
