@@ -113,7 +113,9 @@ class GLoRA(Adapter):
 
     # --- the math --------------------------------------------------------------------------------------
     def draw(self) -> tuple[Tensor, Tensor] | None:
-        """Rank dropout as LyCORIS': independent masks on the A and the B hidden."""
+        """Rank dropout as LyCORIS': independent masks on the A and the B hidden, each component kept with
+        probability 1 − p (× 1 / (1 − p) with ``rank_dropout_scale``; LyCORIS 4.1.3 keeps it with probability p
+        and divides by the mask's mean)."""
         first = self.rank_mask(self.rank)
         return None if first is None else (first, self.rank_mask(self.rank))
 
@@ -265,7 +267,7 @@ class GLoRA(Adapter):
         except the Tucker core; AUTOMATIC1111's GLoRA module multiplies the tensors in an older layout's order."""
         caveats = [
             "AUTOMATIC1111 applies an older GLoRA layout (b2·b1 + W·a2·a1), which raises on these tensors, so it "
-            "leaves the module out; ComfyUI and LyCORIS apply it exactly"
+            "leaves the module out (ComfyUI applies it exactly)"
         ]
         if self.bm is not None:
             caveats.append(
