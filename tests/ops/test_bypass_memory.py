@@ -419,10 +419,10 @@ class _Both(nn.Module):
 
 # --- torch.compile --------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("memory", ["auto", "lean"])
-@pytest.mark.parametrize("config", ["lokr", "loha", "ia3_input"])
+@pytest.mark.parametrize("config", ["lokr", "loha", "ia3_input", "glora"])
 @pytest.mark.parametrize("layer", ["linear", "conv2d"])
 def test_torch_compile_training_step(layer: str, config: str, memory: str) -> None:
-    peft, x = _wrapped(layer, MEMORY_CONFIGS[config], memory=memory)
+    peft, x = _wrapped(layer, MEMORY_CONFIGS.get(config, dict(cls=bl.GLoRAConfig)), memory=memory)
     reference = copy.deepcopy(peft)
     expected_out, expected = _grads(reference, x, 1.0)
     compiled = torch.compile(peft, backend="aot_eager")

@@ -10,7 +10,9 @@ width of a grouped convolution: the same A mixes every group's channels.
 
 ΔW depends on W (:attr:`~.base.Adapter.scales_base`): merging remembers the delta it added.  The bypass computes
 ``s · (W (a1 (a2 x)) + b1 (b2 x))`` with the base layer's own operation for ``W (·)`` (one more base op on an
-input-sized ``A x``; the hiddens are r wide); the combined path forms ``(W a1) a2`` (never the in × in A).
+input-sized ``A x``, rebuilt in backward rather than kept; the two hiddens are r wide and kept, what a rank-2r
+LoRA keeps, with ``backward_memory`` "lean" too); the combined path forms ``(W a1) a2`` (never the in × in A),
+and trains linear-like layers by a merged step whose factor gradients take a rank-2r route.
 
 Files: ``a1.weight`` (in, r), ``a2.weight`` (r, in), ``b1.weight`` (out, r) — each with trailing 1s on
 convolutions — ``b2.weight`` (r, in, *k), optional ``bm.weight``, and ``alpha`` carrying scale × multiplier as
