@@ -1,6 +1,6 @@
 """beyondlora: parameter-efficient fine-tuning beyond plain LoRA.
 
-LoRA/LoCon, LoHa, LoKr, (IA)³, DyLoRA, Full and Norm tuning, with DoRA, on any PyTorch model, behind
+LoRA/LoCon, LoHa, LoKr, (IA)³, DyLoRA, GLoRA, Full and Norm tuning, with DoRA, on any PyTorch model, behind
 PEFT's API.
 """
 
@@ -9,6 +9,7 @@ from .config import (
     AdapterConfig,
     DyLoraConfig,
     FullConfig,
+    GLoRAConfig,
     IA3Config,
     LoHaConfig,
     LoKrConfig,
@@ -34,6 +35,7 @@ __all__ = [
     "AdapterLayer",
     "DyLoraConfig",
     "FullConfig",
+    "GLoRAConfig",
     "IA3Config",
     "IA3Model",
     "LoHaConfig",

@@ -19,6 +19,7 @@ from .algorithms.config_base import (
     read_config_json,
 )
 from .algorithms.full import FullConfig, NormConfig
+from .algorithms.glora import GLoRAConfig
 from .algorithms.ia3 import IA3Config
 from .algorithms.loha import LoHaConfig
 from .algorithms.lokr import LoKrConfig
@@ -39,6 +40,7 @@ __all__ = [
     "AdapterConfig",
     "DyLoraConfig",
     "FullConfig",
+    "GLoRAConfig",
     "IA3Config",
     "LoHaConfig",
     "LoKrConfig",

@@ -159,6 +159,7 @@ LOKR_BOTH_DECOMPOSED = {"lokr_w1_a", "lokr_w1_b", "lokr_w2_a", "lokr_w2_b", "alp
 IA3 = {"weight", "on_input"}
 FULL = {"diff", "diff_b"}
 DORA = {"dora_scale"}
+GLORA = {"a1.weight", "a2.weight", "b1.weight", "b2.weight", "alpha"}
 
 LYCORIS_CASES = [
     LycorisCase("lora", "lora", layouts={"fc1": LORA, "conv1": LORA, "seq": LORA}),
@@ -223,6 +224,10 @@ LYCORIS_CASES = [
         reload_match="make_module_from_state_dict",
     ),
     LycorisCase("full", "full", layouts={name: FULL for name in TARGETS}),
+    LycorisCase("glora", "glora", layouts={name: GLORA for name in TARGETS}),
+    # GLoRAModule drops use_tucker on every k×k conv (it keeps it only where all kernel sizes are 1, where it
+    # has no effect), so its files never hold bm.weight
+    LycorisCase("glora-tucker", "glora", {"use_tucker": True}, layouts={name: GLORA for name in TARGETS}),
     # conv DyLoRA saves lora_up as (out, r), which LyCORIS's LoCon cannot copy into (out, r, 1, 1)
     LycorisCase(
         "dylora",
@@ -427,6 +432,21 @@ OURS_CASES = [
         {"fc1": LORA, "conv1": LORA},
     ),
     OursCase("full", bl.FullConfig(target_modules=TARGETS), {name: FULL for name in TARGETS}),
+    OursCase("glora", bl.GLoRAConfig(r=4, alpha=2, target_modules=TARGETS), {name: GLORA for name in TARGETS}),
+    # rs-LoRA's alpha / √r is folded into the file's alpha: LyCORIS' alpha / r gives it exactly
+    OursCase(
+        "glora-rslora",
+        bl.GLoRAConfig(r=4, alpha=2, use_rslora=True, target_modules=TARGETS),
+        {"fc1": GLORA, "conv1": GLORA},
+    ),
+    # GLoRAModule rebuilt from a bm.weight file drops use_tucker on the k×k conv and has no bm to copy into
+    OursCase(
+        "glora-tucker",
+        bl.GLoRAConfig(r=4, alpha=2, use_effective_conv2d=True, target_modules=TARGETS),
+        {"conv1": GLORA | {"bm.weight"}, "seq": GLORA | {"bm.weight"}, "fc1": GLORA, "conv2": GLORA},
+        load_error=AttributeError,
+        load_match="bm",
+    ),
     # IA3Module.make_module_from_state_dict takes (weight) but is handed (weight, on_input)
     OursCase(
         "ia3",

@@ -90,10 +90,14 @@ def random_params(spec: dict, weight: torch.Tensor, generator: torch.Generator) 
         on_input = spec.get("on_input", False)
         params["weight"] = rand(in_dim if on_input else out_dim)
         params["on_input"] = torch.tensor(int(on_input))
+    elif algo == "glora":
+        ones = [1] * len(kernel)
+        params["a1.weight"], params["a2.weight"] = rand(in_dim, r, *ones), rand(r, in_dim, *ones, std=0.1)
+        params["b1.weight"], params["b2.weight"] = rand(out_dim, r, *ones), rand(r, in_dim, *kernel, std=0.1)
     elif algo == "full":
         params["diff"] = rand(*weight.shape, std=0.05)
         params["diff_b"] = rand(out_dim, std=0.05)
-    if algo in ("lora", "loha", "lokr"):
+    if algo in ("lora", "loha", "lokr", "glora"):
         params["alpha"] = torch.tensor(float(spec.get("alpha", r)))
     return params
 

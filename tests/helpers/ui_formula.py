@@ -53,6 +53,17 @@ def ui_delta(params: dict[str, Tensor], weight: Tensor) -> tuple[Tensor, Tensor 
             w1 = w1.unsqueeze(-1)
         scale = alpha.item() / dim if alpha is not None and dim is not None else 1.0
         delta = torch.kron(w1, w2.contiguous()) * scale  # torch.kron cannot view einsum strides
+    elif "a1.weight" in p:
+        # GLoRA: (alpha / r) · (W · a1 a2 + b1 b2), r = a2's first size; a1 a2 mixes W's input channels
+        rank = p["a2.weight"].shape[0]
+        mix = p["a1.weight"].flatten(1) @ p["a2.weight"].flatten(1)
+        mixed = torch.einsum("oi...,ij->oj...", weight.double(), mix)
+        b1, b2 = p["b1.weight"].flatten(1), p["b2.weight"].flatten(1)
+        if "bm.weight" in p:
+            lora = torch.einsum("ij...,ip,jq->pq...", p["bm.weight"], b1.t(), b2)
+        else:
+            lora = (b1 @ b2).reshape(weight.shape)
+        delta = (mixed + lora) * (alpha.item() / rank if alpha is not None else 1.0)
     elif "diff" in p:
         delta = p["diff"].reshape(weight.shape)
         bias = p.get("diff_b")
@@ -84,9 +95,10 @@ def _without_dora(params: dict[str, Tensor]) -> dict[str, Tensor]:
 
 def comfyui_delta(params: dict[str, Tensor], weight: Tensor) -> tuple[Tensor, Tensor | None]:
     """What ComfyUI adds: nothing for (IA)³ keys (it has no such adapter) nor for a LoKr with ``lokr_t2`` (its
-    einsum + kron fails on torch 2.13; logged, weight left unchanged); output-axis DoRA normalised by ‖W‖
-    per output row instead of ‖W + ΔW‖; everything else as :func:`ui_delta`."""
-    if "on_input" in params or "lokr_t2" in params:
+    einsum + kron fails on torch 2.13; logged, weight left unchanged) nor for a GLoRA with a Tucker ``bm.weight``
+    (it never reads bm: b1·b2 cannot take the kernel's shape; logged, weight left unchanged); output-axis DoRA
+    normalised by ‖W‖ per output row instead of ‖W + ΔW‖; everything else as :func:`ui_delta`."""
+    if "on_input" in params or "lokr_t2" in params or "bm.weight" in params:
         return torch.zeros_like(weight, dtype=torch.float64), None
     magnitude = params.get("dora_scale")
     if magnitude is None or magnitude.shape[0] == 1:  # none, or on the input axis: (1, in, …)
@@ -99,8 +111,11 @@ def comfyui_delta(params: dict[str, Tensor], weight: Tensor) -> tuple[Tensor, Te
 
 def a1111_delta(params: dict[str, Tensor], weight: Tensor) -> tuple[Tensor, Tensor | None]:
     """What AUTOMATIC1111 (v1.10) adds for DoRA: it normalises per input channel whatever the magnitude's
-    shape, so an output-axis (out, 1, …) magnitude broadcasts against the (1, in, …) norm; everything else
-    as :func:`ui_delta`."""
+    shape, so an output-axis (out, 1, …) magnitude broadcasts against the (1, in, …) norm; nothing for GLoRA
+    (its formula b2·b1 + W·a2·a1 is an older layout's and raises on these tensors); everything else as
+    :func:`ui_delta`."""
+    if "a1.weight" in params:
+        return torch.zeros_like(weight, dtype=torch.float64), None
     magnitude = params.get("dora_scale")
     if magnitude is None:
         return ui_delta(params, weight)

@@ -116,6 +116,15 @@ CASES = {
         "train_norm": "on",
         "rs_lora": "true",
     },
+    "glora-tucker-rslora-dropouts": {
+        "algo": "glora",
+        "conv_dim": "2",
+        "conv_alpha": "1",
+        "use_tucker": "true",
+        "rs_lora": "true",
+        "rank_dropout": "0.1",
+        "module_dropout": "0.1",
+    },
     # every algorithm in one network: LoKr (full factors at dim 16) by default, the others per block
     "mixed-preset": {"algo": "lokr", "factor": "4", "preset": MIXED_PRESET},
 }

@@ -87,6 +87,13 @@ SD_ENTRIES = {
         {"algo": "full"},
     ),
     "lora_te_text_model_encoder_layers_1_mlp_fc2": ("text_encoder", "encoder.layers.1.mlp.fc2", {"algo": "loha"}),
+    # GLoRA: ΔW reads W, on a 16 → 32 3×3 conv and a text-encoder linear
+    "lora_unet_down_blocks_2_resnets_0_conv1": ("unet", "down_blocks.2.resnets.0.conv1", {"algo": "glora", "alpha": 1}),
+    "lora_te_text_model_encoder_layers_0_self_attn_v_proj": (
+        "text_encoder",
+        "encoder.layers.0.self_attn.v_proj",
+        {"algo": "glora", "r": 3, "alpha": 6.0},
+    ),
 }
 SDXL_ENTRIES = {
     "lora_unet_input_blocks_0_0": ("unet", "conv_in", {"algo": "lora", "r": 2, "tucker": True}),
@@ -97,6 +104,7 @@ SDXL_ENTRIES = {
     ),
     "lora_unet_input_blocks_1_0_in_layers_2": ("unet", "down_blocks.0.resnets.0.conv1", {"algo": "loha"}),
     "lora_unet_input_blocks_3_0_op": ("unet", "down_blocks.0.downsamplers.0.conv", {"algo": "lora"}),
+    "lora_unet_input_blocks_2_0_in_layers_2": ("unet", "down_blocks.0.resnets.1.conv1", {"algo": "glora"}),
     "lora_unet_middle_block_1_transformer_blocks_1_ff_net_2": (
         "unet",
         "mid_block.attentions.0.transformer_blocks.1.ff.net.2",
@@ -182,8 +190,9 @@ def test_live_adapters_stack_change_strength_and_remove(tmp_path) -> None:
     pristine = copy.deepcopy(pipe.unet.state_dict())
     base = part_outputs(pipe, "sd")
     first = _write(pipe, "sd", tmp_path / "a.safetensors", seed=0)
-    # (IA)³ twice on one layer is W(1 + a + b) for us and W(1 + a)(1 + b) in a UI's sequential patching
-    additive = {k: v for k, v in SD_ENTRIES.items() if v[2]["algo"] != "ia3"}
+    # (IA)³ twice on one layer is W(1 + a + b) for us and W(1 + a)(1 + b) in a UI's sequential patching; GLoRA
+    # likewise reads the base W in each of our adapters, the already patched W in a UI's second file
+    additive = {k: v for k, v in SD_ENTRIES.items() if v[2]["algo"] not in ("ia3", "glora")}
     second = _write(pipe, "sd", tmp_path / "b.safetensors", seed=1, entries=additive)
     a = load_adapter(pipe, tmp_path / "a.safetensors", multiplier=0.7, adapter_name="a")
     load_adapter(pipe, tmp_path / "b.safetensors", multiplier=-0.4, adapter_name="b")

@@ -419,10 +419,10 @@ class _Both(nn.Module):
 
 # --- torch.compile --------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("memory", ["auto", "lean"])
-@pytest.mark.parametrize("config", ["lokr", "loha", "ia3_input"])
+@pytest.mark.parametrize("config", ["lokr", "loha", "ia3_input", "glora"])
 @pytest.mark.parametrize("layer", ["linear", "conv2d"])
 def test_torch_compile_training_step(layer: str, config: str, memory: str) -> None:
-    peft, x = _wrapped(layer, MEMORY_CONFIGS[config], memory=memory)
+    peft, x = _wrapped(layer, MEMORY_CONFIGS.get(config, dict(cls=bl.GLoRAConfig)), memory=memory)
     reference = copy.deepcopy(peft)
     expected_out, expected = _grads(reference, x, 1.0)
     compiled = torch.compile(peft, backend="aot_eager")
@@ -471,3 +471,18 @@ def test_bfloat16_base_without_autocast(layer: str, config: str) -> None:
     for key in (("bypass", "auto"), ("bypass", "lean")):
         for got, want in zip(results[key], results[("combined", "auto")], strict=True):
             torch.testing.assert_close(got, want, rtol=5e-2, atol=5e-2 * want.abs().max().item(), msg=str(key))
+
+
+@pytest.mark.parametrize("tucker", [False, True], ids=["plain", "tucker"])
+@pytest.mark.parametrize("layer", list(MEMORY_LAYERS))
+def test_glora_keeps_no_more_than_two_loras(layer: str, tucker: bool) -> None:
+    """GLoRA's bypass keeps the layer input and its A and B hiddens, each what a rank-r LoRA keeps beyond the
+    input, plus factor-sized tensors (the scaled a1 and b1, the stacked a2 and b2); the base op's input ``A x``
+    (input-sized) is rebuilt in backward, not kept."""
+    lora, x = _wrapped(layer, {"cls": bl.LoraConfig, "r": 8, "use_effective_conv2d": tucker})
+    input_bytes = x.numel() * x.element_size()
+    beyond_input = saved_bytes(lora, x) - input_bytes
+    peft, x = _wrapped(layer, {"cls": bl.GLoRAConfig, "r": 8, "use_effective_conv2d": tucker}, memory="auto")
+    factors = sum(p.numel() * p.element_size() for p in peft.parameters() if p.requires_grad)
+    saved = saved_bytes(peft, x)
+    assert input_bytes <= saved <= input_bytes + 2 * beyond_input + factors, (saved, input_bytes, beyond_input)

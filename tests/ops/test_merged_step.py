@@ -1,5 +1,5 @@
-"""Training LoRA, LoKr and LoHa through ``W + ΔW`` without the full-size weight gradient (ops.bypass_merged:
-``merged_low_rank_linear``, ``merged_kron_linear``, ``merged_khatri_rao_linear``).
+"""Training LoRA, LoKr, LoHa and GLoRA through ``W + ΔW`` without the full-size weight gradient (ops.bypass_merged:
+``merged_low_rank_linear``, ``merged_kron_linear``, ``merged_khatri_rao_linear``, ``merged_glora_linear``).
 
 The combined path takes it for one such adapter on a linear-like layer when everything is in one dtype and
 autocast is off; the cost model picks it over the bypass when it needs fewer multiply-adds (LoRA: when
@@ -15,6 +15,7 @@ from test_bypass_memory import _saved_by
 from torch import nn
 
 import beyondlora as bl
+from beyondlora.ops.bypass_glora import merged_glora_linear
 from beyondlora.ops.bypass_khatri_rao import merged_khatri_rao_linear
 from beyondlora.ops.bypass_kron import merged_kron_linear
 from beyondlora.ops.bypass_lowrank import merged_low_rank_linear
@@ -62,6 +63,14 @@ def test_khatri_rao_gradcheck() -> None:
     assert torch.autograd.gradcheck(step, (x, a1, b1, a2, b2))
 
 
+def test_glora_gradcheck() -> None:
+    out, n, r = 4, 5, 2
+    x, a1, a2, b1, b2 = _leaf(2, 3, n), _leaf(n, r), _leaf(r, n), _leaf(out, r), _leaf(r, n)
+    weight, bias = torch.randn(out, n, dtype=torch.float64), torch.randn(out, dtype=torch.float64)
+    step = lambda *t: merged_glora_linear(t[0], weight, bias, *t[1:], 0.8)  # noqa: E731
+    assert torch.autograd.gradcheck(step, (x, a1, a2, b1, b2))
+
+
 def _model(config: bl.AdapterConfig, layer: str = "linear", dtype: torch.dtype = torch.float64) -> nn.Module:
     torch.manual_seed(0)
     if layer == "hf_conv1d":
@@ -91,6 +100,7 @@ CONFIGS = {
     "lokr": bl.LoKrConfig(r=2, decompose_factor=4, target_modules=["0"], init_weights=False, rank_dropout=0.5),
     "lokr_full_w2": bl.LoKrConfig(r=16, target_modules=["0"], init_weights=False),
     "loha": bl.LoHaConfig(r=RANK, target_modules=["0"], init_weights=False, rank_dropout=0.5),
+    "glora": bl.GLoRAConfig(r=RANK, alpha=3.0, target_modules=["0"], init_weights=False, rank_dropout=0.5),
 }
 
 

@@ -281,3 +281,25 @@ def test_diffusers_metadata_alphas_patterns_and_rslora() -> None:
             2 * 2**0.5
         ),  # rs-LoRA: alpha/√r = (alpha·√r)/r, alpha = r
     }
+
+
+def test_glora_converts_between_single_files_inspects_and_refuses_folders(tmp_path, base_file, capsys) -> None:
+    torch.manual_seed(4)
+    config = bl.GLoRAConfig(r=3, alpha=2, target_modules=["lin", "conv"], init_weights=False)
+    source = tmp_path / "glora.safetensors"
+    bl.get_peft_model(planted_model(), config).save_pretrained(str(source))
+    back = tmp_path / "again.safetensors"
+    assert main(["convert", str(source), str(back), "--base", str(base_file)]) == 0
+    _assert_same_deltas(source, back)
+    assert main(["convert", str(source), str(tmp_path / "folder"), "--base", str(base_file)]) != 0
+    assert "PEFT's GLoRA is another method" in capsys.readouterr().err
+    assert not (tmp_path / "folder" / "adapter_model.safetensors").exists()
+    assert main(["inspect", str(source), "--json"]) == 0
+    modules = {m["module"]: m for m in json.loads(capsys.readouterr().out)["modules"]}
+    conv = modules["lycoris_conv"]
+    assert (conv["algorithm"], conv["rank"], conv["alpha"], conv["shape"]) == ("glora", 3, 2.0, [32, 16, 3, 3])
+    assert conv["delta_norm"] is None and any("depends on the base weight" in n for n in conv["notes"])
+    assert main(["inspect", str(source), "--json", "--base", str(base_file)]) == 0
+    with_base = {m["module"]: m for m in json.loads(capsys.readouterr().out)["modules"]}
+    for name, (delta, _) in _file_deltas(source).items():
+        assert with_base[name]["delta_norm"] == pytest.approx(float(delta.norm()), rel=1e-5), name

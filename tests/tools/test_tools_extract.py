@@ -270,3 +270,25 @@ def test_conv1d_conv3d_and_linear_named_like_an_embedder(tmp_path) -> None:
     assert grouped["lycoris_c1"]["lora_down.weight"].shape == (2, 8, 3)
     assert grouped["lycoris_c3"]["lora_up.weight"].shape == (8, 2, 1, 1, 1)
     assert grouped["lycoris_context_embedder"]["lora_down.weight"].shape == (2, 12)
+
+
+def test_glora_extraction_holds_the_difference_in_b_with_a_zero(planted) -> None:
+    """GLoRA from a difference: A = 0 (so ΔW does not depend on W) and B the rank-r SVD, as LoCon's extraction."""
+    base, tmp = planted
+    g = torch.Generator().manual_seed(8)
+    tuned = {k: v.clone() for k, v in base.items()}
+    tuned["lin.weight"] += low_rank(64, 48, 3, g)
+    core, u_out, u_in = (torch.randn(*shape, generator=g) for shape in ((2, 2, 3, 3), (32, 2), (16, 2)))
+    tuned["conv.weight"] += 0.3 * torch.einsum("ijhw,pi,qj->pqhw", core, u_out, u_in)  # rank 2 every way
+    save_state(base, tmp / "base.safetensors"), save_state(tuned, tmp / "tuned.safetensors")
+    args = ["extract", str(tmp / "base.safetensors"), str(tmp / "tuned.safetensors"), str(tmp / "g.safetensors")]
+    assert main(args + ["--algo", "glora", "--linear-dim", "3", "--conv-dim", "2"]) == 0
+    grouped = _check_recovered(tmp / "g.safetensors", base, tuned, ["lin", "conv"])
+    lin, conv = grouped["lycoris_lin"], grouped["lycoris_conv"]
+    assert set(lin) == {"a1.weight", "a2.weight", "b1.weight", "b2.weight", "alpha"}
+    assert not lin["a1.weight"].any() and not lin["a2.weight"].any()
+    assert lin["b2.weight"].shape == (3, 48) and conv["b2.weight"].shape == (2, 16, 3, 3)
+    assert conv["a1.weight"].shape == (16, 2, 1, 1) and float(conv["alpha"]) == 2.0
+    assert main(args[:-1] + [str(tmp / "t.safetensors"), "--algo", "glora", "--tucker", "--conv-dim", "2"]) == 0
+    conv = _check_recovered(tmp / "t.safetensors", base, tuned, ["lin", "conv"])["lycoris_conv"]
+    assert conv["bm.weight"].shape == (2, 2, 3, 3) and conv["b2.weight"].shape == (2, 16, 1, 1)

@@ -33,6 +33,9 @@ CONFIGS = {
     "lokr": lambda: bl.LoKrConfig(r=2, alpha=6, decompose_factor=4, target_modules=["lin", "conv"], init_weights=False),
     "ia3": lambda: bl.IA3Config(target_modules=["lin", "pw"], feedforward_modules=["pw"], init_weights=False),
     "full": lambda: bl.FullConfig(target_modules=["lin", "conv"], init_weights=False),
+    "glora": lambda: bl.GLoRAConfig(
+        r=3, alpha=2, target_modules=["lin", "conv", "pw", "token_embedding"], init_weights=False
+    ),
     "norm": lambda: bl.NormConfig(target_modules=["norm"], init_weights=False),
     "dora": lambda: bl.LoraConfig(r=4, alpha=4, target_modules=["lin", "proj"], use_dora=True, init_weights=False),
 }

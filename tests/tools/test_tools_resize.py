@@ -130,3 +130,21 @@ def test_dylora_tucker_and_dora_sources_and_untouched_other_modules(tmp_path) ->
     assert "lycoris_conv.lora_mid.weight" not in written  # a Tucker module becomes a plain LoCon
     assert written["lycoris_conv.lora_down.weight"].shape == (3, 16, 3, 3)
     assert torch.equal(written["lycoris_block_proj.dora_scale"], load_file(dora)["lycoris_block_proj.dora_scale"])
+
+
+def test_glora_modules_are_copied_unchanged_and_a_glora_file_is_refused(tmp_path) -> None:
+    torch.manual_seed(3)
+    glora = tmp_path / "glora.safetensors"
+    config = bl.GLoRAConfig(r=4, target_modules=["conv"], init_weights=False)
+    bl.get_peft_model(planted_model(), config).save_pretrained(str(glora))
+    lora = tmp_path / "lora.safetensors"
+    _lora_file(lora, rank=6, target_modules=["lin"])
+    save_file({**load_file(glora), **load_file(lora)}, str(tmp_path / "mixed.safetensors"))
+    out = tmp_path / "small.safetensors"
+    assert main(["resize", str(tmp_path / "mixed.safetensors"), str(out), "--rank", "2"]) == 0
+    written = load_file(out)
+    assert written["lycoris_lin.lora_down.weight"].shape[0] == 2
+    for name, tensor in load_file(glora).items():  # ΔW depends on W: nothing to re-factorize as a LoRA
+        assert torch.equal(written[name], tensor), name
+    assert main(["resize", str(glora), str(tmp_path / "none.safetensors"), "--rank", "2"]) != 0
+    assert not (tmp_path / "none.safetensors").exists()

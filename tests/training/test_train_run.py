@@ -153,8 +153,17 @@ def test_existing_run_needs_resume(reference: Path, data: Path) -> None:
         dict(algo="dylora", train_text_encoder=True, gradient_checkpointing=True, lr_scheduler="linear"),
         dict(algo="full", preset="attn", cache_latents=False, random_crop=True, enable_bucket=False),
         dict(algo="lokr", factor=4, cache_latents_to_disk=True, sample_every=2, sample_prompts=["a thing"]),
+        dict(algo="glora", preset="full", conv_rank=2, conv_alpha=1.0, train_text_encoder=True),
     ],
-    ids=["loha-v-minsnr", "locon-dora-conv", "ia3-accum-cosine", "dylora-te-ckpt", "full-nocache", "lokr-disk"],
+    ids=[
+        "loha-v-minsnr",
+        "locon-dora-conv",
+        "ia3-accum-cosine",
+        "dylora-te-ckpt",
+        "full-nocache",
+        "lokr-disk",
+        "glora",
+    ],
 )
 def test_algorithms_and_options(data: Path, tmp_path: Path, changes: dict[str, Any]) -> None:
     out = tmp_path / "run"

@@ -118,7 +118,8 @@ def test_help_shows_every_default() -> None:
 
 
 @pytest.mark.parametrize(
-    ("algo", "demo", "expected"), [("lokr", True, 4e-3), ("lokr", False, 1e-3), ("lora", False, 1e-4), ("ia3", True, 2e-2)]
+    ("algo", "demo", "expected"),
+    [("lokr", True, 4e-3), ("lokr", False, 1e-3), ("lora", False, 1e-4), ("ia3", True, 2e-2)],
 )
 def test_learning_rate_by_algorithm_and_model(algo: str, demo: bool, expected: float) -> None:
     config = TrainConfig(algo=algo)

@@ -63,6 +63,9 @@ class Adapter(nn.Module):
     #: ``peft_type`` of this algorithm's PEFT folders, and the tensor names a module carries there
     folder_type: ClassVar[str]
     folder_keys: ClassVar[frozenset[str]] = frozenset()
+    #: why no folder of :attr:`folder_type` can be read as this algorithm (PEFT's tuner of that name computes
+    #: another function); ``None`` where folders are read through :meth:`from_folder`
+    folder_reading_refusal: ClassVar[str | None] = None
     #: whether ``beyondlora resize`` re-factorizes this algorithm's ΔW at another rank (as a LoRA)
     resizable: ClassVar[bool] = False
     #: the names ``beyondlora train --algo`` and kohya's ``algo=`` network arg accept for this algorithm

@@ -80,6 +80,8 @@ class AdapterConfig:
     #: the peak AdamW learning rate this algorithm usually trains a pretrained Stable Diffusion model at
     #: (``beyondlora train``'s default for it)
     learning_rate: ClassVar[float] = 1e-4
+    #: shared fields this algorithm has no form for, each with the reason (a set value is an error)
+    refused_fields: ClassVar[dict[str, str]] = {}
 
     target_modules: list[str] | str | None = None
     exclude_modules: list[str] | str | None = None
@@ -214,8 +216,10 @@ EXPLICIT_FIELDS = {"dropout": 0.0, "use_dora": False}
 
 
 def unsupported_fields(algorithm: str, fields: dict[str, Any]) -> list[str]:
-    """The :data:`EXPLICIT_FIELDS` set in ``fields`` that ``algorithm``'s config does not have."""
-    known = {f.name for f in dataclasses.fields(REGISTRY[algorithm].config_class)}
+    """The :data:`EXPLICIT_FIELDS` set in ``fields`` that ``algorithm``'s config does not have or refuses
+    (:attr:`AdapterConfig.refused_fields`)."""
+    cls = REGISTRY[algorithm].config_class
+    known = {f.name for f in dataclasses.fields(cls)} - set(cls.refused_fields)
     return [k for k, unset in EXPLICIT_FIELDS.items() if fields.get(k, unset) != unset and k not in known]
 
 

@@ -179,10 +179,11 @@ class LayerGeometry:
             return conv(x, weight, None, self.stride, 0, self.dilation, groups)
         return conv(x, weight, None, self.stride, self.padding, self.dilation, groups)
 
-    def pointwise(self, x: Tensor, weight: Tensor) -> Tensor:
-        """Channel mixing ``y[:, o] = Σ_i weight[o, i] x[:, i]`` (a 1×…×1 convolution), weight (out, in)."""
+    def pointwise(self, x: Tensor, weight: Tensor, groups: int = 1) -> Tensor:
+        """Channel mixing ``y[:, o] = Σ_i weight[o, i] x[:, i]`` (a 1×…×1 convolution), weight (out, in); with
+        ``groups`` each group of ``out / groups`` outputs reads its own group of ``in`` input channels."""
         conv = _CONV_FUNCTIONS[len(self.kernel)]
-        return conv(x, weight.reshape(*weight.shape, *([1] * len(self.kernel))))
+        return conv(x, weight.reshape(*weight.shape, *([1] * len(self.kernel))), groups=groups)
 
     def apply(self, x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
         """Run the base layer's operation with a canonical ``weight`` (and ``bias``) on ``x``."""

@@ -92,3 +92,15 @@ class HadamardProduct(torch.autograd.Function):
         del grad_first
         grad_second = grad * (a1 @ b1)
         return grad_a1, grad_b1, grad_second @ b2.t(), a2.t() @ grad_second
+
+
+def input_mixed(weight: Tensor, first: Tensor, second: Tensor) -> Tensor:
+    """``W · (first @ second)`` on W's input axis without forming the (in × in) product: ``(W first) second``.
+
+    Shapes: weight (out, in, *k), first (in, r), second (r, in) → (out, in, *k); the ``r``-wide intermediate
+    ``W first`` (out, r, *k) costs out·in·∏k·r multiply-adds, as does the second product.
+    """
+    if weight.dim() == 2:
+        return (weight @ first) @ second
+    moved = weight.movedim(1, -1)  # (out, *k, in): the input axis last, so both products are plain matmuls
+    return ((moved @ first) @ second).movedim(-1, 1)
