@@ -138,6 +138,9 @@ def read_config(directory: Path) -> AdapterConfig:
     path = directory / CONFIG_NAME
     data = read_config_json(directory)
     cls = config_class(str(data.pop("peft_type", "")))
+    foreign = ALGORITHMS[cls.algorithm].foreign_folder
+    if foreign is not None:
+        raise FormatError(f"{path}: {foreign}")
     known = {f for f in cls.__dataclass_fields__}
     kept = {}
     for key, value in data.items():
