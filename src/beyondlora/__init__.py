@@ -1,12 +1,13 @@
 """beyondlora: parameter-efficient fine-tuning beyond plain LoRA.
 
-LoRA/LoCon, LoHa, LoKr, (IA)³, DyLoRA, Full and Norm tuning, with DoRA, on any PyTorch model, behind
-PEFT's API.
+LoRA/LoCon, LoHa, LoKr, (IA)³, DyLoRA, Diag-OFT, BOFT, Full and Norm tuning, with DoRA, on any PyTorch model,
+behind PEFT's API.
 """
 
 from ._version import __version__
 from .config import (
     AdapterConfig,
+    BOFTConfig,
     DyLoraConfig,
     FullConfig,
     IA3Config,
@@ -14,6 +15,7 @@ from .config import (
     LoKrConfig,
     LoraConfig,
     NormConfig,
+    OFTConfig,
 )
 from .demos.tiny_pipelines import tiny_sd_pipeline, tiny_sdxl_pipeline
 from .host.layers import AdapterLayer
@@ -32,6 +34,7 @@ from .tools.convert import convert_adapter
 __all__ = [
     "AdapterConfig",
     "AdapterLayer",
+    "BOFTConfig",
     "DyLoraConfig",
     "FullConfig",
     "IA3Config",
@@ -43,6 +46,7 @@ __all__ = [
     "LoraConfig",
     "LoraModel",
     "NormConfig",
+    "OFTConfig",
     "PeftModel",
     "get_peft_model",
     "convert_adapter",
