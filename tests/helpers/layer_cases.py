@@ -135,7 +135,7 @@ def all_cases() -> list[Case]:
 
 
 #: BOFT's rank per layer: the block size must be even and split the outputs into a power of two of blocks
-#: OFT's rank per layer: LyCORIS' factorization of 4 outputs with r = 4 gives blocks of 1, which cannot rotate
+#: OFT's rank per layer: LyCORIS' factorization of 4 outputs with r = 4 gives blocks of 1, which never rotate
 _OFT_RANK = {"conv3d": 2}
 _BOFT_RANK = {"linear": 10, "hf_conv1d": 10, "conv2d_circular_stride": 6, "conv2d_1x1": 6, "conv3d": 2}
 

@@ -118,6 +118,8 @@ CASES = {
     },
     # every algorithm in one network: LoKr (full factors at dim 16) by default, the others per block
     "mixed-preset": {"algo": "lokr", "factor": "4", "preset": MIXED_PRESET},
+    "diag-oft": {"algo": "diag-oft", "constraint": "0.01", "rescaled": "true"},
+    "boft": {"algo": "boft", "constraint": "1e-3", "conv_dim": "2"},
 }
 
 

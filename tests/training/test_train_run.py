@@ -148,8 +148,19 @@ def test_existing_run_needs_resume(reference: Path, data: Path) -> None:
         dict(algo="dylora", train_text_encoder=True, gradient_checkpointing=True, lr_scheduler="linear"),
         dict(algo="full", preset="attn", cache_latents=False, random_crop=True, enable_bucket=False),
         dict(algo="lokr", factor=4, cache_latents_to_disk=True, sample_every=2, sample_prompts=["a thing"]),
+        dict(algo="oft", constraint=0.01, rescaled=True),
+        dict(algo="boft", preset="full", rank=4, conv_rank=2),
     ],
-    ids=["loha-v-minsnr", "locon-dora-conv", "ia3-accum-cosine", "dylora-te-ckpt", "full-nocache", "lokr-disk"],
+    ids=[
+        "loha-v-minsnr",
+        "locon-dora-conv",
+        "ia3-accum-cosine",
+        "dylora-te-ckpt",
+        "full-nocache",
+        "lokr-disk",
+        "oft-constraint-rescaled",
+        "boft-conv-rank",
+    ],
 )
 def test_algorithms_and_options(data: Path, tmp_path: Path, changes: dict[str, Any]) -> None:
     out = tmp_path / "run"
@@ -164,6 +175,9 @@ def test_algorithms_and_options(data: Path, tmp_path: Path, changes: dict[str, A
         assert (out / "samples" / "step-000002.png").is_file()
     if changes.get("cache_latents_to_disk"):
         assert (out / "latent_cache.safetensors").is_file()
+    if changes.get("algo") in ("oft", "boft"):
+        assert any(k.endswith(".oft_blocks") for k in tensors)
+        assert any(k.endswith(".rescale") for k in tensors) == bool(changes.get("rescaled"))
     if changes.get("warmup_steps"):
         assert records[0]["lr"] == pytest.approx(3e-3 / 2)
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -35,7 +35,7 @@ from ..ops.rotations import NORM_EPS, cayley, inverse_cayley, nearest_rotation, 
 from .base import Adapter
 from .codec import shape_of
 from .common import AdapterOptions, Extraction, check_init
-from .config_base import AdapterConfig
+from .config_base import AdapterConfig, pattern_value
 
 #: why PEFT's OFT/BOFT folders are not ours, and ours cannot be written as theirs
 PEFT_ROTATES_INPUT = (
@@ -52,6 +52,7 @@ class RotationConfig(AdapterConfig):
         r: the largest block size (LyCORIS' ``lora_dim``); it has no scale meaning.
         constraint: c > 0 caps ‖Q‖_F over all blocks at ``c · out`` (LyCORIS' ``constraint``; files' ``alpha``).
         rescaled: a trainable magnitude per output channel multiplying the rotated weight.
+        rank_pattern: regex (whole name or dotted suffix) → r for matching modules.
         rank_dropout: not supported (must be 0): a rotation has no rank components to drop.
 
     The multiplier t adds ``t · (W' − W)`` (linear in t, as ComfyUI / AUTOMATIC1111 apply strength).
@@ -60,6 +61,7 @@ class RotationConfig(AdapterConfig):
     r: int = 8
     constraint: float = 0.0
     rescaled: bool = False
+    rank_pattern: dict[str, int] = field(default_factory=dict)
     rank_dropout: float = 0.0
 
     def __post_init__(self) -> None:
@@ -73,7 +75,10 @@ class RotationConfig(AdapterConfig):
 
     def options_for(self, module_name: str) -> AdapterOptions:
         return dataclasses.replace(
-            super().options_for(module_name), r=self.r, constraint=float(self.constraint), rescaled=self.rescaled
+            super().options_for(module_name),
+            r=pattern_value(self.rank_pattern, module_name, self.r),
+            constraint=float(self.constraint),
+            rescaled=self.rescaled,
         )
 
 
@@ -266,7 +271,7 @@ class RotationAdapter(Adapter):
     @classmethod
     def kohya_args(cls, described: dict[str, Any]) -> dict[str, str]:
         args = {"algo": cls.algo_names[-1], "constraint": str(described.get("constraint", 0.0))}
-        return {**args, "rescaled": str(bool(described.get("rescaled", False)))}
+        return {**args, "rescaled": str(bool(described.get("rescaled", False))).lower()}
 
     def summary_notes(self) -> list[str]:
         notes = [f"constraint {self.constraint:g}"] if self.constraint > 0 else []
@@ -290,12 +295,6 @@ class OFT(RotationAdapter):
                 raise ValueError(f"oft_block_size {size} does not divide the layer's {out} outputs")
             return (out // size, size, size)
         b, n = factorization(out, self.options.r)
-        if b == 1:  # LyCORIS builds these (e.g. out 4, r 4), and they never move: Q = B − Bᵀ = 0
-            raise ValueError(
-                f"OFT with r={self.options.r} splits the layer's {out} outputs into blocks of 1 (LyCORIS' "
-                "factorization), which cannot rotate; set oft_block_size, or an r whose factorization has a "
-                "smaller factor above 1"
-            )
         return (n, b, b)
 
     def rotate(self, y: Tensor, rotations: Tensor) -> Tensor:
@@ -311,6 +310,16 @@ class OFT(RotationAdapter):
         blocks = cls.read_blocks(params, geometry, where)
         state, options = cls.read_rest(params, geometry, where, blocks)
         return state, {**options, "oft_block_size": blocks.shape[-1]}
+
+    def unused_options(self) -> list[str]:
+        """Blocks of 1 (LyCORIS' factorization of e.g. 4 outputs with r = 4) never rotate: Q = B − Bᵀ = 0."""
+        if self.block_size != 1:
+            return []
+        return [
+            f"OFT with r={self.options.r} splits {self.geometry.out_dim} outputs into blocks of 1 (LyCORIS' "
+            "factorization), which cannot rotate; set an r whose factorization has a smaller factor above 1, or "
+            "oft_block_size"
+        ]
 
     def consumer_caveats(self) -> list[str]:
         """ComfyUI's OFT loader also ignores ``rescale``."""
