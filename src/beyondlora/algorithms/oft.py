@@ -37,6 +37,8 @@ from .codec import shape_of
 from .common import AdapterOptions, Extraction, check_init
 from .config_base import AdapterConfig, pattern_value
 
+#: rounds of the alternating rotation / rescale fit in ``extract``
+_EXTRACT_ROUNDS = 20
 #: why PEFT's OFT/BOFT folders are not ours, and ours cannot be written as theirs
 PEFT_ROTATES_INPUT = (
     "PEFT's OFT and BOFT rotate the layer's input (W R x), LyCORIS' and ours rotate its output rows (R W x): "
@@ -341,19 +343,24 @@ class OFT(RotationAdapter):
         how: Extraction,
         base_weight: Tensor | None = None,
     ) -> Adapter | None:
-        """The block rotation nearest W + ΔW (orthogonal Procrustes per block, det +1, block size from the
-        tool's rank rule's default r = 8 as LyCORIS' factorization), then the least-squares ``rescale``
-        per output row; needs the base weight W."""
+        """``W + ΔW ≈ s ⊙ (blockdiag(Rᵀ) W)`` with proper block rotations R and a rescale s per output row:
+        alternately the rotation nearest ``s⁻¹ ⊙ (W + ΔW)`` per block (orthogonal Procrustes, det +1) and the
+        least-squares s for it, which recovers an exact rotation-and-rescale.  The block size is LyCORIS'
+        factorization of out with ``--factor`` (default 8).  Needs the base weight W; a block rotation by a half
+        turn (eigenvalue −1) has no Cayley form and comes out inexact."""
         if base_weight is None:
             raise ValueError("OFT extraction needs the base weight (a rotation of W)")
-        out = geometry.out_dim
-        b, n = factorization(out, 8)
+        b, n = factorization(geometry.out_dim, how.factor if how.factor > 0 else 8)
         w = base_weight.double().reshape(n, b, -1)
         target = (base_weight.double() + delta.double()).reshape(n, b, -1)
-        # rotated rows M W with M = Rᵀ: Procrustes of T Wᵀ gives M, so R = Mᵀ
-        rotations = nearest_rotation(target @ w.transpose(1, 2)).transpose(1, 2)
-        rotated = torch.einsum("kji,kj...->ki...", rotations, w)
-        scale = (rotated * target).sum(-1) / (rotated * rotated).sum(-1).clamp_min(1e-30)
+        scale = torch.ones(n, b, 1, dtype=torch.float64, device=w.device)
+        for _ in range(_EXTRACT_ROUNDS):
+            # rows M W with M = Rᵀ: Procrustes of (T / s) Wᵀ gives M, so R = Mᵀ
+            rotations = nearest_rotation((target / scale) @ w.transpose(1, 2)).transpose(1, 2)
+            rotated = torch.einsum("kji,kj...->ki...", rotations, w)
+            scale = (rotated * target).sum(-1, keepdim=True) / (rotated * rotated).sum(-1, keepdim=True).clamp_min(
+                1e-30
+            )
         options = AdapterOptions(r=b, oft_block_size=b, rescaled=True)
         values = {"oft_blocks": inverse_cayley(rotations).float(), "rescale": scale.reshape(-1).float()}
         return cls.with_values(geometry, options, values)
