@@ -5,6 +5,7 @@ files, PEFT folders, bad file shapes)."""
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 import peft as hf_peft
@@ -14,6 +15,7 @@ import torch.nn.functional as F
 from lycoris import create_lycoris_from_weights
 from lycoris.modules.boft import ButterflyOFTModule
 from lycoris.modules.diag_oft import DiagOFTModule
+from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
@@ -245,3 +247,23 @@ def test_bad_file_shapes_name_module_key_and_shape(tensors: dict, fragment: str,
     assert isinstance(holder.layer, nn.Linear)
     for key, value in holder.state_dict().items():
         assert torch.equal(value, before[key])
+
+
+@pytest.mark.parametrize("algo, name", [("oft", "diag-oft"), ("boft", "boft")])
+def test_kohya_metadata_names_the_lycoris_algo_and_its_args(algo: str, name: str, tmp_path: Path) -> None:
+    config = CONFIGS[algo](r=4, constraint=0.01, rescaled=True, target_modules=["layer"])
+    peft = bl.get_peft_model(_holder("linear"), config)
+    path = tmp_path / "a.safetensors"
+    peft.save_pretrained(path)
+    with safe_open(str(path), "pt") as handle:
+        args = json.loads(handle.metadata()["ss_network_args"])
+    assert args == {"algo": name, "constraint": "0.01", "rescaled": "true"}
+
+
+def test_blocks_of_one_are_named_as_an_option_without_effect() -> None:
+    """LyCORIS' factorization of 4 outputs with r = 4 gives blocks of 1: Q = B − Bᵀ = 0, no rotation."""
+    peft = bl.get_peft_model(Holder(nn.Linear(8, 4)), bl.OFTConfig(r=4, target_modules=["layer"]))
+    (note,) = peft.base_model.layer.adapters["default"].unused_options()
+    assert "blocks of 1" in note
+    peft = bl.get_peft_model(Holder(nn.Linear(8, 4)), bl.OFTConfig(r=2, target_modules=["layer"]))
+    assert peft.base_model.layer.adapters["default"].unused_options() == []
