@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -111,7 +112,10 @@ class RotationAdapter(Adapter):
 
     def __init__(self, geometry: LayerGeometry, options: AdapterOptions, base_weight: Tensor) -> None:
         if options.use_dora:
-            raise ValueError(f"{self.algorithm} has no DoRA (use_dora): a rotation keeps row norms already")
+            raise ValueError(
+                f"{self.algorithm} has no DoRA (use_dora): LyCORIS defines none for rotations; rescaled=True gives "
+                "them a magnitude per output channel"
+            )
         if options.rank_dropout or options.dropout:
             raise ValueError(f"{self.algorithm} has no rank dropout or input dropout; set them to 0")
         if options.r <= 0:
@@ -158,7 +162,7 @@ class RotationAdapter(Adapter):
         delta = rotate_rows(base_weight, self._rotated) - base_weight
         return delta if factor == 1.0 else delta * factor
 
-    def base_bypass(self, x: Tensor, apply_base: Any, draw: Any = None) -> Tensor | None:
+    def base_bypass(self, x: Tensor, apply_base: Callable[[Tensor], Tensor], draw: Any = None) -> Tensor | None:
         """``rescale ⊙ M (W x) − W x``: the base output rotated along its channel axis."""
         if not self._exact_bypass():
             return None
@@ -173,10 +177,11 @@ class RotationAdapter(Adapter):
         return g.groups == 1 or (g.out_dim // g.groups) % self.span() == 0
 
     def bypass_flops(self, tokens: int) -> float:
-        """Each stage's blocks (b multiply-adds per output value), the rescale and the subtraction."""
+        """Each stage's blocks (b multiply-adds per output value: ``oft_blocks.numel()`` per position), the rescale
+        and the subtraction; ``W x`` itself is the base layer's own output."""
         if not self._exact_bypass():
             return math.inf
-        return float(tokens * (self.oft_blocks.numel() // self.block_size + 2 * self.geometry.out_dim))
+        return float(tokens * (self.oft_blocks.numel() + 2 * self.geometry.out_dim))
 
     def rebuild_flops(self) -> float:
         """Each stage rotates W's rows (b multiply-adds per weight element), the Cayley solves, then the
