@@ -15,7 +15,9 @@ without ``rescale``, not with it.  Files therefore hold strength 1 only.
 The bypass rotates the base layer's own output ``W x`` block by block (exact when no block mixes the
 groups of a grouped convolution); the rebuild rotates W's rows the same way.  Files: ``oft_blocks``,
 ``rescale`` (out, 1, …), ``alpha`` = c.  PEFT's OFT rotates the layer's *input*, another function: folders
-are refused.  :class:`RotationAdapter` is shared with BOFT (:mod:`.boft`).
+are refused.  No DoRA, rank dropout or input dropout (LyCORIS has none for rotations; each is refused);
+``module_dropout`` skips the whole adapter as for every algorithm.  :class:`RotationAdapter` is shared with
+BOFT (:mod:`.boft`).
 """
 
 from __future__ import annotations
