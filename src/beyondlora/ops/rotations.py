@@ -45,18 +45,20 @@ def rotate_blocks(y: Tensor, rotations: Tensor, transposed: bool) -> Tensor:
 def rotate_butterfly(y: Tensor, rotations: Tensor) -> Tensor:
     """``Sₘ ⋯ S₁ y`` along y's last axis (…, C) for butterfly rotations (m, n, b, b), n·b = C.
 
-    Stage i (k = 2ⁱ·b/2) permutes the axis by ``order = arange(C).reshape(-1, 2, k).transpose(1, 2).flatten()``
-    (a reshape and a transpose), applies ``blockdiag(R_i1, …, R_in)`` (not transposed) and permutes back.
+    Stage i (k = 2ⁱ·b/2) permutes the axis by ``order = arange(C).reshape(-1, 2, k).transpose(1, 2).flatten()``,
+    applies ``blockdiag(R_i1, …, R_in)`` (not transposed) and permutes back.  No permutation is ever done:
+    in y's own order a run of 2k channels is (h, g, l) of sizes (2, 2ⁱ, b/2), channel h·k + g·b/2 + l sits at
+    position 2l + h of block g, so each stage is one einsum over y viewed as (…, runs, 2, 2ⁱ, b/2) with the
+    stage's blocks viewed as (runs, 2ⁱ, b/2, 2, b/2, 2).
     """
-    stages, n, b, _ = rotations.shape
-    channels = y.shape[-1]
-    lead = y.shape[:-1]
+    stages, _, b, _ = rotations.shape
+    channels, lead, half = y.shape[-1], y.shape[:-1], b // 2
     for i in range(stages):
-        k = 2**i * (b // 2)
-        runs = channels // (2 * k)  # the permutation as a reshape: rows k apart become neighbours
-        permuted = y.reshape(*lead, runs, 2, k).transpose(-1, -2).reshape(*lead, channels)
-        rotated = rotate_blocks(permuted, rotations[i], transposed=False)
-        y = rotated.reshape(*lead, runs, k, 2).transpose(-1, -2).reshape(*lead, channels)
+        groups = 2**i
+        runs = channels // (2 * groups * half)
+        grid = y.reshape(*lead, runs, 2, groups, half)
+        blocks = rotations[i].reshape(runs, groups, half, 2, half, 2)
+        y = torch.einsum("...rhgl,rgmnlh->...rngm", grid, blocks).reshape(*lead, channels)
     return y
 
 
