@@ -1,12 +1,13 @@
 """beyondlora: parameter-efficient fine-tuning beyond plain LoRA.
 
-LoRA/LoCon, LoHa, LoKr, (IA)³, DyLoRA, GLoRA, Full and Norm tuning, with DoRA, on any PyTorch model, behind
-PEFT's API.
+LoRA/LoCon, LoHa, LoKr, (IA)³, DyLoRA, Diag-OFT, BOFT, GLoRA, Full and Norm tuning, with DoRA, on any PyTorch
+model, behind PEFT's API.
 """
 
 from ._version import __version__
 from .config import (
     AdapterConfig,
+    BOFTConfig,
     DyLoraConfig,
     FullConfig,
     GLoRAConfig,
@@ -15,6 +16,7 @@ from .config import (
     LoKrConfig,
     LoraConfig,
     NormConfig,
+    OFTConfig,
 )
 from .demos.tiny_pipelines import tiny_sd_pipeline, tiny_sdxl_pipeline
 from .host.layers import AdapterLayer
@@ -33,6 +35,7 @@ from .tools.convert import convert_adapter
 __all__ = [
     "AdapterConfig",
     "AdapterLayer",
+    "BOFTConfig",
     "DyLoraConfig",
     "FullConfig",
     "GLoRAConfig",
@@ -45,6 +48,7 @@ __all__ = [
     "LoraConfig",
     "LoraModel",
     "NormConfig",
+    "OFTConfig",
     "PeftModel",
     "get_peft_model",
     "convert_adapter",

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+from .algorithms.boft import BOFTConfig
 from .algorithms.config_base import (
     CONFIG_NAME,
     AdapterConfig,
@@ -24,6 +25,7 @@ from .algorithms.ia3 import IA3Config
 from .algorithms.loha import LoHaConfig
 from .algorithms.lokr import LoKrConfig
 from .algorithms.lora import DyLoraConfig, LoraConfig
+from .algorithms.oft import OFTConfig
 
 
 @dataclass(kw_only=True)
@@ -38,6 +40,7 @@ class SingleFileConfig(AdapterConfig):
 __all__ = [
     "CONFIG_NAME",
     "AdapterConfig",
+    "BOFTConfig",
     "DyLoraConfig",
     "FullConfig",
     "GLoRAConfig",
@@ -46,6 +49,7 @@ __all__ = [
     "LoKrConfig",
     "LoraConfig",
     "NormConfig",
+    "OFTConfig",
     "RankConfig",
     "SingleFileConfig",
     "config_class",

@@ -87,7 +87,7 @@ def _expected(base: nn.Module, u: Tensor, v: Tensor, x: Tensor, t: float = 1.0) 
 
 
 def test_extract_offers_the_factorized_algorithms() -> None:
-    assert extract_names() == ["glora", "locon", "lokr"]  # Full and Norm store exact differences (--mode full)
+    assert extract_names() == ["glora", "locon", "lokr", "oft"]  # Full and Norm store exact differences (--mode full)
 
 
 def test_a_new_algorithm_works_everywhere_through_the_registry(outer, tmp_path: Path) -> None:

@@ -55,6 +55,8 @@ EXACT_EVERYWHERE = {
     "lokr": bl.LoKrConfig(r=2, alpha=1, target_modules=TARGETS, init_weights=False),
     "lokr-tucker": bl.LoKrConfig(r=2, alpha=1, use_effective_conv2d=True, target_modules=TARGETS, init_weights=False),
     "full": bl.FullConfig(target_modules=TARGETS, init_weights=False),
+    "oft": bl.OFTConfig(r=4, target_modules=TARGETS, init_weights=False),
+    "boft-rescaled": bl.BOFTConfig(r=8, rescaled=True, target_modules=TARGETS, init_weights=False),
     "dora-input-axis": bl.LoraConfig(
         r=4, alpha=2, use_dora=True, dora_on_output=False, target_modules=TARGETS, init_weights=False
     ),
@@ -81,6 +83,8 @@ def test_comfyui_and_a1111_apply_our_file_exactly(case: str, tmp_path: Path) -> 
     [
         (bl.LoraConfig(r=4, use_dora=True, target_modules=TARGETS, init_weights=False), "output-axis DoRA"),
         (bl.IA3Config(target_modules=TARGETS, init_weights=False), "ComfyUI has no (IA)³ adapter"),
+        (bl.OFTConfig(r=4, constraint=1e-3, target_modules=TARGETS, init_weights=False), "caps the rotation"),
+        (bl.BOFTConfig(r=8, constraint=1e-3, target_modules=TARGETS, init_weights=False), "caps the rotation"),
     ],
 )
 def test_files_the_uis_apply_otherwise_warn_or_refuse(config, fragment: str, tmp_path: Path) -> None:

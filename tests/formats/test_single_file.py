@@ -15,8 +15,14 @@ from beyondlora.errors import FormatError
 from helpers.layer_cases import Case, all_cases, build, randomize
 from helpers.ui_formula import ui_delta
 
-CASES = [c for c in all_cases() if not (c.options.get("use_dora") and c.multiplier != 1.0)]
-DORA_WITH_MULTIPLIER = [c for c in all_cases() if c.options.get("use_dora") and c.multiplier != 1.0]
+
+def _unscalable(case: Case) -> bool:
+    """Files hold DoRA and rotations (OFT, BOFT) at strength 1 only: no parameter change gives t · (W' − W)."""
+    return bool(case.options.get("use_dora")) or case.algorithm in ("oft", "boft")
+
+
+CASES = [c for c in all_cases() if not (_unscalable(c) and c.multiplier != 1.0)]
+UNSCALABLE_WITH_MULTIPLIER = [c for c in all_cases() if _unscalable(c) and c.multiplier != 1.0]
 EXTRA = [
     Case("lora", "linear", {"r": 4, "alpha": 6.0, "use_rslora": True}, multiplier=0.6),
     Case("lokr", "linear", {"r": 16, "alpha": 3.0}, multiplier=1.7),  # both factors full, alpha ≠ r
@@ -67,10 +73,10 @@ def test_ui_formula_reproduces_our_forward_and_reload_is_exact(case: Case, tmp_p
         torch.testing.assert_close(second[key], first[key], rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("case", DORA_WITH_MULTIPLIER, ids=[c.id for c in DORA_WITH_MULTIPLIER])
-def test_dora_with_multiplier_is_refused(case: Case, tmp_path) -> None:
+@pytest.mark.parametrize("case", UNSCALABLE_WITH_MULTIPLIER, ids=[c.id for c in UNSCALABLE_WITH_MULTIPLIER])
+def test_strength_bound_adapter_with_multiplier_is_refused(case: Case, tmp_path) -> None:
     peft, _, _ = _wrapped(case)
-    with pytest.raises(FormatError, match="DoRA adapter with multiplier"):
+    with pytest.raises(FormatError, match="adapter with multiplier ≠ 1 cannot be written exactly"):
         peft.save_pretrained(tmp_path / "adapter.safetensors")
     assert not list(tmp_path.iterdir())
 

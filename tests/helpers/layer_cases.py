@@ -135,6 +135,8 @@ def all_cases() -> list[Case]:
 
 
 #: BOFT's rank per layer: the block size must be even and split the outputs into a power of two of blocks
+#: OFT's rank per layer: LyCORIS' factorization of 4 outputs with r = 4 gives blocks of 1, which never rotate
+_OFT_RANK = {"conv3d": 2}
 _BOFT_RANK = {"linear": 10, "hf_conv1d": 10, "conv2d_circular_stride": 6, "conv2d_1x1": 6, "conv3d": 2}
 
 
@@ -142,7 +144,7 @@ def _rotation_and_glora_cases() -> list[Case]:
     cases = []
     for layer in DENSE:
         for options in ({}, {"constraint": 0.05}, {"rescaled": True}):
-            cases.append(Case("oft", layer, {"r": 4, **options}))
+            cases.append(Case("oft", layer, {"r": _OFT_RANK.get(layer, 4), **options}))
             cases.append(Case("boft", layer, {"r": _BOFT_RANK.get(layer, 4), **options}))
         for options in ({}, {"alpha": 3.0}, {"use_rslora": True, "alpha": 6.0}, {"use_effective_conv2d": True}):
             cases.append(Case("glora", layer, {"r": 2, **options}))
@@ -152,7 +154,7 @@ def _rotation_and_glora_cases() -> list[Case]:
         cases.append(Case("oft", layer, {"r": 4, "rescaled": True, "constraint": 0.05}, multiplier=0.7))
         cases.append(Case("boft", layer, {"r": _BOFT_RANK.get(layer, 4), "rescaled": True}, multiplier=0.7))
         cases.append(Case("glora", layer, {"r": 2, "alpha": 3.0}, multiplier=0.7))
-    return [c for c in cases if c.algorithm in ALGORITHMS]  # TODO(#17): drop once all three have landed
+    return cases
 
 
 class Holder(nn.Module):

@@ -97,6 +97,13 @@ def random_params(spec: dict, weight: torch.Tensor, generator: torch.Generator) 
     elif algo == "full":
         params["diff"] = rand(*weight.shape, std=0.05)
         params["diff_b"] = rand(out_dim, std=0.05)
+    elif algo in ("oft", "boft"):  # blocks of b: (n, b, b), BOFT (stages, n, b, b); alpha is the constraint
+        b = spec["b"]
+        stages = (spec["stages"],) if algo == "boft" else ()
+        params["oft_blocks"] = rand(*stages, out_dim // b, b, b, std=0.1)
+        params["alpha"] = torch.tensor(float(spec.get("constraint", 0.0)))
+        if spec.get("rescaled"):
+            params["rescale"] = 1 + rand(out_dim, *([1] * (weight.dim() - 1)), std=0.1)
     if algo in ("lora", "loha", "lokr", "glora"):
         params["alpha"] = torch.tensor(float(spec.get("alpha", r)))
     return params

@@ -12,12 +12,57 @@ def _tucker(core: Tensor, out_factor: Tensor, in_factor: Tensor) -> Tensor:
     return torch.einsum("ij...,jr,ip->pr...", core, in_factor, out_factor)
 
 
+def _cayley_blocks(blocks: Tensor, alpha: Tensor | None, out: int) -> list[Tensor]:
+    """One rotation per block, ``(I + Q)(I − Q)⁻¹`` with Q = B − Bᵀ, Q scaled to Frobenius norm alpha · out
+    over all blocks together when above it (the files' alpha is the constraint; 0 or absent: no cap)."""
+    flat = blocks.reshape(-1, blocks.shape[-2], blocks.shape[-1])
+    skews = [block - block.t() for block in flat]
+    cap = 0.0 if alpha is None else alpha.item() * out
+    total = torch.sqrt(sum((q * q).sum() for q in skews)) + 1e-8
+    if cap > 0 and total > cap:
+        skews = [q * (cap / total) for q in skews]
+    eye = torch.eye(flat.shape[-1], dtype=flat.dtype)
+    return [(eye + q) @ torch.linalg.inv(eye - q) for q in skews]
+
+
+def _butterfly_permutation(out: int, half: int) -> Tensor:
+    """P with (P y)[p] = y[row]: within each run of 2·half rows, position 2j + h takes row h·half + j."""
+    perm = torch.zeros(out, out, dtype=torch.float64)
+    for start in range(0, out, 2 * half):
+        for j in range(half):
+            for h in range(2):
+                perm[start + 2 * j + h, start + h * half + j] = 1.0
+    return perm
+
+
+def _rotation_delta(p: dict[str, Tensor], weight: Tensor) -> Tensor:
+    """OFT (3-D ``oft_blocks``: W' = blockdiag(Rᵀ) W) and BOFT (4-D: stage after stage Pᵀ blockdiag(R) P),
+    then ``rescale`` per output row; ΔW = W' − W."""
+    blocks, out = p["oft_blocks"], weight.shape[0]
+    rotations = _cayley_blocks(blocks, p.get("alpha"), out)
+    b = blocks.shape[-1]
+    operator = torch.eye(out, dtype=torch.float64)
+    if blocks.dim() == 3:
+        operator = torch.block_diag(*[r.t() for r in rotations])
+    else:
+        stages, n = blocks.shape[:2]
+        for i in range(stages):
+            perm = _butterfly_permutation(out, 2**i * b // 2)
+            operator = perm.t() @ torch.block_diag(*rotations[i * n : (i + 1) * n]) @ perm @ operator
+    rotated = (operator @ weight.reshape(out, -1)).reshape(weight.shape)
+    if "rescale" in p:
+        rotated = p["rescale"].reshape(out, *([1] * (weight.dim() - 1))) * rotated
+    return rotated - weight
+
+
 def ui_delta(params: dict[str, Tensor], weight: Tensor) -> tuple[Tensor, Tensor | None]:
     """(ΔW, Δb) a UI adds to ``weight`` (canonical (out, in, *k), float64) at strength 1."""
     p = {k: v.double() for k, v in params.items()}
     alpha = p.get("alpha")
     bias = None
-    if "lora_down.weight" in p:
+    if "oft_blocks" in p:
+        delta = _rotation_delta(p, weight.double())
+    elif "lora_down.weight" in p:
         down, up = p["lora_down.weight"], p["lora_up.weight"]
         rank = down.shape[0]
         if "lora_mid.weight" in p:
@@ -97,9 +142,18 @@ def comfyui_delta(params: dict[str, Tensor], weight: Tensor) -> tuple[Tensor, Te
     """What ComfyUI adds: nothing for (IA)³ keys (it has no such adapter) nor for a LoKr with ``lokr_t2`` (its
     einsum + kron fails on torch 2.13; logged, weight left unchanged) nor for a GLoRA with a Tucker ``bm.weight``
     (it never reads bm: b1·b2 cannot take the kernel's shape; logged, weight left unchanged); output-axis DoRA
-    normalised by ‖W‖ per output row instead of ‖W + ΔW‖; everything else as :func:`ui_delta`."""
+    normalised by ‖W‖ per output row instead of ‖W + ΔW‖; OFT and BOFT with ‖Q‖ capped at alpha itself rather
+    than alpha · out, and OFT without its ``rescale`` (comfy/weight_adapter/oft.py, boft.py); everything else as
+    :func:`ui_delta`."""
     if "on_input" in params or "lokr_t2" in params or "bm.weight" in params:
         return torch.zeros_like(weight, dtype=torch.float64), None
+    if "oft_blocks" in params:
+        comfy = dict(params)
+        if "alpha" in comfy:
+            comfy["alpha"] = comfy["alpha"].double() / weight.shape[0]
+        if params["oft_blocks"].dim() == 3:
+            comfy.pop("rescale", None)
+        return ui_delta(comfy, weight)
     magnitude = params.get("dora_scale")
     if magnitude is None or magnitude.shape[0] == 1:  # none, or on the input axis: (1, in, …)
         return ui_delta(params, weight)

@@ -23,6 +23,8 @@ CONFIGS = {
     "dora": bl.LoraConfig(r=4, use_dora=True, target_modules=TARGETS, init_weights=False),
     "ia3": bl.IA3Config(target_modules=TARGETS, init_weights=False),
     "ia3_input": bl.IA3Config(target_modules=TARGETS, feedforward_modules=TARGETS, init_weights=False),
+    "oft": bl.OFTConfig(r=4, constraint=0.05, rescaled=True, target_modules=TARGETS, init_weights=False),
+    "boft": bl.BOFTConfig(r=4, rescaled=True, target_modules=TARGETS, init_weights=False),
 }
 BASES = {
     "linear": (lambda: nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 8)), (4, 16)),

@@ -127,6 +127,8 @@ CASES = {
     },
     # every algorithm in one network: LoKr (full factors at dim 16) by default, the others per block
     "mixed-preset": {"algo": "lokr", "factor": "4", "preset": MIXED_PRESET},
+    "diag-oft": {"algo": "diag-oft", "constraint": "0.01", "rescaled": "true"},
+    "boft": {"algo": "boft", "constraint": "1e-3", "conv_dim": "2"},
 }
 
 
@@ -241,8 +243,10 @@ def test_network_args_are_typed_and_unknown_ones_are_errors() -> None:
         create(1.0, 4, 1.0, pipe.vae, pipe.text_encoder, pipe.unet, conv_dim="two")
     with pytest.raises(ValueError, match="decompose_both='maybe' is not a boolean"):
         create(1.0, 4, 1.0, pipe.vae, pipe.text_encoder, pipe.unet, decompose_both="maybe")
-    with pytest.raises(ValueError, match="algo='oft' is unknown"):
-        create(1.0, 4, 1.0, pipe.vae, pipe.text_encoder, pipe.unet, algo="oft")
+    with pytest.raises(ValueError, match="algo='nope' is unknown"):
+        create(1.0, 4, 1.0, pipe.vae, pipe.text_encoder, pipe.unet, algo="nope")
+    with pytest.raises(ValueError, match="network arg constraint does not apply to algorithm lokr"):
+        create(1.0, 4, 1.0, pipe.vae, pipe.text_encoder, pipe.unet, algo="lokr", constraint="0.01")
     with pytest.raises(ValueError, match="preset='everything'"):
         create(1.0, 4, 1.0, pipe.vae, pipe.text_encoder, pipe.unet, preset="everything")
     with pytest.raises(ValueError, match="unknown network arg 'colour'"):

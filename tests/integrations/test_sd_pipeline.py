@@ -66,6 +66,21 @@ SD_ENTRIES = {
         {"algo": "ia3", "on_input": True},
     ),
     "lora_unet_up_blocks_3_attentions_0_proj_out": ("unet", "up_blocks.3.attentions.0.proj_out", {"algo": "full"}),
+    "lora_unet_mid_block_resnets_0_conv1": (
+        "unet",
+        "mid_block.resnets.0.conv1",
+        {"algo": "oft", "b": 4, "constraint": 0.01, "rescaled": True},
+    ),
+    "lora_unet_up_blocks_2_attentions_1_transformer_blocks_0_attn1_to_out_0": (
+        "unet",
+        "up_blocks.2.attentions.1.transformer_blocks.0.attn1.to_out.0",
+        {"algo": "boft", "b": 2, "stages": 4, "rescaled": True},
+    ),
+    "lora_unet_up_blocks_1_resnets_0_conv1": (
+        "unet",
+        "up_blocks.1.resnets.0.conv1",
+        {"algo": "boft", "b": 4, "stages": 2},
+    ),
     "lora_te_text_model_encoder_layers_0_self_attn_q_proj": (
         "text_encoder",
         "encoder.layers.0.self_attn.q_proj",
@@ -93,6 +108,11 @@ SD_ENTRIES = {
         "text_encoder",
         "encoder.layers.0.self_attn.v_proj",
         {"algo": "glora", "r": 3, "alpha": 6.0},
+    ),
+    "lora_te_text_model_encoder_layers_1_self_attn_v_proj": (
+        "text_encoder",
+        "encoder.layers.1.self_attn.v_proj",
+        {"algo": "oft", "b": 8},
     ),
 }
 SDXL_ENTRIES = {
@@ -191,8 +211,8 @@ def test_live_adapters_stack_change_strength_and_remove(tmp_path) -> None:
     base = part_outputs(pipe, "sd")
     first = _write(pipe, "sd", tmp_path / "a.safetensors", seed=0)
     # (IA)³ twice on one layer is W(1 + a + b) for us and W(1 + a)(1 + b) in a UI's sequential patching; GLoRA
-    # likewise reads the base W in each of our adapters, the already patched W in a UI's second file
-    additive = {k: v for k, v in SD_ENTRIES.items() if v[2]["algo"] not in ("ia3", "glora")}
+    # and rotations likewise read the base W in each of our adapters, the already patched W in a UI's second file
+    additive = {k: v for k, v in SD_ENTRIES.items() if v[2]["algo"] not in ("ia3", "glora", "oft", "boft")}
     second = _write(pipe, "sd", tmp_path / "b.safetensors", seed=1, entries=additive)
     a = load_adapter(pipe, tmp_path / "a.safetensors", multiplier=0.7, adapter_name="a")
     load_adapter(pipe, tmp_path / "b.safetensors", multiplier=-0.4, adapter_name="b")

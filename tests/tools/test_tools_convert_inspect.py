@@ -130,6 +130,42 @@ def test_pipeline_component_to_peft_folder_loads_in_the_real_unet(tmp_path) -> N
     assert not (tmp_path / "x").exists()
 
 
+ROTATIONS = {
+    "oft": lambda: bl.OFTConfig(
+        r=4, constraint=0.01, rescaled=True, target_modules=["lin", "conv", "block.proj"], init_weights=False
+    ),
+    "boft": lambda: bl.BOFTConfig(r=4, target_modules=["lin", "conv"], init_weights=False),
+}
+
+
+@pytest.mark.parametrize("algorithm", sorted(ROTATIONS))
+def test_rotations_convert_to_files_not_folders_and_inspect(tmp_path, base_file, algorithm, capsys) -> None:
+    torch.manual_seed(8)
+    model = bl.get_peft_model(planted_model(), ROTATIONS[algorithm]())
+    source, half = tmp_path / "source.safetensors", tmp_path / "half.safetensors"
+    model.save_pretrained(str(source))
+    capsys.readouterr()
+    assert main(["convert", str(source), str(tmp_path / "folder"), "--base", str(base_file)]) == 2
+    assert "rotate the layer's input" in capsys.readouterr().err and not (tmp_path / "folder").exists()
+    assert main(["convert", str(source), str(half), "--dtype", "fp16"]) == 0
+    assert load_file(half)["lycoris_lin.oft_blocks"].dtype == torch.float16
+    capsys.readouterr()
+    assert main(["inspect", str(source), "--json", "--base", str(base_file)]) == 0
+    modules = {m["module"]: m for m in json.loads(capsys.readouterr().out)["modules"]}
+    weights = _weights()
+    for key, params in group_by_module(load_file(source)).items():
+        name = key[len("lycoris_") :]
+        entry = modules[name.replace("block_proj", "block.proj")]  # with the base: the model's module names
+        assert entry["algorithm"] == algorithm and entry["params"] == _independent_count(params)
+        expected = float(ui_delta(params, weights[name].double())[0].norm())
+        assert entry["delta_norm"] == pytest.approx(expected, rel=1e-5), name
+    lin = modules["lin"]["notes"]
+    if algorithm == "oft":
+        assert "16 blocks × 4" in lin and "constraint 0.01" in lin and "rescaled" in lin
+    else:
+        assert "5 stages of 16 blocks × 4" in lin
+
+
 def _independent_count(params: dict[str, torch.Tensor]) -> int:
     return sum(t.numel() for n, t in params.items() if n not in ("alpha", "on_input"))
 

@@ -128,6 +128,32 @@ def test_lokr_with_low_rank_w2_and_factor(planted) -> None:
     assert params["lokr_w2_a"].shape == (16, 2) and params["lokr_w2_b"].shape == (2, 12)
 
 
+def _block_rotation(out: int, block: int, generator: torch.Generator) -> torch.Tensor:
+    """A proper rotation per block (the exponential of a random skew matrix), block-diagonal (out × out)."""
+    blocks = []
+    for _ in range(out // block):
+        a = 0.3 * torch.randn(block, block, generator=generator)
+        blocks.append(torch.linalg.matrix_exp(a - a.t()))
+    return torch.block_diag(*blocks)
+
+
+def test_oft_recovers_block_rotations_and_rescale(planted) -> None:
+    base, tmp = planted
+    g = torch.Generator().manual_seed(5)
+    tuned = {k: v.clone() for k, v in base.items()}
+    # LyCORIS' factorization with 8: out 64 → blocks of 8, out 32 → blocks of 4
+    tuned["lin.weight"] = _block_rotation(64, 8, g) @ base["lin.weight"]
+    rotated = (_block_rotation(32, 4, g) @ base["conv.weight"].reshape(32, -1)).reshape(32, 16, 3, 3)
+    tuned["conv.weight"] = (1 + 0.1 * torch.randn(32, 1, 1, 1, generator=g)) * rotated
+    save_state(base, tmp / "base.safetensors"), save_state(tuned, tmp / "tuned.safetensors")
+    args = ["extract", str(tmp / "base.safetensors"), str(tmp / "tuned.safetensors"), str(tmp / "o.safetensors")]
+    assert main(args + ["--algo", "oft"]) == 0
+    grouped = _check_recovered(tmp / "o.safetensors", base, tuned, ["lin", "conv"], rtol=1e-4)
+    assert grouped["lycoris_lin"]["oft_blocks"].shape == (8, 8, 8)
+    assert grouped["lycoris_conv"]["oft_blocks"].shape == (8, 4, 4)
+    assert grouped["lycoris_conv"]["rescale"].shape == (32, 1, 1, 1)
+
+
 def test_rank_selection_modes_follow_the_spectrum(planted) -> None:
     base, tmp = planted
     g = torch.Generator().manual_seed(5)

@@ -38,6 +38,10 @@ CONFIGS = {
     ),
     "norm": lambda: bl.NormConfig(target_modules=["norm"], init_weights=False),
     "dora": lambda: bl.LoraConfig(r=4, alpha=4, target_modules=["lin", "proj"], use_dora=True, init_weights=False),
+    "oft": lambda: bl.OFTConfig(
+        r=4, constraint=0.01, rescaled=True, target_modules=["lin", "conv", "token_embedding"], init_weights=False
+    ),
+    "boft": lambda: bl.BOFTConfig(r=4, rescaled=True, target_modules=["lin", "conv"], init_weights=False),
 }
 
 

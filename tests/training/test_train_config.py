@@ -66,7 +66,7 @@ def test_bad_toml(tmp_path: Path, capsys: pytest.CaptureFixture[str], toml: str,
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
-        (["--algo", "oft"], "--algo must be one of"),
+        (["--algo", "nope"], "--algo must be one of"),
         (["--random-crop"], "--random-crop contradicts --cache-latents"),
         (["--resume"], "--resume needs the --output-dir"),
         (["--algo", "ia3", "--use-dora"], "--use-dora does not apply to --algo ia3"),

@@ -154,6 +154,8 @@ def test_existing_run_needs_resume(reference: Path, data: Path) -> None:
         dict(algo="full", preset="attn", cache_latents=False, random_crop=True, enable_bucket=False),
         dict(algo="lokr", factor=4, cache_latents_to_disk=True, sample_every=2, sample_prompts=["a thing"]),
         dict(algo="glora", preset="full", conv_rank=2, conv_alpha=1.0, train_text_encoder=True),
+        dict(algo="oft", constraint=0.01, rescaled=True),
+        dict(algo="boft", preset="full", rank=4, conv_rank=2),
     ],
     ids=[
         "loha-v-minsnr",
@@ -163,6 +165,8 @@ def test_existing_run_needs_resume(reference: Path, data: Path) -> None:
         "full-nocache",
         "lokr-disk",
         "glora",
+        "oft-constraint-rescaled",
+        "boft-conv-rank",
     ],
 )
 def test_algorithms_and_options(data: Path, tmp_path: Path, changes: dict[str, Any]) -> None:
@@ -178,6 +182,9 @@ def test_algorithms_and_options(data: Path, tmp_path: Path, changes: dict[str, A
         assert (out / "samples" / "step-000002.png").is_file()
     if changes.get("cache_latents_to_disk"):
         assert (out / "latent_cache.safetensors").is_file()
+    if changes.get("algo") in ("oft", "boft"):
+        assert any(k.endswith(".oft_blocks") for k in tensors)
+        assert any(k.endswith(".rescale") for k in tensors) == bool(changes.get("rescaled"))
     if changes.get("warmup_steps"):
         assert records[0]["lr"] == pytest.approx(3e-3 / 2)
 

@@ -13,14 +13,30 @@ from .common import AdapterOptions
 for _module in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_module.name}")
 
-from .full import Full, Norm  # noqa: E402  (the classes people import by name)
+from .boft import BOFT  # noqa: E402  (the classes people import by name)
+from .full import Full, Norm  # noqa: E402
 from .glora import GLoRA  # noqa: E402
 from .ia3 import IA3  # noqa: E402
 from .loha import LoHa  # noqa: E402
 from .lokr import LoKr  # noqa: E402
 from .lora import DyLoRA, LoRA  # noqa: E402
+from .oft import OFT  # noqa: E402
 
 #: every algorithm's adapter class by name
 ALGORITHMS: dict[str, type[Adapter]] = REGISTRY
 
-__all__ = ["ALGORITHMS", "Adapter", "AdapterOptions", "DyLoRA", "Full", "GLoRA", "IA3", "LoHa", "LoKr", "LoRA", "Norm"]
+__all__ = [
+    "ALGORITHMS",
+    "Adapter",
+    "AdapterOptions",
+    "BOFT",
+    "DyLoRA",
+    "Full",
+    "GLoRA",
+    "IA3",
+    "LoHa",
+    "LoKr",
+    "LoRA",
+    "Norm",
+    "OFT",
+]

@@ -60,12 +60,12 @@ class Adapter(nn.Module):
     #: the tensor names one module of this algorithm may carry in a single file (besides ``alpha`` and
     #: ``dora_scale``); a module holding any of them is recognised as this algorithm
     file_keys: ClassVar[frozenset[str]] = frozenset()
+    #: why PEFT's folders of :attr:`folder_type` compute another function than this algorithm (they are then
+    #: refused on load, naming it); ``None`` where PEFT's tuner of that name is this algorithm
+    foreign_folder: ClassVar[str | None] = None
     #: ``peft_type`` of this algorithm's PEFT folders, and the tensor names a module carries there
     folder_type: ClassVar[str]
     folder_keys: ClassVar[frozenset[str]] = frozenset()
-    #: why no folder of :attr:`folder_type` can be read as this algorithm (PEFT's tuner of that name computes
-    #: another function); ``None`` where folders are read through :meth:`from_folder`
-    folder_reading_refusal: ClassVar[str | None] = None
     #: whether ``beyondlora resize`` re-factorizes this algorithm's ΔW at another rank (as a LoRA)
     resizable: ClassVar[bool] = False
     #: the names ``beyondlora train --algo`` and kohya's ``algo=`` network arg accept for this algorithm
@@ -323,6 +323,12 @@ class Adapter(nn.Module):
         input stays flattened (see :meth:`file_folds_kernel`)."""
         raise NotImplementedError
 
+    @classmethod
+    def claims(cls, params: dict[str, Tensor]) -> bool:
+        """Whether one module's single-file tensors are this algorithm's, where algorithms share tensor names
+        (OFT and BOFT both write ``oft_blocks``, 3-D and 4-D); the name match decides among those that claim."""
+        return True
+
     def file_folds_kernel(self) -> bool:
         """Whether this module's single-file tensors flatten a conv kernel into the input size (so a file
         read without its base model sees (out, in·k))."""
@@ -367,11 +373,17 @@ class Adapter(nn.Module):
 
     @classmethod
     def extracted(
-        cls, geometry: LayerGeometry, delta: Tensor, delta_bias: Tensor | None, how: Extraction
+        cls,
+        geometry: LayerGeometry,
+        delta: Tensor,
+        delta_bias: Tensor | None,
+        how: Extraction,
+        base_weight: Tensor | None = None,
     ) -> Adapter | None:
         """An adapter approximating the weight difference ``delta`` (canonical shape) and, where the
         algorithm holds one, ``delta_bias`` (out,), with alpha = rank (scale 1); ``None`` where this form
-        would store no fewer parameters than ``delta`` itself."""
+        would store no fewer parameters than ``delta`` itself.  ``base_weight`` (canonical W) is given for
+        algorithms whose ΔW is a function of W (OFT)."""
         raise NotImplementedError
 
     def unused_options(self) -> list[str]:
@@ -387,6 +399,11 @@ class Adapter(nn.Module):
     def consumer_rank(self) -> int | None:
         """The rank a consumer reads from the file (its scale is alpha / rank), ``None`` when there is none."""
         return self.rank if self.has_rank else None
+
+    def metadata_options(self) -> dict[str, Any]:
+        """Hyper-parameters beyond r and alpha that our metadata records for this module (and
+        :meth:`kohya_args` reads back), e.g. OFT's constraint."""
+        return {}
 
     def summary_notes(self) -> list[str]:
         """Short notes on this adapter's form for ``inspect`` (Tucker, factor shapes, …)."""

@@ -212,7 +212,7 @@ def read_config_json(directory: str | Path) -> dict[str, Any]:
 
 #: fields a user sets only to use them: for an algorithm whose config lacks one, a set value is an error
 #: rather than silently dropped
-EXPLICIT_FIELDS = {"dropout": 0.0, "use_dora": False}
+EXPLICIT_FIELDS = {"dropout": 0.0, "use_dora": False, "constraint": 0.0, "rescaled": False}
 
 
 def unsupported_fields(algorithm: str, fields: dict[str, Any]) -> list[str]:

@@ -96,7 +96,12 @@ class _Difference(Adapter):
 
     @classmethod
     def extracted(
-        cls, geometry: LayerGeometry, delta: Tensor, delta_bias: Tensor | None, how: Extraction
+        cls,
+        geometry: LayerGeometry,
+        delta: Tensor,
+        delta_bias: Tensor | None,
+        how: Extraction,
+        base_weight: Tensor | None = None,
     ) -> Adapter | None:
         """The difference itself (exact); a layer with a bias gets its bias difference (zeros when none)."""
         values = {cls.weight_key: delta}

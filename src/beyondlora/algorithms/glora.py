@@ -80,7 +80,7 @@ class GLoRA(Adapter):
     config_class = GLoRAConfig
     file_keys = frozenset({"a1.weight", "a2.weight", "b1.weight", "b2.weight", "bm.weight"})
     folder_type = "GLORA"
-    folder_reading_refusal = PEFT_GLORA
+    foreign_folder = PEFT_GLORA
     extract_name = "glora"
     algo_names = ("glora",)
     scales_base = True

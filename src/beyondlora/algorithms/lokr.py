@@ -415,7 +415,12 @@ class LoKr(Adapter):
     # --- tools -----------------------------------------------------------------------------------------
     @classmethod
     def extracted(
-        cls, geometry: LayerGeometry, delta: Tensor, delta_bias: Tensor | None, how: Extraction
+        cls,
+        geometry: LayerGeometry,
+        delta: Tensor,
+        delta_bias: Tensor | None,
+        how: Extraction,
+        base_weight: Tensor | None = None,
     ) -> Adapter | None:
         """ΔW ≈ W1 ⊗ W2, the nearest Kronecker product for ``factorization(dim, how.factor)``
         (:func:`~beyondlora.ops.decompositions.nearest_kronecker`); W2 is then truncated by the tool's rank

@@ -299,7 +299,12 @@ class LoRA(Adapter):
     # --- tools -----------------------------------------------------------------------------------------
     @classmethod
     def extracted(
-        cls, geometry: LayerGeometry, delta: Tensor, delta_bias: Tensor | None, how: Extraction
+        cls,
+        geometry: LayerGeometry,
+        delta: Tensor,
+        delta_bias: Tensor | None,
+        how: Extraction,
+        base_weight: Tensor | None = None,
     ) -> Adapter | None:
         """ΔW (out, in·K) ≈ up · down by the tool's rank rule (without one: rank :data:`EXTRACT_RANK`); with
         ``how.tucker`` a k×k conv gets a Tucker-2 core (HOSVD, :func:`~beyondlora.ops.decompositions.tucker2`)

@@ -138,9 +138,9 @@ def read_config(directory: Path) -> AdapterConfig:
     path = directory / CONFIG_NAME
     data = read_config_json(directory)
     cls = config_class(str(data.pop("peft_type", "")))
-    refusal = ALGORITHMS[cls.algorithm].folder_reading_refusal
-    if refusal is not None:
-        raise FormatError(f"{path}: a {cls.peft_type} folder cannot be loaded: {refusal}")
+    foreign = ALGORITHMS[cls.algorithm].foreign_folder
+    if foreign is not None:
+        raise FormatError(f"{path}: a {cls.peft_type} folder cannot be loaded: {foreign}")
     known = {f for f in cls.__dataclass_fields__}
     kept = {}
     for key, value in data.items():

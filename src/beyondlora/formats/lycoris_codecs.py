@@ -62,13 +62,15 @@ def describe(adapter: Adapter) -> dict[str, Any]:
     info: dict[str, Any] = {"algorithm": adapter.algorithm, "r": adapter.options.r, "alpha": adapter.options.alpha}
     info.update(use_rslora=adapter.options.use_rslora, multiplier=adapter.multiplier)
     info.update({name: getattr(adapter.options, name) for name in TRAINING_OPTIONS})
+    info.update(adapter.metadata_options())
     return info
 
 
 def detect_algorithm(params: dict[str, Tensor], where: str) -> type[Adapter]:
-    """The algorithm of one module's tensors: the one whose tensor names it shares most (ties: registry order)."""
+    """The algorithm of one module's tensors: of those that claim them (:meth:`~.Adapter.claims`), the one
+    whose tensor names it shares most (ties: registry order)."""
     names = set(params) - SHARED_TENSORS
-    candidates = [(len(names & cls.file_keys), cls) for cls in file_families()]
+    candidates = [(len(names & cls.file_keys), cls) for cls in file_families() if cls.claims(params)]
     best = max(candidates, key=lambda pair: pair[0])
     if best[0] == 0:
         raise FormatError(f"{where}: no known adapter in keys {sorted(params)}")

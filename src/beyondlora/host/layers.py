@@ -261,13 +261,16 @@ class AdapterLayer(nn.Module):
         return result
 
     def _base_operation(self, x: Tensor, plain_out: Tensor) -> Callable[[Tensor], Tensor]:
-        """``z ↦ W z`` (the base operation without its bias, in z's dtype) for :meth:`~.Adapter.base_bypass`;
-        for ``z`` = ``x`` it returns ``plain_out`` = W x, already computed."""
+        """``z ↦ W z`` (the base operation without its bias, in z's dtype; an embedding's indices give the
+        weight's dtype) for :meth:`~.Adapter.base_bypass`; for ``z`` = ``x`` it returns ``plain_out`` = W x,
+        already computed."""
 
         def apply_base(z: Tensor) -> Tensor:
+            weight = self.geometry.canonical_weight(self.base_layer)
+            dtype = z.dtype if z.is_floating_point() else weight.dtype
             if z is x:
-                return cast(plain_out, z.dtype)
-            return self.geometry.apply(z, cast(self.geometry.canonical_weight(self.base_layer), z.dtype))
+                return cast(plain_out, dtype)
+            return self.geometry.apply(z, cast(weight, dtype))
 
         return apply_base
 

@@ -113,6 +113,8 @@ class NetworkArgs:
     dora_wd: bool = False
     wd_on_output: bool = True
     on_input: bool = False
+    constraint: float = 0.0
+    rescaled: bool = False
     preset: str = "full"
     loraplus_lr_ratio: float | None = None
     loraplus_unet_lr_ratio: float | None = None
@@ -294,6 +296,8 @@ def adapter_config(args: NetworkArgs, names: list[str], conv: bool, norm: bool) 
             decompose_factor=args.factor,
             unbalanced_factorization=args.unbalanced_factorization,
             feedforward_modules=targets if args.on_input else None,
+            constraint=args.constraint,
+            rescaled=args.rescaled,
         )
     except ValueError as error:
         raise ValueError(f"network arg {error}") from None

@@ -259,7 +259,7 @@ def _extract_layer(
             factor=options.factor,
             exact_svd=options.exact_svd,
         )
-        adapter = _extractor(options.algo, g).extracted(g, delta, bias_delta, how)
+        adapter = _extractor(options.algo, g).extracted(g, delta, bias_delta, how, base_weight=base)
         if adapter is None:  # the low-rank form would not be smaller
             adapter = exact.extracted(g, delta, None, how)
     adapter.to(device)

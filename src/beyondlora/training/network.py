@@ -53,6 +53,8 @@ def adapter_config(config: TrainConfig, part: str, model: nn.Module) -> AdapterC
         "decompose_factor": config.factor,
         "feedforward_modules": inputs,
         "block_size": max(b for b in (1, 2, 4) if config.rank % b == 0),
+        "constraint": config.constraint,
+        "rescaled": config.rescaled,
     }
     if convs and (conv_rank, conv_alpha) != (config.rank, alpha):
         fields["rank_pattern"] = {re.escape(n): conv_rank for n in convs}

@@ -94,6 +94,8 @@ class TrainConfig:
         default="full", metadata={"help": "layers to adapt: " + "/".join(PRESETS) + " (kohya's), or a preset TOML file"}
     )
     use_dora: bool = field(default=False, metadata={"help": "DoRA weight decomposition"})
+    constraint: float = field(default=0.0, metadata={"help": "OFT/BOFT: cap ‖Q‖ at constraint × outputs (0: none)"})
+    rescaled: bool = field(default=False, metadata={"help": "OFT/BOFT: a trainable magnitude per output channel"})
     train_text_encoder: bool = field(default=False, metadata={"help": "also adapt the text encoder(s)"})
     # data
     resolution: int | None = field(default=None, metadata={"help": "training side in pixels (default: the model's)"})
