@@ -287,7 +287,12 @@ class GLoRA(Adapter):
     # --- tools -----------------------------------------------------------------------------------------
     @classmethod
     def extracted(
-        cls, geometry: LayerGeometry, delta: Tensor, delta_bias: Tensor | None, how: Extraction
+        cls,
+        geometry: LayerGeometry,
+        delta: Tensor,
+        delta_bias: Tensor | None,
+        how: Extraction,
+        base_weight: Tensor | None = None,
     ) -> Adapter | None:
         """A = 0 and B ≈ ΔW as LoRA's extraction finds it: the tool's rank rule on ΔW (out, in·K) (without one
         rank :data:`EXTRACT_RANK`), or with ``how.tucker`` on a k×k conv a Tucker-2 core of that rank."""
