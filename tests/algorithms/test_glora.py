@@ -289,14 +289,14 @@ def test_malformed_files_name_module_key_and_shape_and_change_nothing(key, chang
 
 
 # --- the cost model -----------------------------------------------------------------------------------------
-def test_the_bypass_is_priced_with_its_base_op_and_embeddings_take_the_combined_path() -> None:
-    """Linear 64 → 64, r = 4: the bypass does t · (3 · 4 · 64 + 64 · 64 + 4 · 64) multiply-adds (the A and B
-    hiddens, the base op on A x, b1), the rebuild 3 · 4 · 64 · 64 = 49,152: inference keeps the bypass for one
-    row (5,120) and rebuilds for 64 rows (327,680)."""
+def test_the_bypass_is_priced_without_a_second_base_op_and_embeddings_take_the_combined_path() -> None:
+    """Linear 64 → 64, r = 4: the bypass does t · (3 · 4 · 64 + 4 · 64 + 64) multiply-adds (the A and B
+    hiddens, b1, and x + A x, which the layer's own base call takes), the rebuild 3 · 4 · 64 · 64 = 49,152:
+    inference keeps the bypass for one row (1,088) and rebuilds for 64 rows (69,632)."""
     model = bl.get_peft_model(nn.Sequential(nn.Linear(64, 64)), bl.GLoRAConfig(r=4, target_modules=["0"]))
     (host,) = [m for m in model.modules() if isinstance(m, bl.AdapterLayer)]
     adapter = host.adapters["default"]
-    assert adapter.bypass_flops(10) == 10 * (3 * 4 * 64 + 64 * 64 + 4 * 64)
+    assert adapter.bypass_flops(10) == 10 * (3 * 4 * 64 + 4 * 64 + 64)
     assert adapter.rebuild_flops() == 3 * 4 * 64 * 64
     with torch.no_grad():
         assert host._path(torch.randn(1, 64), ["default"]) == "bypass"
@@ -306,3 +306,70 @@ def test_the_bypass_is_priced_with_its_base_op_and_embeddings_take_the_combined_
     host.forward_mode = "bypass"  # A x of an index is a dense column the lookup cannot take: no bypass
     assert not host.adapters["default"].has_exact_bypass()
     assert host._path(torch.tensor([[1, 2, 3]]), ["default"]) == "combined"
+
+
+class _Holder(nn.Module):
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.layer(x)
+
+
+SHIFT_LAYERS = [
+    (lambda: nn.Linear(12, 16), (3, 5, 12)),
+    (lambda: nn.Conv2d(4, 8, 3, stride=2, padding=1, padding_mode="reflect"), (2, 4, 7, 6)),
+]
+
+
+@pytest.mark.parametrize("make, shape", SHIFT_LAYERS, ids=["linear", "conv"])
+def test_the_bypass_folds_a_x_into_the_one_base_call(make, shape) -> None:
+    """GLoRA's bypass runs the base layer once, on x + t·s·A x (LyCORIS' form), and equals W' x + b from the
+    float64 weight W + t·ΔW written out here."""
+    torch.manual_seed(0)
+    base = _Holder(make()).double()
+    model = bl.get_peft_model(
+        copy.deepcopy(base), bl.GLoRAConfig(r=2, alpha=3.0, target_modules=["layer"], init_weights=False)
+    )
+    model.set_multiplier(0.7)
+    (host,) = [m for m in model.modules() if isinstance(m, bl.AdapterLayer)]
+    host.forward_mode = "bypass"
+    calls = []
+    host.base_layer.register_forward_hook(lambda *args: calls.append(1))
+    x = torch.randn(shape, dtype=torch.float64)
+    adapter = host.adapters["default"]
+    w = base.layer.weight.detach()
+    flat = w.reshape(w.shape[0], -1) if w.dim() == 2 else w
+    a = adapter.a1.detach().reshape(w.shape[1], -1) @ adapter.a2.detach().reshape(-1, w.shape[1])
+    b = adapter.b1.detach().reshape(w.shape[0], -1) @ adapter.b2.detach().reshape(adapter.rank, -1)
+    delta = torch.einsum("oi...,ij->oj...", flat, a) + b.reshape(w.shape)
+    expected_layer = copy.deepcopy(base.layer)
+    with torch.no_grad():
+        expected_layer.weight += 0.7 * 1.5 * delta
+    out = model(x)
+    assert len(calls) == 1
+    torch.testing.assert_close(out, expected_layer(x), rtol=1e-10, atol=1e-10)
+    out.sum().backward()  # the base call's input is rebuilt from x in backward: gradients flow
+    assert all(p.grad is not None for p in adapter.parameters())
+
+
+@pytest.mark.parametrize("make, shape", SHIFT_LAYERS, ids=["linear", "conv"])
+@pytest.mark.parametrize("other", ["ia3", "oft"])
+def test_beside_an_adapter_that_reads_the_base_output(make, shape, other: str) -> None:
+    """With (IA)³ scaling the output or OFT rotating it on the same layer, A x cannot join the base call: the
+    bypass takes GLoRA's own base op and still equals the combined path."""
+    torch.manual_seed(0)
+    model = bl.get_peft_model(
+        _Holder(make()).double(), bl.GLoRAConfig(r=2, target_modules=["layer"], init_weights=False)
+    )
+    second = {"ia3": bl.IA3Config, "oft": bl.OFTConfig}[other]
+    model.add_adapter("second", second(target_modules=["layer"], init_weights=False))
+    model.set_adapter(["default", "second"])
+    (host,) = [m for m in model.modules() if isinstance(m, bl.AdapterLayer)]
+    x = torch.randn(shape, dtype=torch.float64)
+    outputs = {}
+    for mode in ("bypass", "combined"):
+        host.forward_mode = mode
+        outputs[mode] = model(x)
+    torch.testing.assert_close(outputs["bypass"], outputs["combined"], rtol=1e-10, atol=1e-10)

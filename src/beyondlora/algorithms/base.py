@@ -50,6 +50,9 @@ class Adapter(nn.Module):
     #: the bypass multiplies by the base weight itself (OFT: ``(R − I)·W x``; GLoRA: ``W·(A x)``), so it is
     #: computed by :meth:`base_bypass` and needs nothing merged into W
     bypass_uses_base: ClassVar[bool] = False
+    #: part of ΔW is W·A with A a per-position map of the input, which the layer can fold into its base call's
+    #: input (:meth:`input_shift`) when nothing else needs that call on the plain input
+    shifts_input: ClassVar[bool] = False
     #: whether ``r``/``alpha`` mean anything for this algorithm
     has_rank: ClassVar[bool] = True
     #: the config dataclass (PEFT field names) that builds this algorithm's adapters
@@ -208,6 +211,13 @@ class Adapter(nn.Module):
         (:attr:`bypass_uses_base`), given ``apply_base(z)`` = ``W z``: the base operation without its bias on any
         ``z`` shaped like ``x`` (``apply_base(x)`` is free: the layer has computed it already).  ``None`` when
         this layer has no such path."""
+        return None
+
+    def input_shift(self, x: Tensor, draw: Any = None) -> tuple[Tensor, Tensor] | None:
+        """``(s · A x, s · B x)`` for an adapter whose ΔW = s · (W·A + B) with A acting on each position's input
+        channels (GLoRA; :attr:`shifts_input`): the layer then folds the first into the base call it makes
+        anyway, ``W (x + t · s · A x) + b``, and adds ``t · s · B x``.  ``None`` when this layer has no such
+        form (the layer then takes :meth:`base_bypass`)."""
         return None
 
     def has_merged_step(self) -> bool:

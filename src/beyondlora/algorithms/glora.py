@@ -85,6 +85,7 @@ class GLoRA(Adapter):
     algo_names = ("glora",)
     scales_base = True
     bypass_uses_base = True
+    shifts_input = True
 
     def __init__(self, geometry: LayerGeometry, options: AdapterOptions, base_weight: Tensor) -> None:
         if options.use_dora:
@@ -176,48 +177,53 @@ class GLoRA(Adapter):
         a1, b1 = self._masked(draw)
         return merged_glora_linear(x, weight, bias, a1, self.a2, b1, self.b2, self.scale * multiplier)
 
-    def base_bypass(self, x: Tensor, apply_base: Callable[[Tensor], Tensor], draw: Any = None) -> Tensor | None:
-        """``s · (W (a1 (a2 x)) + b1 (b2 x))``: on linear-like layers both hiddens from one (…, 2r) product; on
-        convolutions A mixes each position's channels (each group's alike), ``W (·)`` is the base op with its
-        stride and padding, and B runs as LoCon's convolution (Tucker: pointwise, core, pointwise).  Embeddings
-        have none: A x for an index is a dense column, which the base op (a lookup) cannot take."""
+    def input_shift(self, x: Tensor, draw: Any = None) -> tuple[Tensor, Tensor] | None:
+        """``(s · a1 (a2 x), s · b1 (b2 x))``: on linear-like layers both hiddens from one (…, 2r) product; on
+        convolutions A mixes each position's channels (each group's alike) and B runs as LoCon's convolution
+        with the layer's stride and padding (Tucker: pointwise, core, pointwise).  Embeddings have none: A x for
+        an index is a dense column, which the base op (a lookup) cannot take."""
         g, r, s = self.geometry, self.rank, self.scale
         a1, b1 = self._masked(draw)
         if g.kind in ("linear", "hf_conv1d"):
             hidden = F.linear(x, torch.cat([self.a2, self.b2]))
-            mixed = F.linear(hidden[..., :r], a1 * s)
-            return apply_base(mixed) + F.linear(hidden[..., r:], b1 * s)
+            return F.linear(hidden[..., :r], a1 * s), F.linear(hidden[..., r:], b1 * s)
         if g.kind != "conv":
             return None
         groups = g.groups
-        mix_in, mix_out = _per_group(self.a2, groups), _per_group(a1 * s, groups)
-        mixed = g.pointwise(g.pointwise(x, mix_in, groups), mix_out, groups)
-        # a convolution keeps its input for backward even with W frozen: rebuild A x from x there instead
-        kept = (x.detach(), mix_in.detach(), mix_out.detach())
-        with rebuilt_if_saved(mixed, lambda: g.pointwise(g.pointwise(kept[0], kept[1], groups), kept[2], groups)):
-            out_a = apply_base(mixed)
+        mixed = g.pointwise(g.pointwise(x, _per_group(self.a2, groups), groups), _per_group(a1 * s, groups), groups)
         if self.bm is None:
             hidden = g.conv(x, _per_group(self.b2, groups), groups)
         else:
             inner = g.pointwise(g.pad_input(x), _per_group(self.b2.flatten(1), groups), groups)
             hidden = g.conv(inner, _per_group(self.bm, groups), groups, padded=True)
-        return out_a + g.pointwise(hidden, b1 * s, groups)
+        return mixed, g.pointwise(hidden, b1 * s, groups)
+
+    def base_bypass(self, x: Tensor, apply_base: Callable[[Tensor], Tensor], draw: Any = None) -> Tensor | None:
+        """``W (s · A x) + s · B x`` (:meth:`input_shift`) with the base op on its own, where the layer cannot
+        fold ``A x`` into its base call (another adapter there needs ``W x`` of the plain input)."""
+        pair = self.input_shift(x, draw)
+        if pair is None:
+            return None
+        a_x, b_x = pair
+        kept = x.detach()
+        # a convolution keeps its input for backward even with W frozen: rebuild A x from x there instead
+        with rebuilt_if_saved(a_x, torch.no_grad()(lambda: self.input_shift(kept, draw)[0])):
+            return apply_base(a_x) + b_x
 
     def bypass_flops(self, tokens: int) -> float:
-        """The A and B hiddens' products plus the base op on ``A x`` (a full-size op per position); the input
-        positions of a strided convolution are ∏stride times its outputs."""
+        """The A and B hiddens' products and the sum ``x + A x``, which the layer's own base call takes
+        (:meth:`input_shift`); the input positions of a strided convolution are ∏stride times its outputs."""
         g, r = self.geometry, self.rank
         if g.kind == "embedding":
             return math.inf
-        base = g.out_dim * g.in_dim * g.kernel_numel
         if g.kind != "conv":
-            return float(tokens * (3 * r * g.in_dim + base + r * g.out_dim))
+            return float(tokens * (3 * r * g.in_dim + r * g.out_dim + g.in_dim))
         inputs, width = tokens * math.prod(g.stride), g.in_dim * g.groups
         if self.bm is None:
             b_half = tokens * r * width * g.kernel_numel
         else:
             b_half = inputs * r * width + tokens * g.groups * r * r * g.kernel_numel
-        return float(inputs * 2 * r * width + tokens * base + b_half + tokens * r * g.out_dim)
+        return float(inputs * (2 * r + 1) * width + b_half + tokens * r * g.out_dim)
 
     def rebuild_flops(self) -> float:
         """``W a1``, its product with a2 and B: three r-wide passes over the weight's size (Tucker: plus the core)."""

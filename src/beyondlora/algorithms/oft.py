@@ -185,13 +185,16 @@ class RotationAdapter(Adapter):
         return g.groups == 1 or (g.out_dim // g.groups) % self.span() == 0
 
     def bypass_flops(self, tokens: int) -> float:
-        """Multiply-add equivalents per position: each stage's b multiply-adds per output value plus its pass
-        over the activations (:attr:`stage_passes`), the rescale and the subtraction; ``W x`` itself is the
-        base layer's own output."""
-        if not self._exact_bypass():
-            return math.inf
+        """The rotation of the base output ``W x`` at ``tokens`` positions (:meth:`rotation_work`); ``W x`` itself
+        is the base layer's own output."""
+        return self.rotation_work(tokens) if self._exact_bypass() else math.inf
+
+    def rotation_work(self, positions: int) -> float:
+        """Multiply-add equivalents of rotating ``positions`` vectors of the output size: each stage's b
+        multiply-adds per value plus its pass over them (:attr:`stage_passes`), the rescale and the
+        subtraction."""
         out = self.geometry.out_dim
-        return float(tokens * (self.oft_blocks.numel() + out * (sum(self.stage_passes()) + 2)))
+        return float(positions * (self.oft_blocks.numel() + out * (sum(self.stage_passes()) + 2)))
 
     def stage_passes(self) -> list[float]:
         """What each stage's pass over the activations costs per value, in full-size multiply-adds: the
@@ -201,11 +204,12 @@ class RotationAdapter(Adapter):
         return [BLOCK_PASS] * (self.oft_blocks.numel() // (self.geometry.out_dim * self.block_size))
 
     def rebuild_flops(self) -> float:
-        """Each stage rotates W's rows (b multiply-adds per weight element), the Cayley solves, then the
-        rescale and W + t·ΔW passes."""
-        weight = math.prod(self.geometry.weight_shape)
-        blocks = self.oft_blocks.numel()
-        return float(blocks * (weight // self.geometry.out_dim) + blocks * self.block_size + 2 * weight)
+        """W's rows go through the same rotation code as the bypass's activations, as ``in · ∏k`` positions
+        (:meth:`rotation_work`), plus the Cayley solves.  So a weight with fewer rows than the input has
+        positions rebuilds cheaper than the bypass rotates (measured on a CPU: a 320-channel 3×3 conv, 2,880
+        rows against 1,024 positions, took 39 ms to rebuild through BOFT's 6 stages, 12 ms to rotate)."""
+        rows = math.prod(self.geometry.weight_shape) // self.geometry.out_dim
+        return self.rotation_work(rows) + float(self.oft_blocks.numel() * self.block_size)
 
     # --- files ---------------------------------------------------------------------------------------
     def file_tensors(self) -> dict[str, Tensor]:

@@ -38,7 +38,7 @@ from ..algorithms.base import Adapter
 from ..algorithms.common import fold_scale
 from ..ops.bypass_common import autocasting, cast
 from ..ops.geometry import LayerGeometry, is_plain_call
-from ..ops.recompute import recomputed_if_saved
+from ..ops.recompute import rebuilt_if_saved, recomputed_if_saved
 from .cost_model import rank_work_price
 
 ForwardMode = Literal["auto", "bypass", "combined"]
@@ -215,7 +215,13 @@ class AdapterLayer(nn.Module):
         adapters = {n: self.adapters[n] for n in names}
         scales_input, scales_output = _scalings_by_side(list(adapters.values()))
         plain_out = None  # W·x without the bias, computed once if needed
-        if scales_input:  # then no output-side scaling (see _bypass_possible)
+        shifted = self._input_shifts(x, adapters, draws, bool(scales_input or scales_output))
+        if shifted:  # W (x + Σ t·s·A x) + b in the base call itself; each adapter's B x is added below
+            base_in = x + cast(sum(adapters[n].multiplier * a_x for n, (a_x, _) in shifted.items()), x.dtype)
+            # a convolution keeps its input for backward: rebuild x + A x from x there (rank-r work) instead
+            with rebuilt_if_saved(base_in, self._shifted_input(x.detach(), adapters, shifted, draws)):
+                result = base_out = self.base_layer(base_in, *args, **kwargs)
+        elif scales_input:  # then no output-side scaling (see _bypass_possible)
             factor = cast(1 + g.per_channel(_scale_sum(scales_input), x.dim()), x.dtype)
             base_in = x * factor
             with recomputed_if_saved(base_in, x, factor):
@@ -231,6 +237,10 @@ class AdapterLayer(nn.Module):
             t = adapter.multiplier
             if adapter.channel_scaling() is not None:
                 continue  # folded into the base call's input or output above
+            if name in shifted:
+                b_x = shifted[name][1]
+                result = result + cast(b_x if t == 1 else t * b_x, result.dtype)
+                continue
             if not adapter.decomposed:
                 added = adapter.add_bypass(result, x, draws[name], t, lean=self.backward_memory == "lean")
                 if added is not None:
@@ -259,6 +269,38 @@ class AdapterLayer(nn.Module):
             if bias is not None:
                 result = result + (t * g.per_channel(bias, x.dim())).to(result.dtype)
         return result
+
+    def _input_shifts(
+        self, x: Tensor, adapters: dict[str, Adapter], draws: dict[str, Any], scaled: bool
+    ) -> dict[str, tuple[Tensor, Tensor]]:
+        """``name → (s·A x, s·B x)`` for the adapters whose ``A x`` the base call takes on its input
+        (:meth:`~.Adapter.input_shift`); empty when a channel scaling or an adapter that reads ``W x`` of the
+        plain input shares the call (they then take :meth:`~.Adapter.base_bypass`)."""
+        shifting = [n for n, a in adapters.items() if a.shifts_input and not a.decomposed]
+        if not shifting or scaled or any(a.reads_base_output for n, a in adapters.items() if n not in shifting):
+            return {}
+        shifts = {}
+        for name in shifting:
+            adapter = adapters[name]
+            pair = adapter.input_shift(cast(x, adapter.param_dtype), draws[name])
+            if pair is None:
+                return {}
+            shifts[name] = pair
+        return shifts
+
+    @staticmethod
+    def _shifted_input(
+        x: Tensor, adapters: dict[str, Adapter], shifted: dict[str, Any], draws: dict[str, Any]
+    ) -> Callable[[], Tensor]:
+        """``x + Σ t · s · A x`` recomputed without autograd (what the base call took, for its backward)."""
+
+        @torch.no_grad()
+        def rebuild() -> Tensor:
+            shifts = [adapters[n].multiplier * adapters[n].input_shift(cast(x, adapters[n].param_dtype), draws[n])[0]
+                      for n in shifted]  # fmt: skip
+            return x + cast(sum(shifts), x.dtype)
+
+        return rebuild
 
     def _base_operation(self, x: Tensor, plain_out: Tensor) -> Callable[[Tensor], Tensor]:
         """``z ↦ W z`` (the base operation without its bias, in z's dtype; an embedding's indices give the
