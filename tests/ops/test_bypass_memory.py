@@ -473,16 +473,20 @@ def test_bfloat16_base_without_autocast(layer: str, config: str) -> None:
             torch.testing.assert_close(got, want, rtol=5e-2, atol=5e-2 * want.abs().max().item(), msg=str(key))
 
 
+@pytest.mark.parametrize("memory", ["auto", "lean"])
 @pytest.mark.parametrize("tucker", [False, True], ids=["plain", "tucker"])
 @pytest.mark.parametrize("layer", list(MEMORY_LAYERS))
-def test_glora_keeps_no_more_than_two_loras(layer: str, tucker: bool) -> None:
+def test_glora_keeps_no_more_than_two_loras(layer: str, tucker: bool, memory: str) -> None:
     """GLoRA's bypass keeps the layer input and its A and B hiddens, each what a rank-r LoRA keeps beyond the
-    input, plus factor-sized tensors (the scaled a1 and b1, the stacked a2 and b2); the base op's input ``A x``
-    (input-sized) is rebuilt in backward, not kept."""
+    input, plus factor-sized tensors (the scaled a1 and b1, the stacked a2 and b2).  The base call's input
+    ``x + A x`` is input-sized: a convolution keeps it with ``"auto"`` (as LyCORIS does; rebuilding it costs
+    about 6 % of the step) and ``"lean"`` rebuilds it from x in backward."""
     lora, x = _wrapped(layer, {"cls": bl.LoraConfig, "r": 8, "use_effective_conv2d": tucker})
     input_bytes = x.numel() * x.element_size()
     beyond_input = saved_bytes(lora, x) - input_bytes
-    peft, x = _wrapped(layer, {"cls": bl.GLoRAConfig, "r": 8, "use_effective_conv2d": tucker}, memory="auto")
+    peft, x = _wrapped(layer, {"cls": bl.GLoRAConfig, "r": 8, "use_effective_conv2d": tucker}, memory=memory)
     factors = sum(p.numel() * p.element_size() for p in peft.parameters() if p.requires_grad)
     saved = saved_bytes(peft, x)
-    assert input_bytes <= saved <= input_bytes + 2 * beyond_input + factors, (saved, input_bytes, beyond_input)
+    shifted_input = input_bytes if memory == "auto" and layer != "linear" else 0
+    bound = input_bytes + 2 * beyond_input + factors + shifted_input
+    assert input_bytes <= saved <= bound, (saved, input_bytes, beyond_input)

@@ -213,11 +213,12 @@ class Adapter(nn.Module):
         this layer has no such path."""
         return None
 
-    def input_shift(self, x: Tensor, draw: Any = None) -> tuple[Tensor, Tensor] | None:
+    def input_shift(self, x: Tensor, draw: Any = None, with_rest: bool = True) -> tuple[Tensor, Tensor | None] | None:
         """``(s · A x, s · B x)`` for an adapter whose ΔW = s · (W·A + B) with A acting on each position's input
         channels (GLoRA; :attr:`shifts_input`): the layer then folds the first into the base call it makes
-        anyway, ``W (x + t · s · A x) + b``, and adds ``t · s · B x``.  ``None`` when this layer has no such
-        form (the layer then takes :meth:`base_bypass`)."""
+        anyway, ``W (x + t · s · A x) + b``, and adds ``t · s · B x`` (``None`` without ``with_rest``: the
+        layer rebuilding the base call's input for backward needs only A x).  ``None`` when this layer has no
+        such form (the layer then takes :meth:`base_bypass`)."""
         return None
 
     def has_merged_step(self) -> bool:

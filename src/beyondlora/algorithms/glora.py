@@ -177,7 +177,7 @@ class GLoRA(Adapter):
         a1, b1 = self._masked(draw)
         return merged_glora_linear(x, weight, bias, a1, self.a2, b1, self.b2, self.scale * multiplier)
 
-    def input_shift(self, x: Tensor, draw: Any = None) -> tuple[Tensor, Tensor] | None:
+    def input_shift(self, x: Tensor, draw: Any = None, with_rest: bool = True) -> tuple[Tensor, Tensor | None] | None:
         """``(s · a1 (a2 x), s · b1 (b2 x))``: on linear-like layers both hiddens from one (…, 2r) product; on
         convolutions A mixes each position's channels (each group's alike) and B runs as LoCon's convolution
         with the layer's stride and padding (Tucker: pointwise, core, pointwise).  Embeddings have none: A x for
@@ -191,6 +191,8 @@ class GLoRA(Adapter):
             return None
         groups = g.groups
         mixed = g.pointwise(g.pointwise(x, _per_group(self.a2, groups), groups), _per_group(a1 * s, groups), groups)
+        if not with_rest:
+            return mixed, None
         if self.bm is None:
             hidden = g.conv(x, _per_group(self.b2, groups), groups)
         else:
@@ -207,7 +209,7 @@ class GLoRA(Adapter):
         a_x, b_x = pair
         kept = x.detach()
         # a convolution keeps its input for backward even with W frozen: rebuild A x from x there instead
-        with rebuilt_if_saved(a_x, torch.no_grad()(lambda: self.input_shift(kept, draw)[0])):
+        with rebuilt_if_saved(a_x, torch.no_grad()(lambda: self.input_shift(kept, draw, with_rest=False)[0])):
             return apply_base(a_x) + b_x
 
     def bypass_flops(self, tokens: int) -> float:
