@@ -213,6 +213,13 @@ class Adapter(nn.Module):
         this layer has no such path."""
         return None
 
+    def transform_output(self, out: Tensor, bias: Tensor | None, draw: Any = None) -> Tensor | None:
+        """``W' x + b`` straight from the base output ``out`` = ``W x + b`` (``bias``: the base layer's b or
+        ``None``) for an adapter whose W' maps W's rows (OFT, BOFT: ``rescale ⊙ M W``): one pass over the output
+        where forming ``ΔW x`` and adding it takes three.  The layer takes it for such an adapter alone on its
+        layer; ``None`` where it has none."""
+        return None
+
     def input_shift(self, x: Tensor, draw: Any = None, with_rest: bool = True) -> tuple[Tensor, Tensor | None] | None:
         """``(s · A x, s · B x)`` for an adapter whose ΔW = s · (W·A + B) with A acting on each position's input
         channels (GLoRA; :attr:`shifts_input`): the layer then folds the first into the base call it makes

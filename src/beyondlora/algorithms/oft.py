@@ -179,6 +179,19 @@ class RotationAdapter(Adapter):
         delta = self._rotated(moved) - moved
         return delta.movedim(-1, 1) if self.geometry.channel_axis == 1 else delta
 
+    def transform_output(self, out: Tensor, bias: Tensor | None, draw: Any = None) -> Tensor | None:
+        """``rescale ⊙ M (y − b) + b = rescale ⊙ M y + (b − rescale ⊙ M b)`` for the base output y: the bias
+        is never rotated, and its correction is one vector."""
+        if not self._exact_bypass():
+            return None
+        y = out.to(self.param_dtype)
+        moved = y.movedim(1, -1) if self.geometry.channel_axis == 1 else y
+        rotated = self._rotated(moved)
+        if bias is not None:
+            b = bias.to(rotated.dtype)
+            rotated = rotated + (b - self._rotated(b))
+        return rotated.movedim(-1, 1) if self.geometry.channel_axis == 1 else rotated
+
     def _exact_bypass(self) -> bool:
         """Rotating outputs equals rotating W's rows unless a block mixes two groups of a grouped conv."""
         g = self.geometry

@@ -242,6 +242,10 @@ class AdapterLayer(nn.Module):
         else:
             base_out = self.base_layer(x, *args, **kwargs)
             result = self._scale_output(base_out, scales_output)
+        if len(adapters) == 1 and not (shifted or scales_input or scales_output):
+            transformed = self._transformed_output(base_out, *next(iter(adapters.items())), draws)
+            if transformed is not None:
+                return transformed
         for name, adapter in adapters.items():
             t = adapter.multiplier
             if adapter.channel_scaling() is not None:
@@ -278,6 +282,19 @@ class AdapterLayer(nn.Module):
             if bias is not None:
                 result = result + (t * g.per_channel(bias, x.dim())).to(result.dtype)
         return result
+
+    def _transformed_output(
+        self, base_out: Tensor, name: str, adapter: Adapter, draws: dict[str, Any]
+    ) -> Tensor | None:
+        """``base_out + t · (W' x + b − base_out)`` by the adapter's :meth:`~.Adapter.transform_output`, or ``None``."""
+        if adapter.decomposed or adapter.delta_bias() is not None:
+            return None
+        transformed = adapter.transform_output(base_out, getattr(self.base_layer, "bias", None), draws[name])
+        if transformed is None:
+            return None
+        transformed = cast(transformed, base_out.dtype)
+        t = adapter.multiplier
+        return transformed if t == 1 else base_out + t * (transformed - base_out)
 
     def _input_shifts(
         self, x: Tensor, adapters: dict[str, Adapter], draws: dict[str, Any], scaled: bool
