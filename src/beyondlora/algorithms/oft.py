@@ -160,9 +160,9 @@ class RotationAdapter(Adapter):
         """Every block's rotation R, shaped as ``oft_blocks``, with the constraint ``c · out`` over all."""
         return cayley(self.oft_blocks, self.constraint * self.geometry.out_dim)
 
-    def _rotated(self, y: Tensor) -> Tensor:
-        """``rescale ⊙ M y`` along y's last axis."""
-        rotated = self.rotate(y, self.rotations().to(y.dtype))
+    def _rotated(self, y: Tensor, rotations: Tensor | None = None) -> Tensor:
+        """``rescale ⊙ M y`` along y's last axis (``rotations``: :meth:`rotations`, when already at hand)."""
+        rotated = self.rotate(y, (self.rotations() if rotations is None else rotations).to(y.dtype))
         return rotated if self.rescale is None else rotated * self.rescale.to(y.dtype)
 
     def delta_weight(self, base_weight: Tensor, draw: Any = None, factor: float = 1.0) -> Tensor:
@@ -186,10 +186,11 @@ class RotationAdapter(Adapter):
             return None
         y = out.to(self.param_dtype)
         moved = y.movedim(1, -1) if self.geometry.channel_axis == 1 else y
-        rotated = self._rotated(moved)
+        rotations = self.rotations()  # the Cayley solves once, for the output and the bias
+        rotated = self._rotated(moved, rotations)
         if bias is not None:
             b = bias.to(rotated.dtype)
-            rotated = rotated + (b - self._rotated(b))
+            rotated = rotated + (b - self._rotated(b, rotations))
         return rotated.movedim(-1, 1) if self.geometry.channel_axis == 1 else rotated
 
     def _exact_bypass(self) -> bool:
