@@ -122,6 +122,6 @@ def test_a_new_algorithm_works_everywhere_through_the_registry(outer, tmp_path: 
 def test_lokr_names_a_rank_that_has_no_effect() -> None:
     model = bl.get_peft_model(nn.Sequential(nn.Linear(64, 64)), bl.LoKrConfig(r=8, target_modules=["0"]))
     full = model.base_model[0].adapters["default"]  # 64 = 8 × 8: W2 8×8, rank 8 ≥ 8/2 keeps it full
-    assert full.w2_is_full and "rank 8 has no effect" in full.unused_options()[0]
+    assert full.w2_is_full and "rank 8 has no effect" in full.unused_options()["r"]
     model = bl.get_peft_model(nn.Sequential(nn.Linear(64, 64)), bl.LoKrConfig(r=2, target_modules=["0"]))
-    assert model.base_model[0].adapters["default"].unused_options() == []
+    assert model.base_model[0].adapters["default"].unused_options() == {}

@@ -230,6 +230,23 @@ def test_a_rank_that_has_no_effect_is_named(data: Path, tmp_path: Path, capsys) 
     assert "has no effect" not in capsys.readouterr().out
 
 
+def test_a_default_rank_without_effect_is_not_the_users_note(data: Path, tmp_path: Path, capsys) -> None:
+    """The rank note speaks of a choice the run made: a default that cannot act on a small model is not
+    reported; the same rank named in the sources is."""
+    values = options(data, tmp_path, algo="lokr", max_steps=1, save_every=0).to_dict()
+    del values["rank"]
+    values["output_dir"] = str(tmp_path / "default")
+    config = TrainConfig.from_sources(None, values)
+    assert config.rank == 8 and not config.was_set("rank")
+    assert train(config) == 0
+    assert "has no effect" not in capsys.readouterr().out
+    values["output_dir"] = str(tmp_path / "named")
+    config = TrainConfig.from_sources(None, {**values, "rank": 8})
+    assert config.was_set("rank")
+    assert train(config) == 0
+    assert "note: rank 8 has no effect on LoKr layers whose W2 is kept full" in capsys.readouterr().out
+
+
 def test_an_unreadable_image_is_reported_once(tmp_path: Path, capsys) -> None:
     data = make_dataset(tmp_path / "data")
     (data / "2_thing" / "broken.png").write_bytes(b"not a png at all")

@@ -15,7 +15,7 @@ from PIL import Image
 
 from beyondlora.training.data import Item, load_pixels
 from beyondlora.training.report import loss_axis, nice_ticks
-from beyondlora.training.settings import TrainConfig, add_arguments, config_from_args
+from beyondlora.training.settings import TrainConfig, add_arguments, config_from_args, options
 from beyondlora.training.trainer import _lr_lambda, min_snr_weights
 
 
@@ -23,7 +23,7 @@ def test_every_option_is_a_flag() -> None:
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     flags = {a.dest for a in parser._actions}
-    assert {f.name for f in dataclasses.fields(TrainConfig)} <= flags
+    assert {f.name for f in options()} <= flags
     args = parser.parse_args(["--no-cache-latents", "--sample-seeds", "5", "6", "--alpha", "2", "--algo", "loha"])
     config = config_from_args(args)
     assert (config.cache_latents, config.sample_seeds, config.alpha, config.algo) == (False, [5, 6], 2.0, "loha")
@@ -106,7 +106,7 @@ def test_help_shows_every_default() -> None:
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     helps = {a.dest: a.help or "" for a in parser._actions}
-    for f in dataclasses.fields(TrainConfig):
+    for f in options():
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         if default is not None and default != []:
             shown = " ".join(map(str, default)) if isinstance(default, list) else str(default)

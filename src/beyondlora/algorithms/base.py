@@ -404,10 +404,10 @@ class Adapter(nn.Module):
         algorithms whose ΔW is a function of W (OFT)."""
         raise NotImplementedError
 
-    def unused_options(self) -> list[str]:
-        """Options this adapter was given that have no effect on it (each a sentence saying what to set
-        instead); empty when every option acts."""
-        return []
+    def unused_options(self) -> dict[str, str]:
+        """Options this adapter was given that have no effect on it: the option's config field (``"r"``) →
+        a sentence saying what to set instead; empty when every option acts."""
+        return {}
 
     def consumer_caveats(self) -> list[str]:
         """What the Stable Diffusion UIs (ComfyUI, AUTOMATIC1111) do with this module's single-file tensors where

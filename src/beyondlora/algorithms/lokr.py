@@ -440,14 +440,14 @@ class LoKr(Adapter):
         options = AdapterOptions(r=1, alpha=1.0, decompose_factor=how.factor, lokr_layout=layout)
         return cls.with_values(g, options, {"lokr_w1": w1, "lokr_w2": w2})
 
-    def unused_options(self) -> list[str]:
+    def unused_options(self) -> dict[str, str]:
         if self.options.lokr_layout is not None or not self.w2_is_full:
-            return []  # a layout read from a file, or a decomposed W2: the rank acts
-        return [
-            f"rank {self.rank} has no effect on LoKr layers whose W2 is kept full (LyCORIS' rule: rank ≥ "
+            return {}  # a layout read from a file, or a decomposed W2: the rank acts
+        return {
+            "r": f"rank {self.rank} has no effect on LoKr layers whose W2 is kept full (LyCORIS' rule: rank ≥ "
             "max(W2 dims)/2); set a lower rank, or a small positive decompose_factor (--factor, e.g. 4), which "
             "makes W1 smaller and W2 larger"
-        ]
+        }
 
     def consumer_rank(self) -> int | None:
         """None with both factors full: consumers then use scale 1."""

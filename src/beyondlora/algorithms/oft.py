@@ -353,15 +353,15 @@ class OFT(RotationAdapter):
         state, options = cls.read_rest(params, geometry, where, blocks)
         return state, {**options, "oft_block_size": blocks.shape[-1]}
 
-    def unused_options(self) -> list[str]:
+    def unused_options(self) -> dict[str, str]:
         """Blocks of 1 (LyCORIS' factorization of e.g. 4 outputs with r = 4) never rotate: Q = B − Bᵀ = 0."""
         if self.block_size != 1:
-            return []
-        return [
-            f"OFT with r={self.options.r} splits {self.geometry.out_dim} outputs into blocks of 1 (LyCORIS' "
+            return {}
+        return {
+            "r": f"OFT with r={self.options.r} splits {self.geometry.out_dim} outputs into blocks of 1 (LyCORIS' "
             "factorization), which cannot rotate; set an r whose factorization has a smaller factor above 1, or "
             "oft_block_size"
-        ]
+        }
 
     def consumer_caveats(self) -> list[str]:
         """ComfyUI's OFT loader also ignores ``rescale``."""

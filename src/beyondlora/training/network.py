@@ -18,6 +18,8 @@ from .settings import TrainConfig, TrainConfigError
 
 #: the layers whose input channels an input-side algorithm ((IA)³) scales: the MLPs' second linear
 FEEDFORWARD_PATTERN = r".*(ff\.net\.2|mlp\.fc2)"
+#: the ``beyondlora train`` options that set an adapter config field (notes on other fields always show)
+TRAIN_OPTIONS = {"r": ("rank", "conv_rank")}
 
 
 def _is_kxk_conv(module: nn.Module) -> bool:

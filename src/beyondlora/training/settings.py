@@ -160,6 +160,10 @@ class TrainConfig:
     save_precision: str = field(default="fp32", metadata={"help": "/".join(SAVE_DTYPES) + " of the adapter file"})
     threads: int | None = field(default=None, metadata={"help": "torch CPU threads"})
 
+    #: the options a TOML file or flag named (set by :meth:`from_sources`), to tell a default from a choice;
+    #: not an option itself (``init=False`` fields are neither flags nor written out)
+    named: frozenset[str] = field(default=frozenset(), init=False, repr=False, compare=False)
+
     # --- loading -----------------------------------------------------------------------------
     @classmethod
     def from_toml(cls, path: str | Path) -> dict[str, Any]:
@@ -173,7 +177,7 @@ class TrainConfig:
             raise TrainConfigError(f"{path} is not valid TOML: {error}") from None
         data = data.get("train", data)
         data = {key.replace("-", "_"): value for key, value in data.items()}
-        unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
+        unknown = sorted(set(data) - {f.name for f in options()})
         if unknown:
             raise TrainConfigError(f"{path}: unknown option(s): {', '.join(unknown)}")
         return data
@@ -187,10 +191,18 @@ class TrainConfig:
         except TypeError as error:
             raise TrainConfigError(str(error)) from None
         config.check_types()
+        config.named = frozenset(values)
         return config
 
+    def was_set(self, option: str) -> bool:
+        """Whether the run chose ``option``: named in its TOML or flags, or away from its default."""
+        if option in self.named:
+            return True
+        default = next(f for f in options() if f.name == option).default
+        return getattr(self, option) != default
+
     def check_types(self) -> None:
-        for f in dataclasses.fields(self):
+        for f in options():
             value, kinds = getattr(self, f.name), _base_types(f.type)
             if value is None and type(None) in kinds:
                 continue
@@ -283,7 +295,7 @@ class TrainConfig:
 
     # --- writing -----------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return {f.name: getattr(self, f.name) for f in options()}
 
     def to_toml(self) -> str:
         """The configuration as TOML (options that are unset are left out, as TOML has no null)."""
@@ -292,6 +304,11 @@ class TrainConfig:
             if value is not None:
                 lines.append(f"{key} = {json.dumps(value)}")
         return "\n".join(lines) + "\n"
+
+
+def options() -> list[dataclasses.Field]:
+    """The fields of :class:`TrainConfig` that are options (a flag, a TOML key, a line of ``config.toml``)."""
+    return [f for f in dataclasses.fields(TrainConfig) if f.init]
 
 
 def _flag(name: str) -> str:
@@ -321,7 +338,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """One ``--flag`` per field (``--x/--no-x`` for booleans), its help ending in the field's default; the
     parsed defaults are None so TOML values stay."""
     parser.add_argument("config", nargs="?", help="a TOML file of options (flags override it)")
-    for f in dataclasses.fields(TrainConfig):
+    for f in options():
         kinds = [k for k in _base_types(f.type) if k is not type(None)]
         kind = kinds[0]
         help_text = f.metadata.get("help", "")
@@ -340,5 +357,5 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    flags = {f.name: getattr(args, f.name, None) for f in dataclasses.fields(TrainConfig)}
+    flags = {f.name: getattr(args, f.name, None) for f in options()}
     return TrainConfig.from_sources(args.config, flags)

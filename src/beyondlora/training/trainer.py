@@ -32,7 +32,7 @@ from .data import (
 )
 from .distributed import Engine
 from .models import BUILT_IN, check_model_path, load_base_model
-from .network import adapter_config
+from .network import TRAIN_OPTIONS, adapter_config
 from .outputs import finish_run, prepare_output_dir, sample_grid, write_config
 from .resume import MetricsLog, checkpoint_dirs, load_checkpoint, save_checkpoint
 from .sampling import embed_text, time_ids
@@ -157,13 +157,16 @@ class Trainer:
         return items
 
     def _report_unused_options(self) -> None:
-        """Say, once per kind, when an option has no effect on some of the adapted layers."""
+        """Say, once per kind, when an option the run chose has no effect on some of the adapted layers (a
+        default that does not act on a small model, e.g. the demo's, is not the user's to fix)."""
         unused: dict[str, int] = {}
         for model in self.adapted:
             for _, layer in adapter_layers(model):
                 for adapter in layer.adapters.values():
-                    for note in adapter.unused_options():
-                        unused[note] = unused.get(note, 0) + 1
+                    for option, note in adapter.unused_options().items():
+                        chosen_by = TRAIN_OPTIONS.get(option)
+                        if chosen_by is None or any(self.config.was_set(o) for o in chosen_by):
+                            unused[note] = unused.get(note, 0) + 1
         for note, count in unused.items():
             self.echo(f"note: {note} ({count} layer(s))")
 
