@@ -1,5 +1,6 @@
 """Every code block of README.md and docs/ runs as pasted: README's Python blocks in order in one namespace,
-the ``beyondlora`` command lines of the shell blocks through the CLI, all in a scratch folder; each docs page's
+the ``beyondlora`` command lines of the shell blocks through the CLI, all in a scratch folder (with a copy of
+``examples/``); each docs page's
 Python blocks in order in a fresh interpreter (a page may define an algorithm, which registers itself).  The
 two set-up blocks are what CI runs, so the test checks that ``.ci/run`` runs exactly the README's test command."""
 
@@ -7,6 +8,7 @@ from __future__ import annotations
 
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -60,6 +62,7 @@ def test_ci_runs_the_readme_test_command() -> None:
 
 
 def test_readme_blocks_run_as_pasted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    shutil.copytree(ROOT / "examples", tmp_path / "examples")  # commands run where a checkout's files are
     monkeypatch.chdir(tmp_path)
     namespace: dict[str, object] = {"__name__": "readme"}
     ran = 0
