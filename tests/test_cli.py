@@ -36,9 +36,18 @@ def test_demo_adapts_and_round_trips(tmp_path) -> None:
     assert any("LoKr adapter" in line for line in lines)
 
 
-def test_optional_dependencies_do_not_chatter() -> None:
-    """bitsandbytes' note about its missing 4-bit CPU kernels concerns nothing the commands run."""
+def test_optional_dependencies_do_not_chatter(tmp_path) -> None:
+    """bitsandbytes' note about its missing 4-bit CPU kernels and transformers' about image processors without
+    torchvision concern nothing the commands run."""
     result = subprocess.run(
         [sys.executable, "-m", "beyondlora", "train", "--help"], capture_output=True, text=True, check=True
     )
     assert "gemm_4bit" not in result.stderr and "kernels-community" not in result.stderr, result.stderr
+    sample = ["sample", "--pretrained-model", "tiny-sd", "--prompt", "a thing", "--steps", "1", "--seeds", "0"]
+    result = subprocess.run(
+        [sys.executable, "-m", "beyondlora", *sample, "--output-dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert result.stderr == "", result.stderr

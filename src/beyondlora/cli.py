@@ -226,6 +226,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     # bitsandbytes logs, on import, that its 4-bit CPU kernels are missing: nothing the commands run uses them
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    # transformers says, once per image processor class the pipelines import, that it falls back to its PIL
+    # backend without torchvision: the commands use no image processor
+    logging.getLogger("transformers.utils.import_utils").setLevel(logging.ERROR)
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
