@@ -64,6 +64,7 @@ warnings.filterwarnings("ignore")
 logging.getLogger("LyCORIS").setLevel(logging.ERROR)
 
 import peft  # noqa: E402
+from floor import floor_ratio  # noqa: E402
 from lycoris import create_lycoris  # noqa: E402
 from lycoris.logging import logger as _lycoris_logger  # noqa: E402
 
@@ -87,6 +88,8 @@ RANK, ALPHA = 8, 8
 BOFT_RANK = 10
 #: beyondlora training-step overhead targets, %; the rotations and GLoRA are judged against their peers only
 TARGETS = {"lora": 5.0, "ia3": 5.0, "lokr": 10.0, "loha": 20.0}
+#: issue #22: the training step within this factor of the case's multiply-add floor (floor.py)
+FLOOR_TARGET = 1.3
 
 
 # --------------------------------------------------------------------------------------------------
@@ -804,7 +807,11 @@ def main(argv: list[str] | None = None) -> int:
             f"| {base_v.saved_bytes / 2**20:.2f} | {median(base_v.infer.cpu) * 1e3:.1f} | — | — | |"
         )
         by_key = {v.key: v for v in variants}
+        base_ms = median(base_v.train.cpu) * 1e3
+        floors = {algo: floor_ratio(by_key[("beyondlora", algo)].model, base_v.model, x) for algo in algos}
         for algo in algos:
+            floor_pct = fmt_pct(100 * (floors[algo] - 1))
+            emit(f"| {algo} | floor (multiply-adds) | {base_ms * floors[algo]:.1f} | {floor_pct} | | | | | | |")
             for v in [v for v in variants if v.algo == algo]:
                 m = merged_by_algo.get(algo) if v.lib == "beyondlora" else None
                 merged_cell = fmt_pct(*overhead(m.infer.cpu, base_v.infer.cpu)) if m else ""
@@ -818,6 +825,18 @@ def main(argv: list[str] | None = None) -> int:
                 )
             ours = by_key[("beyondlora", algo)]
             ovh, se = overhead(ours.train.cpu, base_v.train.cpu)
+            to_floor = (1 + ovh / 100) / floors[algo]
+            peers = [by_key[(lib, algo)] for lib in libs[1:] if (lib, algo) in by_key]
+            best = min(peers, key=lambda v: median(v.train.cpu), default=None)
+            against_best = ""
+            if best is not None:
+                r, r_se = ratio(ours.train.cpu, best.train.cpu)
+                against_best = f"; ×{r:.3f} ±{r_se:.3f} the best peer's ({best.lib})"
+            verdicts.append(
+                f"{wl.name}/{algo}: training step ×{to_floor:.2f} the floor ({fmt_pct(100 * (floors[algo] - 1))} "
+                f"over the base), target ≤ ×{FLOOR_TARGET}: {'met' if to_floor <= FLOOR_TARGET else 'MISSED'}"
+                + against_best
+            )
             if algo in TARGETS:
                 verdicts.append(
                     f"{wl.name}/{algo}: training overhead {fmt_pct(ovh, se)}, target ≤ {TARGETS[algo]:.0f}%: "
