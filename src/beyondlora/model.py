@@ -205,10 +205,12 @@ class PeftModel(nn.Module):
         prefix: str = DEFAULT_PREFIX,
         dtype: torch.dtype | None = None,
         strict: bool = False,
+        as_difference: bool = False,
     ) -> None:
         """Save adapters: a path ending in ``.safetensors`` writes one single file (LyCORIS / kohya layout,
         what Stable Diffusion UIs load; one adapter, ``prefix`` before every module key, tensors cast to
-        ``dtype``; modules the UIs would not apply exactly are named in a warning, or with ``strict`` refused);
+        ``dtype``; modules the UIs would not apply exactly are named in a warning, or with ``strict`` refused,
+        or with ``as_difference`` written as their exact change ``diff``, which every consumer applies);
         any other path is a folder with one PEFT-layout subfolder per adapter."""
         names = selected_adapters or (
             self.active_adapters if is_single_file(save_directory) else list(self.peft_config)
@@ -216,7 +218,9 @@ class PeftModel(nn.Module):
         if is_single_file(save_directory):
             if len(names) != 1:
                 raise ValueError(f"a single file holds one adapter; choose one of {names} with selected_adapters")
-            save_single_file(self.base_model, save_directory, names[0], prefix=prefix, dtype=dtype, strict=strict)
+            save_single_file(
+                self.base_model, save_directory, names[0], prefix, dtype, strict=strict, as_difference=as_difference
+            )
             return
         for name in names:
             save_folder(self.base_model, save_directory, self.peft_config[name], name)

@@ -90,7 +90,7 @@ def test_comfyui_and_a1111_apply_our_file_exactly(case: str, tmp_path: Path) -> 
 def test_files_the_uis_apply_otherwise_warn_or_refuse(config, fragment: str, tmp_path: Path) -> None:
     with pytest.warns(UserWarning, match=r"will not apply this file exactly: 2 module\(s\)") as caught:
         model, grouped = _saved(config, tmp_path)
-    assert fragment in str(caught[0].message)
+    assert fragment in str(caught[0].message) and "as_difference=True" in str(caught[0].message)
     conv = model.base_model.conv.base_layer.weight.detach().double()
     ours = _ours(model, "conv")
     what_they_do = [comfyui_delta(grouped["lycoris_conv"], conv.clone())[0]]
@@ -111,3 +111,44 @@ def test_text_encoder_norms_warn_for_comfyui(tmp_path: Path) -> None:
     with pytest.raises(FormatError, match="text-encoder norm"):
         bl.save_adapter(pipe, tmp_path / "strict.safetensors", strict=True)
     assert not (tmp_path / "strict.safetensors").exists()
+
+
+AS_DIFFERENCE = {
+    "dora-output-axis": (bl.LoraConfig(r=4, use_dora=True, target_modules=TARGETS, init_weights=False), 1.0),
+    "ia3": (bl.IA3Config(target_modules=TARGETS, init_weights=False), 1.0),
+    "oft-constraint": (bl.OFTConfig(r=4, constraint=1e-3, target_modules=TARGETS, init_weights=False), 1.0),
+    "dora-at-0.7": (bl.LoraConfig(r=4, use_dora=True, target_modules=TARGETS, init_weights=False), 0.7),
+    "boft-at-0.7": (bl.BOFTConfig(r=8, rescaled=True, target_modules=TARGETS, init_weights=False), 0.7),
+}
+
+
+@pytest.mark.parametrize("case", sorted(AS_DIFFERENCE))
+def test_as_difference_writes_what_every_ui_applies_exactly(case: str, tmp_path: Path) -> None:
+    """Modules the UIs would apply otherwise, or whose own form cannot hold the multiplier, are written as
+    their change t · (W' − W): every consumer's ΔW is then ours, and the file reloads to the same outputs."""
+    config, multiplier = AS_DIFFERENCE[case]
+    torch.manual_seed(0)
+    model = bl.get_peft_model(Net(), config)
+    model.set_multiplier(multiplier)
+    if multiplier != 1.0:  # the module's own form refuses, and says what would hold it
+        with pytest.raises(FormatError, match="as_difference=True"):
+            model.save_pretrained(tmp_path / "own.safetensors")
+    path = tmp_path / "adapter.safetensors"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing left for the UIs to get wrong
+        model.save_pretrained(path, as_difference=True)
+    grouped = group_by_module(load_file(path))
+    for name in TARGETS:
+        assert set(grouped[f"lycoris_{name}"]) == {"diff", "diff_b"}
+        weight = model.base_model.get_submodule(name).base_layer.weight.detach().double()
+        layer: AdapterLayer = model.base_model.get_submodule(name)
+        ours = layer.effective_delta("default", layer.base_weight())[0].detach().double()
+        for consumer in (ui_delta, comfyui_delta, a1111_delta):
+            delta, _ = consumer(grouped[f"lycoris_{name}"], weight.clone())
+            torch.testing.assert_close(delta.reshape(ours.shape), ours, rtol=1e-5, atol=1e-6, msg=consumer.__name__)
+    x = {"conv": torch.randn(2, 64, 8, 8), "lin": torch.randn(3, 64)}
+    torch.manual_seed(0)
+    reloaded = bl.PeftModel.from_pretrained(Net(), path)
+    for name in TARGETS:
+        live = model.base_model.get_submodule(name)(x[name])
+        torch.testing.assert_close(reloaded.base_model.get_submodule(name)(x[name]), live, rtol=1e-5, atol=1e-5)

@@ -247,6 +247,20 @@ def test_a_default_rank_without_effect_is_not_the_users_note(data: Path, tmp_pat
     assert "note: rank 8 has no effect on LoKr layers whose W2 is kept full" in capsys.readouterr().out
 
 
+def test_save_as_difference_writes_what_the_uis_apply(data: Path, tmp_path: Path) -> None:
+    """(IA)³, which ComfyUI does not load, is written as its exact change: ``diff`` keys only, no warning."""
+    config = options(data, tmp_path / "run", algo="ia3", preset="ia3", max_steps=1, save_every=0)
+    with pytest.warns(UserWarning, match="ComfyUI has no"):
+        assert train(config) == 0
+    config = options(data, tmp_path / "diff", algo="ia3", preset="ia3", max_steps=1, save_every=0)
+    config.save_as_difference = True
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        assert train(config) == 0
+    keys = load_file(tmp_path / "diff" / "adapter.safetensors")
+    assert keys and {key.split(".")[-1] for key in keys} <= {"diff", "diff_b"}
+
+
 def test_an_unreadable_image_is_reported_once(tmp_path: Path, capsys) -> None:
     data = make_dataset(tmp_path / "data")
     (data / "2_thing" / "broken.png").write_bytes(b"not a png at all")

@@ -25,9 +25,17 @@ from .oft import OFT  # noqa: E402
 #: every algorithm's adapter class by name
 ALGORITHMS: dict[str, type[Adapter]] = REGISTRY
 
+
+def difference_class(kind: str) -> type[Adapter]:
+    """The algorithm that stores a layer of ``kind``'s change as it is, ``W' = W + ΔW`` (and ``b + Δb``): exact
+    for any change, and applied as such by every consumer."""
+    return next(c for c in ALGORITHMS.values() if c.stores_difference and kind in c.supported_kinds)
+
+
 __all__ = [
     "ALGORITHMS",
     "Adapter",
+    "difference_class",
     "AdapterOptions",
     "BOFT",
     "DyLoRA",

@@ -19,7 +19,8 @@ from safetensors import safe_open
 from torch import nn
 
 from .._version import __version__
-from ..algorithms import ALGORITHMS, Adapter
+from ..algorithms import ALGORITHMS, Adapter, difference_class
+from ..algorithms.common import Extraction
 from ..errors import FormatError
 from ..host.inject import PlannedAdapter, adapter_layers
 from ..host.layers import AdapterLayer
@@ -56,13 +57,15 @@ def single_file_tensors(
     dtype: torch.dtype | None = None,
     key_for: Callable[[str], str] | None = None,
     strict: bool = False,
+    as_difference: bool = False,
 ) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, Any]]]:
     """Every tensor of adapter ``adapter_name`` under its single-file key, and per-module metadata.
 
     ``key_for`` maps a module name to its full module key (prefix included) instead of
     ``<prefix>_<name with underscores>``, e.g. for Stable Diffusion's canonical names.  Modules the UIs do not
     apply exactly (:meth:`~beyondlora.algorithms.base.Adapter.consumer_caveats`) are named in a warning, or
-    with ``strict`` refused.
+    with ``strict`` refused; with ``as_difference`` they, and modules whose own form cannot hold them (DoRA,
+    OFT at a multiplier ≠ 1), are written as their exact change instead (:func:`difference_form`).
     """
     tensors: dict[str, torch.Tensor] = {}
     described: dict[str, dict[str, Any]] = {}
@@ -72,22 +75,38 @@ def single_file_tensors(
             continue
         key = key_for(name) if key_for is not None else module_key(prefix, name)
         adapter = layer.adapters[adapter_name]
+        if as_difference and adapter.consumer_caveats():
+            adapter = difference_form(layer, adapter_name)
         try:
             exported = adapter_file_tensors(adapter, dtype)
         except FormatError as error:
-            raise FormatError(f"module {name!r}: {error}") from None
+            if not as_difference:
+                raise FormatError(f"module {name!r}: {error} (as_difference=True writes its exact change)") from None
+            adapter = difference_form(layer, adapter_name)
+            exported = adapter_file_tensors(adapter, dtype)
         tensors.update({f"{key}.{tensor_name}": tensor for tensor_name, tensor in exported.items()})
         described[key] = describe(adapter)
         for caveat in adapter.consumer_caveats():
             caveats[caveat].append(name)
     if not tensors:
         raise ValueError(f"the model has no adapter named {adapter_name!r}")
-    report_caveats(caveats, strict)
+    report_caveats(caveats, strict, "as_difference=True writes such modules as their exact change")
     return tensors, described
 
 
-def report_caveats(caveats: dict[str, list[str]], strict: bool) -> None:
-    """Warn (``strict``: raise) that the UIs will not apply some modules of the file as we do."""
+def difference_form(layer: AdapterLayer, adapter_name: str) -> Adapter:
+    """Adapter ``adapter_name`` of ``layer`` as the change it makes at its multiplier t, stored as it is
+    (:func:`~beyondlora.algorithms.difference_class`: ``diff`` = t · (W' − W) of W's shape, ``diff_b`` (out,)):
+    exact, and applied as such by every consumer, at the cost of its structure (it reloads as that form)."""
+    delta, delta_bias = layer.effective_delta(adapter_name, layer.base_weight())
+    g = layer.geometry
+    bias = None if delta_bias is None else delta_bias.detach()
+    return difference_class(g.kind).extracted(g, delta.detach(), bias, Extraction(None))
+
+
+def report_caveats(caveats: dict[str, list[str]], strict: bool, remedy: str | None = None) -> None:
+    """Warn (``strict``: raise) that the UIs will not apply some modules of the file as we do, and what to
+    do instead where something can."""
     if not caveats:
         return
     parts = [
@@ -95,6 +114,8 @@ def report_caveats(caveats: dict[str, list[str]], strict: bool) -> None:
         for text, names in caveats.items()
     ]
     message = "the Stable Diffusion UIs will not apply this file exactly: " + "; ".join(parts)
+    if remedy:
+        message += f" ({remedy})"
     if strict:
         raise FormatError(message + " (strict=True)")
     warnings.warn(message, UserWarning, stacklevel=4)
@@ -130,11 +151,15 @@ def save_single_file(
     dtype: torch.dtype | None = None,
     metadata: dict[str, str] | None = None,
     strict: bool = False,
+    as_difference: bool = False,
 ) -> None:
     """Write adapter ``adapter_name`` of ``model`` as one safetensors file (atomically), with the modules saved
     whole for it (``modules_to_save``) under :data:`~.saved_modules.SAVED_KEY`; ``strict`` refuses modules the
-    UIs would not apply exactly (else a warning names them)."""
-    tensors, described = single_file_tensors(model, adapter_name, prefix, dtype, strict=strict)
+    UIs would not apply exactly (else a warning names them), ``as_difference`` writes their exact change
+    (:func:`single_file_tensors`)."""
+    tensors, described = single_file_tensors(
+        model, adapter_name, prefix, dtype, strict=strict, as_difference=as_difference
+    )
     saved = saved_tensors(model, adapter_name, single_file_key)
     metadata = dict(metadata or {})
     if saved:

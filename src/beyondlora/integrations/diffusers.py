@@ -321,13 +321,16 @@ def save_adapter(
     metadata: dict[str, str] | None = None,
     prefix: str | None = None,
     strict: bool = False,
+    as_difference: bool = False,
 ) -> None:
     """Write the adapter on a pipeline's parts (or a module) as one single file with canonical names.
 
     Keys are ``lora_unet_…`` (SDXL: SGM paths), ``lora_te_text_model_…`` (SDXL: ``lora_te1_`` /
     ``lora_te2_``).  ``adapter_name`` may be left out when the parts hold one adapter.  For a plain
     module (neither UNet nor CLIP text model) ``prefix`` is written before its paths (default ``lycoris``).
-    Modules the UIs would not apply exactly are named in a warning, or with ``strict`` refused.
+    Modules the UIs would not apply exactly are named in a warning, or with ``strict`` refused, or with
+    ``as_difference`` written as their exact change ``diff`` (which every consumer applies; they reload as
+    Full modules).
     """
     parts = find_parts(target)
     present = list_adapters(target)
@@ -354,7 +357,7 @@ def save_adapter(
             key_for = lambda name, p=prefix or DEFAULT_PREFIX: module_key(p, name)  # noqa: E731
         try:
             part_tensors, part_described = single_file_tensors(
-                model, adapter_name, dtype=dtype, key_for=key_for, strict=strict
+                model, adapter_name, dtype=dtype, key_for=key_for, strict=strict, as_difference=as_difference
             )
         except KeyError as error:
             raise FormatError(f"cannot name a module of the {role or 'model'} in a single file: {error}") from None

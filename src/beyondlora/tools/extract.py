@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 
 from .._version import __version__
-from ..algorithms import ALGORITHMS, Adapter
+from ..algorithms import ALGORITHMS, Adapter, difference_class
 from ..algorithms.common import Extraction
 from ..formats.lycoris_codecs import describe
 from ..formats.single_file import MODULES_METADATA, adapter_file_tensors, kohya_metadata, module_key
@@ -238,9 +238,8 @@ def _extract_layer(
     bias_changed = _changed(bias_delta, base_bias, options.min_diff)
     if not (weight_changed or bias_changed):
         return report, None
-    exact = next(c for c in ALGORITHMS.values() if c.stores_difference and g.kind in c.supported_kinds)
     if options.mode == "full":
-        adapter = exact.extracted(g, delta, bias_delta, Extraction(None))
+        adapter = difference_class(g.kind).extracted(g, delta, bias_delta, Extraction(None))
     elif g.is_norm or g.kind == "embedding" or not weight_changed:
         report.status = "skipped"
         what = "norm scale" if g.is_norm else "embedding" if g.kind == "embedding" else "bias only"
@@ -261,7 +260,7 @@ def _extract_layer(
         )
         adapter = _extractor(options.algo, g).extracted(g, delta, bias_delta, how, base_weight=base)
         if adapter is None:  # the low-rank form would not be smaller
-            adapter = exact.extracted(g, delta, None, how)
+            adapter = difference_class(g.kind).extracted(g, delta, None, how)
     adapter.to(device)
     with torch.no_grad():
         rebuilt = adapter.delta_weight(base.to(adapter.param_dtype))  # may be a parameter itself (Full)

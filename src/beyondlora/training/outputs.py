@@ -98,7 +98,9 @@ def finish_run(trainer: Any, metrics: Any, seconds: float) -> dict[str, Any]:
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[config.save_precision]
     adapter_path = output_dir / "adapter.safetensors"
     metadata = {"beyondlora_training": json.dumps(config.to_dict()), "ss_steps": str(config.max_steps)}
-    save_adapter(trainer.base.pipe, adapter_path, dtype=dtype, metadata=metadata)
+    save_adapter(
+        trainer.base.pipe, adapter_path, dtype=dtype, metadata=metadata, as_difference=config.save_as_difference
+    )
     prompts, seeds = sample_prompts(trainer), config.sample_seeds
     after = sample_grid(trainer)
     before = _before(trainer)

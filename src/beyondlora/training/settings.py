@@ -158,6 +158,13 @@ class TrainConfig:
         default=None, metadata={"help": "classifier-free guidance of samples (default: 1.5 for the demo, else 7.5)"}
     )
     save_precision: str = field(default="fp32", metadata={"help": "/".join(SAVE_DTYPES) + " of the adapter file"})
+    save_as_difference: bool = field(
+        default=False,
+        metadata={
+            "help": "write modules the UIs would not apply exactly ((IA)³, output-axis DoRA, OFT's constraint) "
+            "as their exact weight change, which ComfyUI and A1111 apply (a larger file)"
+        },
+    )
     threads: int | None = field(default=None, metadata={"help": "torch CPU threads"})
 
     #: the options a TOML file or flag named (set by :meth:`from_sources`), to tell a default from a choice;
