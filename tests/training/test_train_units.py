@@ -14,9 +14,10 @@ import torch
 from PIL import Image
 
 from beyondlora.training.data import Item, load_pixels
+from beyondlora.training.noise_prediction import min_snr_weights
 from beyondlora.training.report import loss_axis, nice_ticks
 from beyondlora.training.settings import TrainConfig, add_arguments, config_from_args, options
-from beyondlora.training.trainer import _lr_lambda, min_snr_weights
+from beyondlora.training.trainer import _lr_lambda
 
 
 def test_every_option_is_a_flag() -> None:

@@ -11,6 +11,8 @@ from typing import Any
 import torch
 
 from ..demos.tiny_pipelines import tiny_sd_pipeline, tiny_sdxl_pipeline
+from .noise_prediction import NoisePrediction
+from .objective import Objective
 from .settings import TrainConfigError
 
 
@@ -26,9 +28,15 @@ class BaseModel:
     decode: Callable[[torch.Tensor], torch.Tensor]  # latents → (N, 3, H, W) in [0, 1]
     resolution: int
     scale_factor: int
+    objective: Objective
     is_demo: bool = False
     #: images per step per process when the run does not say
     batch_size: int = 8
+
+    @property
+    def denoiser(self) -> Any:
+        """The model that is adapted and trained: the UNet, or the transformer of a DiT."""
+        return getattr(self.pipe, self.objective.denoiser)
 
     @property
     def unet(self) -> Any:
@@ -166,7 +174,8 @@ def load_base_model(name: str, device: torch.device, base_config: str | None = N
         unet, text_encoder, tokenizer, scheduler = load_demo_models()
         codec = PixelCodec()
         pipe = _Parts(unet.to(device), text_encoder.to(device))
-        return BaseModel(pipe, tokenizer, scheduler, codec.encode, codec.decode, SIZE, 1, is_demo=True)
+        objective = NoisePrediction(scheduler, 1)
+        return BaseModel(pipe, tokenizer, scheduler, codec.encode, codec.decode, SIZE, 1, objective, is_demo=True)
     if name == "tiny-sd":
         pipe = tiny_sd_pipeline()
     elif name == "tiny-sdxl":
@@ -188,7 +197,9 @@ def load_base_model(name: str, device: torch.device, base_config: str | None = N
     encode, decode = _vae_codec(pipe.vae)
     scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
     resolution = pipe.unet.config.sample_size * scale
-    base = BaseModel(pipe, pipe.tokenizer, scheduler, encode, decode, resolution, scale)
+    base = BaseModel(
+        pipe, pipe.tokenizer, scheduler, encode, decode, resolution, scale, NoisePrediction(scheduler, scale)
+    )
     if name not in BUILT_IN:  # a real model: what fits a consumer GPU at its resolution
         base.batch_size = 1 if base.is_xl else 2
     return base

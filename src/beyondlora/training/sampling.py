@@ -98,20 +98,13 @@ def generate(
 ) -> torch.Tensor:
     """One image per (seed, prompt) from the base model ``base`` (a :class:`~.models.BaseModel`) through
     ``text_encoders`` (its own, or adapted ones): (len(seeds) · len(prompts), 3, H, W) in [0, 1], seed-major."""
-    with torch.no_grad():
-        cond, pooled = embed_text(text_encoders, base.tokenizers, prompts * len(seeds))
-        uncond, pooled_uncond = embed_text(text_encoders, base.tokenizers, [""])
-    shape = (base.unet.config.in_channels, resolution // base.scale_factor, resolution // base.scale_factor)
-    latents = sample_latents(
-        base.unet,
-        dict(base.scheduler.config),
-        cond,
-        uncond,
-        shape,
+    latents = base.objective.sample(
+        base,
+        text_encoders,
+        prompts * len(seeds),
         [s for s in seeds for _ in prompts],
+        resolution,
         steps,
         default_guidance(base) if guidance is None else guidance,
-        pooled=None if pooled is None else (pooled, pooled_uncond),
-        pixel_size=(resolution, resolution),
     )
     return base.decode(latents).cpu()

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from ..host.inject import adapter_layers
 from ..model import get_peft_model
@@ -35,7 +34,6 @@ from .models import BUILT_IN, check_model_path, load_base_model
 from .network import TRAIN_OPTIONS, adapter_config
 from .outputs import finish_run, prepare_output_dir, sample_grid, write_config
 from .resume import MetricsLog, checkpoint_dirs, load_checkpoint, save_checkpoint
-from .sampling import embed_text, time_ids
 from .settings import TrainConfig, TrainConfigError
 
 INTERRUPTED = 130
@@ -72,17 +70,6 @@ def _optimizer(config: TrainConfig, params: list[torch.nn.Parameter]) -> torch.o
 
         return prodigyopt.Prodigy(params, lr=config.learning_rate, weight_decay=config.weight_decay)
     return torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
-
-
-def min_snr_weights(
-    alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, gamma: float, prediction: str
-) -> torch.Tensor:
-    """Min-SNR-γ loss weights (Hang et al. 2023): min(SNR, γ)/SNR for ε-prediction, min(SNR, γ)/(SNR + 1)
-    for v-prediction, with SNR = ᾱ / (1 − ᾱ)."""
-    alphas = alphas_cumprod[timesteps]
-    snr = alphas / (1 - alphas)
-    clipped = torch.clamp(snr, max=gamma)
-    return clipped / snr if prediction == "epsilon" else clipped / (snr + 1)
 
 
 class _Stop:
@@ -191,8 +178,7 @@ class Trainer:
         step = 8 * self.base.scale_factor
         if resolution % step:
             raise TrainConfigError(f"--resolution must be a multiple of {step} for this model, got {resolution}")
-        if config.prediction_type is not None:
-            self.base.scheduler.register_to_config(prediction_type=config.prediction_type)
+        self.base.objective.set_noise_options(config.prediction_type, config.min_snr_gamma)
         self.dataset = BucketDataset(items, resolution, step, config.enable_bucket)
         torch.manual_seed(config.seed)
         unet_config = adapter_config(config, "unet", self.base.unet)
@@ -252,17 +238,18 @@ class Trainer:
     # --- one step ------------------------------------------------------------------------------
     def _text(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(hidden states, pooled or None) of the captions; memoised per caption when the encoders are frozen."""
+        objective = self.base.objective
         if self.config.train_text_encoder:
-            return embed_text(self.trained_models[1:], self.base.tokenizers, captions)
+            return objective.embed(self.base, self.trained_models[1:], captions)
         missing = [c for c in dict.fromkeys(captions) if c not in self.embeddings]
         if missing:
             with torch.no_grad():
-                states, pooled = embed_text(self.text_encoders, self.base.tokenizers, missing)
+                states, pooled = objective.embed(self.base, self.text_encoders, missing)
             for number, caption in enumerate(missing):
                 self.embeddings[caption] = (states[number], None if pooled is None else pooled[number])
         states = torch.stack([self.embeddings[c][0] for c in captions])
-        pooled = None if not self.base.is_xl else torch.stack([self.embeddings[c][1] for c in captions])
-        return states, pooled
+        pooled = [self.embeddings[c][1] for c in captions]
+        return states, None if pooled[0] is None else torch.stack(pooled)
 
     def _batch(self, position: int) -> tuple[torch.Tensor, list[str]]:
         config = self.config
@@ -294,8 +281,8 @@ class Trainer:
         return torch.stack(latents).to(self.dist.device), [captions[i] for i in mine]
 
     def _noise(self, step: int, micro: int, shape: torch.Size) -> tuple[torch.Tensor, torch.Tensor]:
-        """Noise and timesteps, drawn per sample from (seed, step, micro-batch, global sample index): the
-        same for a batch of 2B in one process as for B in each of two."""
+        """Noise and times (the objective's), drawn per sample from (seed, step, micro-batch, global sample
+        index): the same for a batch of 2B in one process as for B in each of two."""
         config, noises, timesteps = self.config, [], []
         for i in range(shape[0]):
             index = self.dist.rank * shape[0] + i
@@ -304,30 +291,15 @@ class Trainer:
             if config.noise_offset:
                 noise = noise + config.noise_offset * torch.randn((shape[1], 1, 1), generator=generator)
             noises.append(noise)
-            num = self.base.scheduler.config.num_train_timesteps
-            timesteps.append(torch.randint(0, num, (), generator=generator))
+            timesteps.append(self.base.objective.draw_time(generator))
         return torch.stack(noises), torch.stack(timesteps)
 
     def _loss(self, step: int, micro: int, latents: torch.Tensor, captions: list[str]) -> torch.Tensor:
-        config, scheduler = self.config, self.base.scheduler
-        noise, timesteps = self._noise(step, micro, latents.shape)
-        noise, timesteps = noise.to(latents.device), timesteps.to(latents.device)
-        noisy = scheduler.add_noise(latents, noise, timesteps)
-        prediction = scheduler.config.prediction_type
-        target = noise if prediction == "epsilon" else scheduler.get_velocity(latents, noise, timesteps)
+        noise, times = self._noise(step, micro, latents.shape)
+        noise, times = noise.to(latents.device), times.to(latents.device)
         with self.dist.autocast():
-            states, pooled = self._text(captions)
-            extra = {}
-            if pooled is not None:
-                height, width = (side * self.base.scale_factor for side in latents.shape[-2:])
-                ids = time_ids(height, width, latents.shape[0], latents.device)
-                extra["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": ids}
-            output = self.trained_models[0](noisy, timesteps, encoder_hidden_states=states, **extra).sample
-        losses = F.mse_loss(output.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-        if config.min_snr_gamma is not None:
-            alphas = scheduler.alphas_cumprod.to(latents.device)
-            losses = losses * min_snr_weights(alphas, timesteps, config.min_snr_gamma, prediction)
-        return losses.mean()
+            text = self._text(captions)
+            return self.base.objective.losses(self.trained_models[0], latents, noise, times, text).mean()
 
     def _save(self, step: int) -> None:
         if self.dist.is_main:
