@@ -135,8 +135,10 @@ def tiny_flux_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32) -> Any
     )
     vae = _vae(latent_channels=4)
     randomize_weights(transformer, clip_l, t5, vae, seed=seed)
+    # FLUX.1-dev's schedule: the shift grows with the image's token count (dynamic shifting)
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15)
     pipe = FluxPipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(),
+        scheduler=scheduler,
         vae=vae,
         text_encoder=clip_l,
         tokenizer=tokenizer,

@@ -39,20 +39,29 @@ UNET_BLOCKS = ["Transformer2DModel", "ResnetBlock2D", "Downsample2D", "Upsample2
 UNET_NAMES = ["conv_in", "conv_out", "time_embedding.linear_1", "time_embedding.linear_2"]
 UNET_NAMES += ["input_blocks.0.0", "out.2", "time_embed.0", "time_embed.2"]
 TEXT_BLOCKS = ["CLIPAttention", "CLIPSdpaAttention", "CLIPMLP"]
+#: the transformer blocks of SD3 (joint) and Flux (double, single) in diffusers: attention, MLP and modulation
+DIT_BLOCKS = ["JointTransformerBlock", "FluxTransformerBlock", "FluxSingleTransformerBlock"]
+#: a DiT's own layers outside its blocks that the full presets add: the image and text embedders, the output
+DIT_NAMES = ["x_embedder", "context_embedder", "proj_out"]
 _LINEAR_ONLY = dict(enable_conv=False)
+_TRANSFORMERS = ["Transformer2DModel", *DIT_BLOCKS]
 PRESETS: dict[str, dict[str, Any]] = {
-    "full": dict(unet_target_module=UNET_BLOCKS, unet_target_name=UNET_NAMES, text_encoder_target_module=TEXT_BLOCKS),
-    "full-lin": dict(
-        _LINEAR_ONLY, unet_target_module=["Transformer2DModel", "ResnetBlock2D"], text_encoder_target_module=TEXT_BLOCKS
+    "full": dict(
+        unet_target_module=UNET_BLOCKS + DIT_BLOCKS,
+        unet_target_name=UNET_NAMES + DIT_NAMES,
+        text_encoder_target_module=TEXT_BLOCKS,
     ),
-    "attn-mlp": dict(_LINEAR_ONLY, unet_target_module=["Transformer2DModel"], text_encoder_target_module=TEXT_BLOCKS),
+    "full-lin": dict(
+        _LINEAR_ONLY, unet_target_module=[*_TRANSFORMERS, "ResnetBlock2D"], text_encoder_target_module=TEXT_BLOCKS
+    ),
+    "attn-mlp": dict(_LINEAR_ONLY, unet_target_module=_TRANSFORMERS, text_encoder_target_module=TEXT_BLOCKS),
     "attn-only": dict(
         _LINEAR_ONLY,
-        unet_target_module=["Attention", "CrossAttention", "SelfAttention"],
+        unet_target_module=["Attention", "CrossAttention", "SelfAttention", "FluxAttention"],
         text_encoder_target_module=["CLIPAttention", "CLIPSdpaAttention"],
     ),
-    "unet-only": dict(unet_target_module=UNET_BLOCKS, unet_target_name=UNET_NAMES),
-    "unet-transformer-only": dict(_LINEAR_ONLY, unet_target_module=["Transformer2DModel"]),
+    "unet-only": dict(unet_target_module=UNET_BLOCKS + DIT_BLOCKS, unet_target_name=UNET_NAMES + DIT_NAMES),
+    "unet-transformer-only": dict(_LINEAR_ONLY, unet_target_module=_TRANSFORMERS),
     "unet-convblock-only": dict(
         unet_target_module=["ResnetBlock2D", "Downsample2D", "Upsample2D"],
         unet_target_name=["conv_in", "conv_out", "input_blocks.0.0", "out.2"],

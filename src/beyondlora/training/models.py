@@ -10,7 +10,9 @@ from typing import Any
 
 import torch
 
+from ..demos.tiny_dit_pipelines import tiny_flux_pipeline, tiny_sd3_pipeline
 from ..demos.tiny_pipelines import tiny_sd_pipeline, tiny_sdxl_pipeline
+from .flow_matching import FlowMatching
 from .noise_prediction import NoisePrediction
 from .objective import Objective
 from .settings import TrainConfigError
@@ -48,12 +50,13 @@ class BaseModel:
 
     @property
     def is_xl(self) -> bool:
-        """SDXL: two text encoders, pooled-text and size conditioning."""
-        return getattr(self.pipe, "text_encoder_2", None) is not None
+        """SDXL: a UNet with two text encoders, pooled-text and size conditioning."""
+        return self.objective.denoiser == "unet" and getattr(self.pipe, "text_encoder_2", None) is not None
 
     @property
     def text_encoders(self) -> list[Any]:
-        return [self.pipe.text_encoder, self.pipe.text_encoder_2] if self.is_xl else [self.pipe.text_encoder]
+        """Every text encoder of the pipeline, in order (SD3: CLIP-L, CLIP-G, T5; Flux: CLIP-L, T5)."""
+        return [getattr(self.pipe, name) for name in _TEXT_ENCODERS if getattr(self.pipe, name, None) is not None]
 
     @property
     def tokenizers(self) -> list[Any]:
@@ -69,7 +72,12 @@ class _Parts:
 
 
 #: base models built offline, by name
-BUILT_IN = ("demo", "tiny-sd", "tiny-sdxl")
+BUILT_IN = ("demo", "tiny-sd", "tiny-sdxl", "tiny-sd3", "tiny-flux")
+_TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
+#: T5's sequence length in training, as the pipelines default to it (at most the tokenizer's)
+_T5_TOKENS = {"StableDiffusion3Pipeline": 256, "FluxPipeline": 512}
+#: the side of a DiT without a ``sample_size`` in its config (Flux) when no resolution is given
+_DIT_RESOLUTION = 1024
 #: a key only SDXL checkpoints have (the second, OpenCLIP text encoder)
 _SDXL_KEY = "conditioner.embedders.1"
 #: what diffusers fetches of a model repository for ``from_single_file``: configs and tokenizer files
@@ -85,12 +93,13 @@ def check_model_path(name: str, base_config: str | None = None) -> None:
     if not path.exists():
         raise TrainConfigError(
             f"base model {path} does not exist (give a diffusers folder, a .safetensors "
-            "single-file checkpoint, 'demo', 'tiny-sd' or 'tiny-sdxl'; nothing is downloaded)"
+            f"single-file checkpoint, or one of {', '.join(BUILT_IN)}; nothing is downloaded)"
         )
     if path.is_dir():
-        if not (path / "model_index.json").is_file() or not (path / "unet").is_dir():
+        denoiser = (path / "unet").is_dir() or (path / "transformer").is_dir()
+        if not (path / "model_index.json").is_file() or not denoiser:
             raise TrainConfigError(
-                f"base model folder {path} is not a diffusers pipeline (no model_index.json and unet/)"
+                f"base model folder {path} is not a diffusers pipeline (no model_index.json and unet/ or transformer/)"
             )
         _refuse_base_config(name, base_config)
     elif path.suffix != ".safetensors":
@@ -176,10 +185,10 @@ def load_base_model(name: str, device: torch.device, base_config: str | None = N
         pipe = _Parts(unet.to(device), text_encoder.to(device))
         objective = NoisePrediction(scheduler, 1)
         return BaseModel(pipe, tokenizer, scheduler, codec.encode, codec.decode, SIZE, 1, objective, is_demo=True)
-    if name == "tiny-sd":
-        pipe = tiny_sd_pipeline()
-    elif name == "tiny-sdxl":
-        pipe = tiny_sdxl_pipeline()
+    tiny = {"tiny-sd": tiny_sd_pipeline, "tiny-sdxl": tiny_sdxl_pipeline}
+    tiny.update({"tiny-sd3": tiny_sd3_pipeline, "tiny-flux": tiny_flux_pipeline})
+    if name in tiny:
+        pipe = tiny[name]()
     else:
         from diffusers import DiffusionPipeline
 
@@ -188,6 +197,8 @@ def load_base_model(name: str, device: torch.device, base_config: str | None = N
             pipe = DiffusionPipeline.from_pretrained(str(path), local_files_only=True, safety_checker=None)
         else:
             pipe = _load_single_file(path, base_config)
+    if getattr(pipe, "transformer", None) is not None:
+        return _dit_base(pipe, name, device)
     from diffusers import DDPMScheduler
 
     for part in (pipe.unet, pipe.text_encoder, getattr(pipe, "text_encoder_2", None), pipe.vae):
@@ -202,6 +213,26 @@ def load_base_model(name: str, device: torch.device, base_config: str | None = N
     )
     if name not in BUILT_IN:  # a real model: what fits a consumer GPU at its resolution
         base.batch_size = 1 if base.is_xl else 2
+    return base
+
+
+def _dit_base(pipe: Any, name: str, device: torch.device) -> BaseModel:
+    """SD3 or Flux: the transformer trained by flow matching, the text encoders and VAE frozen."""
+    for part in (pipe.transformer, pipe.vae, *(getattr(pipe, n, None) for n in _TEXT_ENCODERS)):
+        if part is not None:
+            part.requires_grad_(False).eval().to(device)
+    flux = type(pipe).__name__.startswith("Flux")
+    t5 = pipe.tokenizer_2 if flux else pipe.tokenizer_3
+    tokens = min(_T5_TOKENS.get(type(pipe).__name__, 256), t5.model_max_length)
+    guidance = bool(getattr(pipe.transformer.config, "guidance_embeds", False))
+    objective = FlowMatching(dict(pipe.scheduler.config), flux, guidance, tokens)
+    encode, decode = _vae_codec(pipe.vae)
+    scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    sample_size = getattr(pipe.transformer.config, "sample_size", None)
+    resolution = sample_size * scale if sample_size else 64 if name in BUILT_IN else _DIT_RESOLUTION
+    base = BaseModel(pipe, pipe.tokenizer, pipe.scheduler, encode, decode, resolution, scale, objective)
+    if name not in BUILT_IN:
+        base.batch_size = 1
     return base
 
 

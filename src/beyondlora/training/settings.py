@@ -62,7 +62,8 @@ class TrainConfig:
     pretrained_model: str = field(
         default="demo",
         metadata={
-            "help": "'demo', 'tiny-sd', 'tiny-sdxl', a diffusers folder or a single-file SD checkpoint (.safetensors)"
+            "help": "'demo', 'tiny-sd', 'tiny-sdxl', 'tiny-sd3', 'tiny-flux', a diffusers folder (SD 1.x/2.x/XL, "
+            "SD3, Flux) or a single-file SD checkpoint (.safetensors)"
         },
     )
     base_config: str | None = field(

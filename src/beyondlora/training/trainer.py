@@ -181,12 +181,20 @@ class Trainer:
         self.base.objective.set_noise_options(config.prediction_type, config.min_snr_gamma)
         self.dataset = BucketDataset(items, resolution, step, config.enable_bucket)
         torch.manual_seed(config.seed)
-        unet_config = adapter_config(config, "unet", self.base.unet)
-        if unet_config is None:
-            raise TrainConfigError(f"--preset {config.preset} adapts no layer of this model's UNet")
-        self.unet = get_peft_model(self.base.unet, unet_config)
+        denoiser = self.base.denoiser
+        denoiser_config = adapter_config(config, "unet", denoiser)
+        if denoiser_config is None:
+            raise TrainConfigError(
+                f"--preset {config.preset} adapts no layer of this model's {type(denoiser).__name__}"
+            )
+        self.denoiser = get_peft_model(denoiser, denoiser_config)
         self.text_encoders = list(self.base.text_encoders)  # the wrapped ones when they train
-        self.adapted = [self.unet]
+        self.adapted = [self.denoiser]
+        if config.train_text_encoder and self.base.objective.denoiser != "unet":
+            raise TrainConfigError(
+                "--train-text-encoder: beyondlora train adapts the text encoders of SD 1.x/2.x/SDXL only; SD3 and "
+                "Flux train their transformer (the text embeddings are computed once per caption and kept)"
+            )
         if config.train_text_encoder:
             for number, text_encoder in enumerate(self.text_encoders):
                 text_config = adapter_config(config, "text_encoder", text_encoder)
@@ -197,7 +205,7 @@ class Trainer:
                     )
                 self.text_encoders[number] = get_peft_model(text_encoder, text_config).train()
                 self.adapted.append(self.text_encoders[number])
-        self.unet.train()
+        self.denoiser.train()
         self._report_unused_options()
         # what the training forward calls (DDP wrappers with several processes); sampling calls the models
         self.trained_models = [
@@ -208,8 +216,9 @@ class Trainer:
         if self.dist.world > 1 and self.dist.is_main:
             self.echo(f"data-parallel over {self.dist.world} processes ({self.dist.describe()})")
         if config.gradient_checkpointing:
-            self.base.unet.enable_gradient_checkpointing()
-        self.trainable = {f"unet.{n}": p for n, p in self.base.unet.named_parameters() if p.requires_grad}
+            denoiser.enable_gradient_checkpointing()
+        prefix = f"{self.base.objective.denoiser}."  # checkpoints name the parameters by part
+        self.trainable = {prefix + n: p for n, p in denoiser.named_parameters() if p.requires_grad}
         if config.train_text_encoder:
             for number, text_encoder in enumerate(self.base.text_encoders):
                 prefix = "te." if number == 0 else f"te{number + 1}."
