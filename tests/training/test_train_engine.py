@@ -18,8 +18,9 @@ from test_train_config import make_dataset
 from test_train_run import options
 
 from beyondlora.training.distributed import Engine
+from beyondlora.training.optimization import make_optimizer
 from beyondlora.training.settings import TrainConfig, TrainConfigError
-from beyondlora.training.trainer import Trainer, _optimizer, train
+from beyondlora.training.trainer import Trainer, train
 from helpers.layer_cases import DEVICE
 
 
@@ -104,7 +105,7 @@ def test_adamw8bit_keeps_large_states_in_eight_bits() -> None:
     """A layer-sized factor (bitsandbytes quantizes tensors of 4,096 elements and more) gets uint8 moments."""
     big = torch.nn.Parameter(torch.randn(320, 64, device=DEVICE))
     small = torch.nn.Parameter(torch.randn(8, 8, device=DEVICE))
-    optimizer = _optimizer(TrainConfig(optimizer="adamw8bit", learning_rate=1e-3), [big, small])
+    optimizer = make_optimizer(TrainConfig(optimizer="adamw8bit", learning_rate=1e-3), [big, small])
     for param in (big, small):
         param.grad = torch.randn_like(param)
     before = big.detach().clone()

@@ -261,6 +261,20 @@ def test_save_as_difference_writes_what_the_uis_apply(data: Path, tmp_path: Path
     assert keys and {key.split(".")[-1] for key in keys} <= {"diff", "diff_b"}
 
 
+def test_a_half_precision_base_trains_float32_adapters(data: Path, tmp_path: Path) -> None:
+    """--base-precision bf16 stores the frozen UNet and text encoder in bf16; the adapter trains in float32."""
+    with pytest.raises(TrainConfigError, match="add --mixed-precision bf16"):
+        Trainer(options(data, tmp_path / "refused", base_precision="bf16"))
+    config = options(data, tmp_path / "run", base_precision="bf16", mixed_precision="bf16", max_steps=2, save_every=0)
+    trainer = Trainer(config)
+    assert trainer.run() == 0
+    unet = trainer.base.unet
+    frozen = {p.dtype for n, p in unet.named_parameters() if not p.requires_grad}
+    trained = {p.dtype for p in trainer.trainable.values()}
+    assert frozen == {torch.bfloat16} and trained == {torch.float32}
+    assert {t.dtype for t in load_file(tmp_path / "run" / "adapter.safetensors").values()} == {torch.float32}
+
+
 def test_an_unreadable_image_is_reported_once(tmp_path: Path, capsys) -> None:
     data = make_dataset(tmp_path / "data")
     (data / "2_thing" / "broken.png").write_bytes(b"not a png at all")

@@ -15,9 +15,9 @@ from PIL import Image
 
 from beyondlora.training.data import Item, load_pixels
 from beyondlora.training.noise_prediction import min_snr_weights
+from beyondlora.training.optimization import lr_factor
 from beyondlora.training.report import loss_axis, nice_ticks
 from beyondlora.training.settings import TrainConfig, add_arguments, config_from_args, options
-from beyondlora.training.trainer import _lr_lambda
 
 
 def test_every_option_is_a_flag() -> None:
@@ -34,7 +34,7 @@ def test_every_option_is_a_flag() -> None:
 @pytest.mark.parametrize("schedule", ["constant", "cosine", "linear"])
 def test_schedules_with_warmup(schedule: str) -> None:
     config = TrainConfig(lr_scheduler=schedule, warmup_steps=4, max_steps=24)
-    factor = _lr_lambda(config)
+    factor = lr_factor(config)
     assert [factor(s) for s in range(4)] == pytest.approx([0.2, 0.4, 0.6, 0.8])
     for step in range(4, 24):
         progress = (step - 4) / 20

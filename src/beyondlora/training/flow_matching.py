@@ -108,13 +108,15 @@ class FlowMatching(Objective):
 
     def embed(self, base: Any, text_encoders: list[Any], prompts: list[str]) -> TextConditioning:
         """The pipeline's own prompt encoding (CLIP-L/G pooled and penultimate states with T5's for SD3;
-        CLIP-L pooled and T5's states for Flux)."""
-        device = next(base.denoiser.parameters()).device
+        CLIP-L pooled and T5's states for Flux), where the text encoders are, moved to the transformer's
+        device."""
+        device = next(base.pipe.text_encoder.parameters()).device
+        target = next(base.denoiser.parameters()).device
         if self.flux:
             states, pooled, _ = base.pipe.encode_prompt(
                 prompts, None, device=device, max_sequence_length=self.max_text_tokens
             )
-            return states, pooled
+            return states.to(target), pooled.to(target)
         states, _, pooled, _ = base.pipe.encode_prompt(
             prompts,
             None,
@@ -123,7 +125,7 @@ class FlowMatching(Objective):
             do_classifier_free_guidance=False,
             max_sequence_length=self.max_text_tokens,
         )
-        return states, pooled
+        return states.to(target), pooled.to(target)
 
     def sample(
         self,

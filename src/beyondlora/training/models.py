@@ -169,12 +169,16 @@ def _vae_codec(vae: Any) -> tuple[Callable, Callable]:
     return encode, decode
 
 
-def load_base_model(name: str, device: torch.device, base_config: str | None = None) -> BaseModel:
+def load_base_model(
+    name: str, device: torch.device, base_config: str | None = None, dtype: torch.dtype = torch.float32
+) -> BaseModel:
     """Load the base (frozen, eval mode) on ``device``, never downloading anything.
 
     ``base_config``: for a single-file checkpoint, a diffusers pipeline folder whose configs and tokenizer(s)
     describe it (its weights, if any, are not used).  Without it, the configuration of the model diffusers
-    infers from the checkpoint's keys must already be in the local Hugging Face cache.
+    infers from the checkpoint's keys must already be in the local Hugging Face cache.  ``dtype``: the
+    storage of the denoiser's and the text encoders' weights (adapters stay float32; the VAE, which runs
+    once per image when latents are cached, stays float32).
     """
     check_model_path(name, base_config)
     if name == "demo":
@@ -198,12 +202,13 @@ def load_base_model(name: str, device: torch.device, base_config: str | None = N
         else:
             pipe = _load_single_file(path, base_config)
     if getattr(pipe, "transformer", None) is not None:
-        return _dit_base(pipe, name, device)
+        return _dit_base(pipe, name, device, dtype)
     from diffusers import DDPMScheduler
 
-    for part in (pipe.unet, pipe.text_encoder, getattr(pipe, "text_encoder_2", None), pipe.vae):
+    for part in (pipe.unet, pipe.text_encoder, getattr(pipe, "text_encoder_2", None)):
         if part is not None:
-            part.requires_grad_(False).eval().to(device)
+            _store(part.requires_grad_(False).eval().to(device), dtype)
+    pipe.vae.requires_grad_(False).eval().to(device)
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     encode, decode = _vae_codec(pipe.vae)
     scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
@@ -216,11 +221,25 @@ def load_base_model(name: str, device: torch.device, base_config: str | None = N
     return base
 
 
-def _dit_base(pipe: Any, name: str, device: torch.device) -> BaseModel:
-    """SD3 or Flux: the transformer trained by flow matching, the text encoders and VAE frozen."""
-    for part in (pipe.transformer, pipe.vae, *(getattr(pipe, n, None) for n in _TEXT_ENCODERS)):
+def _store(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Keep ``model``'s frozen weights in ``dtype``, except those its class keeps in float32
+    (``_keep_in_fp32_modules``, e.g. T5's feed-forward output for fp16)."""
+    if dtype == torch.float32:
+        return
+    keep = set(getattr(model, "_keep_in_fp32_modules", None) or ())
+    for name, param in model.named_parameters():
+        if keep.isdisjoint(name.split(".")):
+            param.data = param.data.to(dtype)
+
+
+def _dit_base(pipe: Any, name: str, device: torch.device, dtype: torch.dtype) -> BaseModel:
+    """SD3 or Flux: the transformer trained by flow matching on ``device``; the text encoders frozen on the
+    CPU (T5-XXL alone is 4.7 B parameters; each caption is embedded once, :class:`.FlowMatching`)."""
+    _store(pipe.transformer.requires_grad_(False).eval().to(device), dtype)
+    pipe.vae.requires_grad_(False).eval().to(device)
+    for part in (getattr(pipe, n, None) for n in _TEXT_ENCODERS):
         if part is not None:
-            part.requires_grad_(False).eval().to(device)
+            _store(part.requires_grad_(False).eval().to("cpu"), dtype)
     flux = type(pipe).__name__.startswith("Flux")
     t5 = pipe.tokenizer_2 if flux else pipe.tokenizer_3
     tokens = min(_T5_TOKENS.get(type(pipe).__name__, 256), t5.model_max_length)

@@ -140,6 +140,13 @@ class TrainConfig:
             "accelerate launch --mixed_precision, else no)"
         },
     )
+    base_precision: str = field(
+        default="fp32",
+        metadata={
+            "help": "/".join(SAVE_DTYPES) + ": storage of the frozen denoiser and text encoders (bf16 halves a "
+            "Flux-sized model's memory; needs --mixed-precision of the same type); adapters stay fp32"
+        },
+    )
     noise_offset: float = field(default=0.0, metadata={"help": "noise offset"})
     min_snr_gamma: float | None = field(default=None, metadata={"help": "min-SNR-γ loss weighting"})
     prediction_type: str | None = field(default=None, metadata={"help": "epsilon/v_prediction (default: the model's)"})
@@ -230,6 +237,7 @@ class TrainConfig:
             "lr_scheduler": SCHEDULES,
             "mixed_precision": PRECISIONS,
             "save_precision": SAVE_DTYPES,
+            "base_precision": SAVE_DTYPES,
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in (*allowed, None):  # None: a default decided later

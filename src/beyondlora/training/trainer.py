@@ -9,7 +9,6 @@ run stopped at any checkpoint and resumed produce the same adapter.  Only the ma
 from __future__ import annotations
 
 import math
-import signal
 import time
 import warnings
 from collections.abc import Callable
@@ -32,9 +31,11 @@ from .data import (
 from .distributed import Engine
 from .models import BUILT_IN, check_model_path, load_base_model
 from .network import TRAIN_OPTIONS, adapter_config
+from .optimization import lr_factor, make_optimizer
 from .outputs import finish_run, prepare_output_dir, sample_grid, write_config
 from .resume import MetricsLog, checkpoint_dirs, load_checkpoint, save_checkpoint
 from .settings import TrainConfig, TrainConfigError
+from .signals import StopSignals
 
 INTERRUPTED = 130
 #: fp16 steps skipped in a row (gradients infinite at every loss scale tried) before the run stops; the
@@ -44,55 +45,6 @@ MAX_SKIPPED_STEPS = 30
 
 class NonFiniteLossError(ValueError):
     """The loss became NaN or infinite; the run stops and keeps its last good checkpoint."""
-
-
-def _lr_lambda(config: TrainConfig) -> Callable[[int], float]:
-    def factor(step: int) -> float:
-        if step < config.warmup_steps:
-            return (step + 1) / (config.warmup_steps + 1)
-        progress = (step - config.warmup_steps) / max(1, config.max_steps - config.warmup_steps)
-        if config.lr_scheduler == "cosine":
-            return 0.5 * (1 + math.cos(math.pi * progress))
-        if config.lr_scheduler == "linear":
-            return max(0.0, 1 - progress)
-        return 1.0
-
-    return factor
-
-
-def _optimizer(config: TrainConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
-    if config.optimizer == "adamw8bit":
-        import bitsandbytes as bnb
-
-        return bnb.optim.AdamW8bit(params, lr=config.learning_rate, weight_decay=config.weight_decay)
-    if config.optimizer == "prodigy":
-        import prodigyopt
-
-        return prodigyopt.Prodigy(params, lr=config.learning_rate, weight_decay=config.weight_decay)
-    return torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
-
-
-class _Stop:
-    """SIGINT / SIGTERM set a flag; the loop checkpoints and exits at the end of the current step."""
-
-    def __init__(self) -> None:
-        self.signal: int | None = None
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> _Stop:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self._previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread
-                pass
-        return self
-
-    def _handle(self, sig: int, frame: Any) -> None:
-        self.signal = sig
-
-    def __exit__(self, *exc: Any) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
 
 
 class Trainer:
@@ -116,6 +68,11 @@ class Trainer:
             torch.set_num_threads(config.threads)
         torch.set_flush_denormal(True)
         check_model_path(config.pretrained_model, config.base_config)
+        if config.base_precision != "fp32" and config.mixed_precision != config.base_precision:
+            raise TrainConfigError(
+                f"--base-precision {config.base_precision} computes the base in {config.base_precision}: add "
+                f"--mixed-precision {config.base_precision}"
+            )
         if config.train_data_dir is None and config.pretrained_model != "demo":
             raise TrainConfigError("--train-data-dir is required unless --pretrained-model is 'demo'")
         self.items = None if config.train_data_dir is None else self._scan(config.train_data_dir)
@@ -170,7 +127,8 @@ class Trainer:
                 write_concept_dataset(data_dir)
             self.dist.barrier()
         items = self.items if self.items is not None else scan_dataset(data_dir)
-        self.base = load_base_model(config.pretrained_model, self.dist.device, config.base_config)
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[config.base_precision]
+        self.base = load_base_model(config.pretrained_model, self.dist.device, config.base_config, dtype)
         config.fill_model_defaults(self.base.is_demo, self.base.batch_size, self.base.resolution)
         if self.dist.is_main:
             write_config(config, self.output_dir)
@@ -225,8 +183,8 @@ class Trainer:
                 self.trainable.update({prefix + n: p for n, p in text_encoder.named_parameters() if p.requires_grad})
         if not self.trainable:
             raise TrainConfigError("the chosen --algo and --preset adapt no layer of this model")
-        optimizer = _optimizer(config, list(self.trainable.values()))
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config))
+        optimizer = make_optimizer(config, list(self.trainable.values()))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(config))
         self.optimizer = self.dist.prepare_optimizer(optimizer)
         self.cache = None
         if config.cache_latents:
@@ -346,7 +304,7 @@ class Trainer:
         bar = tqdm(total=config.max_steps, initial=start, disable=not self.dist.is_main, desc="training")
         params = list(self.trainable.values())
         skipped_in_a_row = 0
-        with _Stop() as stop:
+        with StopSignals() as stop:
             for step in range(start, config.max_steps):
                 total = 0.0
                 for micro in range(config.gradient_accumulation):
