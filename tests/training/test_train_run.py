@@ -275,6 +275,17 @@ def test_a_half_precision_base_trains_float32_adapters(data: Path, tmp_path: Pat
     assert {t.dtype for t in load_file(tmp_path / "run" / "adapter.safetensors").values()} == {torch.float32}
 
 
+def test_an_fp8_base_stores_one_byte_per_weight_and_computes_in_bf16(data: Path, tmp_path: Path) -> None:
+    config = options(data, tmp_path / "run", base_precision="fp8", mixed_precision="bf16", max_steps=2, save_every=0)
+    trainer = Trainer(config)
+    assert trainer.run() == 0
+    stored = {n: p.dtype for n, p in trainer.base.unet.named_parameters() if not p.requires_grad}
+    linear_weights = [n for n in stored if n.endswith("parametrizations.weight.original")]
+    assert linear_weights and all(stored[n] == torch.float8_e4m3fn for n in linear_weights)
+    assert {d for n, d in stored.items() if n not in linear_weights} == {torch.bfloat16}
+    assert {p.dtype for p in trainer.trainable.values()} == {torch.float32}
+
+
 def test_an_unreadable_image_is_reported_once(tmp_path: Path, capsys) -> None:
     data = make_dataset(tmp_path / "data")
     (data / "2_thing" / "broken.png").write_bytes(b"not a png at all")

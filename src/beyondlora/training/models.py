@@ -16,6 +16,7 @@ from .flow_matching import FlowMatching
 from .noise_prediction import NoisePrediction
 from .objective import Objective
 from .settings import TrainConfigError
+from .storage import store_weights
 
 
 @dataclass
@@ -170,15 +171,15 @@ def _vae_codec(vae: Any) -> tuple[Callable, Callable]:
 
 
 def load_base_model(
-    name: str, device: torch.device, base_config: str | None = None, dtype: torch.dtype = torch.float32
+    name: str, device: torch.device, base_config: str | None = None, precision: str = "fp32"
 ) -> BaseModel:
     """Load the base (frozen, eval mode) on ``device``, never downloading anything.
 
     ``base_config``: for a single-file checkpoint, a diffusers pipeline folder whose configs and tokenizer(s)
     describe it (its weights, if any, are not used).  Without it, the configuration of the model diffusers
-    infers from the checkpoint's keys must already be in the local Hugging Face cache.  ``dtype``: the
-    storage of the denoiser's and the text encoders' weights (adapters stay float32; the VAE, which runs
-    once per image when latents are cached, stays float32).
+    infers from the checkpoint's keys must already be in the local Hugging Face cache.  ``precision``: the
+    storage of the denoiser's and the text encoders' weights (:func:`.storage.store_weights`; adapters stay
+    float32; the VAE, which runs once per image when latents are cached, stays float32).
     """
     check_model_path(name, base_config)
     if name == "demo":
@@ -202,12 +203,12 @@ def load_base_model(
         else:
             pipe = _load_single_file(path, base_config)
     if getattr(pipe, "transformer", None) is not None:
-        return _dit_base(pipe, name, device, dtype)
+        return _dit_base(pipe, name, device, precision)
     from diffusers import DDPMScheduler
 
     for part in (pipe.unet, pipe.text_encoder, getattr(pipe, "text_encoder_2", None)):
         if part is not None:
-            _store(part.requires_grad_(False).eval().to(device), dtype)
+            store_weights(part.requires_grad_(False).eval().to(device), precision)
     pipe.vae.requires_grad_(False).eval().to(device)
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     encode, decode = _vae_codec(pipe.vae)
@@ -221,25 +222,14 @@ def load_base_model(
     return base
 
 
-def _store(model: torch.nn.Module, dtype: torch.dtype) -> None:
-    """Keep ``model``'s frozen weights in ``dtype``, except those its class keeps in float32
-    (``_keep_in_fp32_modules``, e.g. T5's feed-forward output for fp16)."""
-    if dtype == torch.float32:
-        return
-    keep = set(getattr(model, "_keep_in_fp32_modules", None) or ())
-    for name, param in model.named_parameters():
-        if keep.isdisjoint(name.split(".")):
-            param.data = param.data.to(dtype)
-
-
-def _dit_base(pipe: Any, name: str, device: torch.device, dtype: torch.dtype) -> BaseModel:
+def _dit_base(pipe: Any, name: str, device: torch.device, precision: str) -> BaseModel:
     """SD3 or Flux: the transformer trained by flow matching on ``device``; the text encoders frozen on the
     CPU (T5-XXL alone is 4.7 B parameters; each caption is embedded once, :class:`.FlowMatching`)."""
-    _store(pipe.transformer.requires_grad_(False).eval().to(device), dtype)
+    store_weights(pipe.transformer.requires_grad_(False).eval().to(device), precision)
     pipe.vae.requires_grad_(False).eval().to(device)
     for part in (getattr(pipe, n, None) for n in _TEXT_ENCODERS):
         if part is not None:
-            _store(part.requires_grad_(False).eval().to("cpu"), dtype)
+            store_weights(part.requires_grad_(False).eval().to("cpu"), precision)
     flux = type(pipe).__name__.startswith("Flux")
     t5 = pipe.tokenizer_2 if flux else pipe.tokenizer_3
     tokens = min(_T5_TOKENS.get(type(pipe).__name__, 256), t5.model_max_length)

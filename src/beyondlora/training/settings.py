@@ -46,6 +46,7 @@ SCHEDULES = ("constant", "cosine", "linear")
 PRECISIONS = ("no", "fp16", "bf16")
 PREDICTIONS = ("epsilon", "v_prediction")
 SAVE_DTYPES = ("fp32", "fp16", "bf16")
+BASE_PRECISIONS = ("fp32", "bf16", "fp16", "fp8")
 
 
 class TrainConfigError(ValueError):
@@ -143,8 +144,9 @@ class TrainConfig:
     base_precision: str = field(
         default="fp32",
         metadata={
-            "help": "/".join(SAVE_DTYPES) + ": storage of the frozen denoiser and text encoders (bf16 halves a "
-            "Flux-sized model's memory; needs --mixed-precision of the same type); adapters stay fp32"
+            "help": "/".join(BASE_PRECISIONS) + ": storage of the frozen denoiser and text encoders (bf16 halves "
+            "a Flux-sized model's memory, fp8 quarters it computing in bf16; needs --mixed-precision bf16 or "
+            "fp16 to match); adapters stay fp32"
         },
     )
     noise_offset: float = field(default=0.0, metadata={"help": "noise offset"})
@@ -237,7 +239,7 @@ class TrainConfig:
             "lr_scheduler": SCHEDULES,
             "mixed_precision": PRECISIONS,
             "save_precision": SAVE_DTYPES,
-            "base_precision": SAVE_DTYPES,
+            "base_precision": BASE_PRECISIONS,
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in (*allowed, None):  # None: a default decided later

@@ -36,6 +36,7 @@ from .outputs import finish_run, prepare_output_dir, sample_grid, write_config
 from .resume import MetricsLog, checkpoint_dirs, load_checkpoint, save_checkpoint
 from .settings import TrainConfig, TrainConfigError
 from .signals import StopSignals
+from .storage import COMPUTE
 
 INTERRUPTED = 130
 #: fp16 steps skipped in a row (gradients infinite at every loss scale tried) before the run stops; the
@@ -68,10 +69,11 @@ class Trainer:
             torch.set_num_threads(config.threads)
         torch.set_flush_denormal(True)
         check_model_path(config.pretrained_model, config.base_config)
-        if config.base_precision != "fp32" and config.mixed_precision != config.base_precision:
+        compute = COMPUTE[config.base_precision]
+        if config.base_precision != "fp32" and config.mixed_precision != compute:
             raise TrainConfigError(
-                f"--base-precision {config.base_precision} computes the base in {config.base_precision}: add "
-                f"--mixed-precision {config.base_precision}"
+                f"--base-precision {config.base_precision} computes the base in {compute}: "
+                f"add --mixed-precision {compute}"
             )
         if config.train_data_dir is None and config.pretrained_model != "demo":
             raise TrainConfigError("--train-data-dir is required unless --pretrained-model is 'demo'")
@@ -127,8 +129,9 @@ class Trainer:
                 write_concept_dataset(data_dir)
             self.dist.barrier()
         items = self.items if self.items is not None else scan_dataset(data_dir)
-        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[config.base_precision]
-        self.base = load_base_model(config.pretrained_model, self.dist.device, config.base_config, dtype)
+        self.base = load_base_model(
+            config.pretrained_model, self.dist.device, config.base_config, config.base_precision
+        )
         config.fill_model_defaults(self.base.is_demo, self.base.batch_size, self.base.resolution)
         if self.dist.is_main:
             write_config(config, self.output_dir)
