@@ -18,6 +18,7 @@ from .config import (
     NormConfig,
     OFTConfig,
 )
+from .demos.tiny_dit_pipelines import tiny_flux_pipeline, tiny_sd3_pipeline
 from .demos.tiny_pipelines import tiny_sd_pipeline, tiny_sdxl_pipeline
 from .host.layers import AdapterLayer
 from .integrations.diffusers import (
@@ -58,6 +59,8 @@ __all__ = [
     "save_adapter",
     "set_adapter_multiplier",
     "set_adapters",
+    "tiny_flux_pipeline",
+    "tiny_sd3_pipeline",
     "tiny_sd_pipeline",
     "tiny_sdxl_pipeline",
     "unload_adapter",
