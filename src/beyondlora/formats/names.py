@@ -282,13 +282,13 @@ def _dit_names(
     by_module: dict[str, str] = {}
     for path, segments in table.items():
         if len(segments) == 1 and segments[0].chunk is None:
-            accepted[path] = by_module[segments[0].module] = segments[0].module
+            accepted[path] = segments[0].module
+            by_module[segments[0].module] = path
         else:
             fused[path] = segments
     if style == "lycoris":
         return PartNames(role, "lycoris", prefixes[1], dict(accepted), accepted, fused)
-    written = {module: path for path, module in by_module.items()}
-    return PartNames(role, prefixes[0], prefixes[1], written, accepted, fused, write_fused=True)
+    return PartNames(role, prefixes[0], prefixes[1], by_module, accepted, fused, write_fused=True)
 
 
 def pipeline_part_names(parts: Mapping[str, nn.Module], style: str = "kohya") -> dict[str, PartNames]:
