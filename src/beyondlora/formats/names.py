@@ -11,6 +11,10 @@ sd-scripts trains on:
 
 PEFT / diffusers keys name a module ``<part>.<diffusers module path>`` (``unet.down_blocks.0…``).
 
+SD3 / Flux transformers (``lora_unet`` + the original checkpoints' paths, some of them fused layers) and
+their text encoders (``lora_te1`` / ``lora_te2`` / ``lora_te3``) are named by the tables of
+:mod:`.dit_names`.
+
 Everything here is driven by the tables below and by the model's own block structure; nothing is
 guessed from strings.  :class:`PartNames` holds, for one model part, the name written for each module and
 every name accepted when reading (diffusers and SGM paths, with or without ``text_model``).
@@ -247,7 +251,7 @@ def part_names(model: nn.Module, role: str = "", prefix: str | None = None, styl
     written: dict[str, str] = {}
     accepted: dict[str, str] = {}
     if is_dit(model):
-        return _dit_names(model, role, names, (prefix or written_prefix, read_prefixes), style)
+        return _dit_names(model, role, names, (written_prefix, read_prefixes), style)
     if is_diffusers_unet(model):
         blocks = sgm_block_table(model)
         sgm = {name: diffusers_to_sgm(name, blocks) for name in names}

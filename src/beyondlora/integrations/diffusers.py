@@ -1,10 +1,12 @@
-"""Loading adapters into diffusers Stable Diffusion pipelines, and saving them with the names UIs expect.
+"""Loading adapters into diffusers pipelines (Stable Diffusion 1.x/2.x, SDXL, SD3, Flux).
 
 :func:`load_adapter` applies any single file (LoRA, LoHa, LoKr, (IA)³, DyLoRA, full and norm diffs, mixed
-in one file; from us, LyCORIS, kohya or another trainer) or PEFT folder to an SD 1.x/2.x or SDXL pipeline's
-UNet and text encoder(s), live (strength changeable, removable, stackable) or merged into the weights; it
-takes a plain torch module as well.  :func:`save_adapter` writes the adapters on a pipeline's parts as one
-file with canonical names (see :mod:`beyondlora.formats.names`).
+in one file; from us, LyCORIS, kohya or another trainer) or PEFT folder to a pipeline's UNet or transformer
+and text encoder(s), live (strength changeable, removable, stackable) or merged into the weights; it takes
+a plain torch module as well.  Fused layers of SD3 / Flux files (``qkv``, ``linear1``) are split onto
+diffusers' layers exactly (:mod:`beyondlora.formats.fused`).  :func:`save_adapter`
+(:mod:`.saving`) writes the adapters on a pipeline's parts as one file with canonical names (see
+:mod:`beyondlora.formats.names`).
 
 Everything is planned (read, matched, checked, built) before anything is attached, so an error leaves
 the pipeline exactly as it was.
@@ -165,11 +167,13 @@ def load_adapter(
     strict: bool = False,
     prefix: str | None = None,
 ) -> LoadedAdapter:
-    """Apply the adapter at ``path`` to a diffusers pipeline's UNet and text encoder(s), or to a module.
+    """Apply the adapter at ``path`` to a diffusers pipeline's UNet or transformer and text encoder(s), or to a
+    module.
 
     Args:
-        target: a ``StableDiffusionPipeline`` / ``StableDiffusionXLPipeline`` (or anything with ``unet`` /
-            ``text_encoder`` / ``text_encoder_2`` attributes), or a torch module.
+        target: a ``StableDiffusionPipeline`` / ``StableDiffusionXLPipeline`` / ``StableDiffusion3Pipeline`` /
+            ``FluxPipeline`` (or anything with ``unet`` / ``transformer`` / ``text_encoder`` / ``text_encoder_2`` /
+            ``text_encoder_3`` attributes), or a torch module.
         path: a single ``.safetensors`` file (any algorithm, mixed; or diffusers' LoRA layout) or a PEFT
             folder (or one with a PEFT subfolder per part).
         multiplier: the adapter's strength.
