@@ -345,3 +345,20 @@ def test_unmatched_keys_are_named_and_failed_loads_change_nothing(kind: str, tmp
             load_adapter(pipe, tmp_path / "straddles.safetensors", merge=merge)
         assert adapter_layer_count(pipe, kind) == 0
         assert_close(dit_outputs(pipe, kind), base, rtol=0, atol=0)
+
+
+def test_onetrainer_names_read_as_the_same_adapter(tmp_path) -> None:
+    """OneTrainer's ``lora_transformer_<diffusers path>`` keys, and Flux's T5 as ``lora_te2_``."""
+    pipe = make_dit("flux")
+    _wrap(pipe, "flux", "loha")
+    live = dit_outputs(pipe, "flux")
+    save_adapter(pipe, tmp_path / "lycoris.safetensors", names="lycoris")
+    renamed = {}
+    for key, tensor in load_file(str(tmp_path / "lycoris.safetensors")).items():
+        key = key.replace("lycoris_", "lora_transformer_", 1) if key.startswith("lycoris_") else key
+        renamed[key.replace("lora_te3_", "lora_te2_", 1)] = tensor
+    assert any(k.startswith("lora_te2_encoder_block_") for k in renamed)
+    save_file(renamed, str(tmp_path / "onetrainer.safetensors"))
+    fresh = make_dit("flux")
+    load_adapter(fresh, tmp_path / "onetrainer.safetensors", strict=True)
+    assert_close(dit_outputs(fresh, "flux"), live)
