@@ -92,6 +92,17 @@ def test_separately_trained_layers_join_exactly_missing_ones_adding_nothing(algo
         assert torch.count_nonzero(joined["lora_up.weight"][16:32]) == 0
 
 
+def test_a_block_diagonal_lora_splits_into_parts_of_their_own_rank() -> None:
+    """kohya's split-qkv files (and ours, joined from separate LoRAs): rank Σr_i with a block-diagonal up."""
+    sizes = [16, 16, 16]
+    parts = [fused_file("lora", 16, seed=i, r=2 + i, alpha=0.5 + i) for i in range(3)]
+    joined = join_rows(parts, sizes, WHERE)
+    split = split_rows(joined, sizes, WHERE)
+    assert [p["lora_down.weight"].shape[0] for p in split] == [2, 3, 4]
+    for part, back in zip(parts, split, strict=True):
+        torch.testing.assert_close(delta(back, 16), delta(part, 16), rtol=1e-12, atol=1e-12)
+
+
 def test_lokr_splits_only_on_w2_row_blocks() -> None:
     fused = fused_file("lokr", sum(SIZES), b=7)  # W2 of 7 rows, W1 of 16: 112 = 16 · 7
     with pytest.raises(FormatError, match=r"lora_unet_single_blocks_0_linear1.*W2's 7 rows.*row 16"):

@@ -249,15 +249,27 @@ class LoRA(Adapter):
 
     @classmethod
     def split_file_rows(cls, params: dict[str, Tensor], sizes: Sequence[int], where: str) -> list[dict[str, Tensor]]:
-        """ΔW = s · up · down with up (Σ sizes, r): part i is the LoRA (up[rows_i], down) of the same rank and
-        alpha, its rows of ΔW exactly (the three LoRAs share the down)."""
+        """ΔW = s · up · down with up (Σ sizes, r): part i is the LoRA (up[rows_i], down), its rows of ΔW exactly
+        (the parts share the down).  Rank components whose up column is zero on a part's rows are dropped
+        from it, with alpha scaled by r_i / r to keep s: a block-diagonal up (kohya's split-qkv files, ours
+        joined) gives each part its own rank back."""
         if "lora_mid.weight" in params:
             raise FormatError(f"{where}: a Tucker LoRA (lora_mid) is a convolution's; fused layers are linear")
-        up = params["lora_up.weight"]
+        up, down = params["lora_up.weight"], params["lora_down.weight"]
         up = up.reshape(up.shape[0], -1)
         check_rows(up.shape[0], sizes, "lora_up.weight", where)
-        shared_tensors = {k: v for k, v in params.items() if k != "lora_up.weight"}
-        return [{**shared_tensors, "lora_up.weight": up[a:b]} for a, b in row_ranges(sizes)]
+        rank = up.shape[1]
+        alpha = params["alpha"].double() if "alpha" in params else torch.tensor(float(rank), dtype=torch.float64)
+        parts = []
+        for a, b in row_ranges(sizes):
+            used = up[a:b].ne(0).any(dim=0)
+            if used.all() or not used.any():
+                parts.append({**params, "lora_up.weight": up[a:b]})
+                continue
+            kept = int(used.sum())
+            scaled = (alpha * kept / rank).to(params["alpha"].dtype if "alpha" in params else torch.float32)
+            parts.append({"lora_down.weight": down[used], "lora_up.weight": up[a:b, used], "alpha": scaled})
+        return parts
 
     @classmethod
     def join_file_rows(
