@@ -13,7 +13,8 @@ Training randomness (rank dropout masks, DyLoRA's rank block) is drawn once per 
 :meth:`Adapter.draw` and handed to both paths, so either path gives the same result for the same draw.
 
 An algorithm is one room: besides the math, its class says how its modules look in a single file
-(:meth:`Adapter.file_tensors`, :meth:`Adapter.read_file`, :meth:`Adapter.file_weight_shape`), in a PEFT
+(:meth:`Adapter.file_tensors`, :meth:`Adapter.read_file`, :meth:`Adapter.file_weight_shape`; a fused layer's
+row blocks: :meth:`Adapter.split_file_rows`, :meth:`Adapter.join_file_rows`), in a PEFT
 folder (:meth:`Adapter.folder_tensors`, :meth:`Adapter.from_folder`, :meth:`Adapter.folder_config`, or the
 reason PEFT computes something else), in ``inspect`` (:meth:`Adapter.summary_notes`) and in kohya's
 metadata (:meth:`Adapter.kohya_args`).  Subclasses that name an ``algorithm`` register themselves in
@@ -23,13 +24,14 @@ metadata (:meth:`Adapter.kohya_args`).  Subclasses that name an ``algorithm`` re
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..errors import FormatError
 from ..ops.geometry import Kind, LayerGeometry
 from .common import AdapterOptions, Extraction, adapter_dtype
 from .dora import dora_caveats, dora_delta, dora_output, weight_norm
@@ -351,6 +353,26 @@ class Adapter(nn.Module):
         """Whether this module's single-file tensors flatten a conv kernel into the input size (so a file
         read without its base model sees (out, in·k))."""
         return False
+
+    @classmethod
+    def split_file_rows(cls, params: dict[str, Tensor], sizes: Sequence[int], where: str) -> list[dict[str, Tensor]]:
+        """One fused linear module's single-file tensors as the single-file tensors of the layers it stacks.
+
+        The fused weight (Σ sizes, in) is ``[W_1; W_2; …]`` with ``W_i`` of ``sizes[i]`` rows; part i's
+        consumer ΔW must equal rows ``[o_i, o_i + sizes[i])`` of the fused module's consumer ΔW exactly.
+        Raises :class:`FormatError` naming ``where`` and the reason where this algorithm's parts cannot be
+        written exactly in its own form (the default: no row split is known for it)."""
+        raise FormatError(f"{where}: a {cls.algorithm} module cannot be split into the layers it fuses {list(sizes)}")
+
+    @classmethod
+    def join_file_rows(
+        cls, parts: Sequence[dict[str, Tensor] | None], sizes: Sequence[int], where: str
+    ) -> dict[str, Tensor]:
+        """The reverse of :meth:`split_file_rows`: the single-file tensors of one fused module whose consumer
+        ΔW is ``[ΔW_1; ΔW_2; …]`` exactly, from the layers' tensors (a ``None`` part has ΔW_i = 0 on its
+        ``sizes[i]`` rows).  Raises :class:`FormatError` naming ``where`` and the reason where no module of this
+        algorithm holds that stack."""
+        raise FormatError(f"{where}: {cls.algorithm} modules cannot be joined into one fused module")
 
     # --- PEFT folders ----------------------------------------------------------------------------------
     def folder_refusal(self) -> str | None:

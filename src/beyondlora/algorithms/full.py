@@ -7,6 +7,7 @@ same tensor names under ``peft_type`` FULL / NORM (PEFT refuses those types loud
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -18,6 +19,7 @@ from .base import Adapter
 from .codec import optional_bias, reshaped, shape_of
 from .common import AdapterOptions, Extraction, check_init
 from .config_base import AdapterConfig
+from .row_codec import check_rows, present, row_ranges
 
 
 @dataclass(kw_only=True)
@@ -90,6 +92,30 @@ class _Difference(Adapter):
     @classmethod
     def file_weight_shape(cls, params: dict[str, Tensor], where: str) -> tuple[tuple[int, ...], bool]:
         return shape_of(params, cls.weight_key, where), cls.bias_key in params
+
+    @classmethod
+    def split_file_rows(cls, params: dict[str, Tensor], sizes: Sequence[int], where: str) -> list[dict[str, Tensor]]:
+        """The difference (and its bias difference) split into row blocks: exact."""
+        check_rows(params[cls.weight_key].shape[0], sizes, cls.weight_key, where)
+        return [{k: v[a:b] for k, v in params.items()} for a, b in row_ranges(sizes)]
+
+    @classmethod
+    def join_file_rows(
+        cls, parts: Sequence[dict[str, Tensor] | None], sizes: Sequence[int], where: str
+    ) -> dict[str, Tensor]:
+        """The differences stacked, zeros on the rows of a missing part: exact."""
+        found = present(parts, where)
+        keys = sorted({k for p in found for k in p})
+        like = {k: next(p[k] for p in found if k in p) for k in keys}
+        return {
+            k: torch.cat(
+                [
+                    p[k] if p is not None and k in p else like[k].new_zeros(n, *like[k].shape[1:])
+                    for p, n in zip(parts, sizes, strict=True)
+                ]
+            )
+            for k in keys
+        }
 
     def folder_tensors(self) -> dict[str, Tensor]:
         return self.file_tensors()

@@ -12,6 +12,7 @@ products), i.e. a LoRA of rank r², so ΔW is never built in the forward pass.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, ClassVar
@@ -20,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..errors import FormatError
 from ..ops.bypass_common import autocasting
 from ..ops.bypass_khatri_rao import khatri_rao_conv, khatri_rao_conv_hidden, khatri_rao_linear, merged_khatri_rao_linear
 from ..ops.geometry import LayerGeometry
@@ -36,6 +38,7 @@ from .codec import (
 )
 from .common import AdapterOptions, check_init, fold_scale, kaiming_
 from .config_base import RankConfig
+from .row_codec import block_diagonal, check_rows, present, rank_alpha, row_ranges, scale_of, shared, stacked
 
 
 @dataclass(kw_only=True)
@@ -226,6 +229,41 @@ class LoHa(Adapter):
             return (a[1], b[1], *shape_of(params, "hada_t1", where)[2:]), False
         return (a[0], b[1]), False
 
+    @classmethod
+    def split_file_rows(cls, params: dict[str, Tensor], sizes: Sequence[int], where: str) -> list[dict[str, Tensor]]:
+        """ΔW = s · (w1_a w1_b) ⊙ (w2_a w2_b): rows of a Hadamard product are the Hadamard product of the rows,
+        so part i is (w1_a[rows_i], w1_b, w2_a[rows_i], w2_b) with the same alpha, exactly."""
+        _refuse_tucker(params, where)
+        check_rows(params["hada_w1_a"].shape[0], sizes, "hada_w1_a", where)
+        out = []
+        for a, b in row_ranges(sizes):
+            out.append({**params, "hada_w1_a": params["hada_w1_a"][a:b], "hada_w2_a": params["hada_w2_a"][a:b]})
+        return out
+
+    @classmethod
+    def join_file_rows(
+        cls, parts: Sequence[dict[str, Tensor] | None], sizes: Sequence[int], where: str
+    ) -> dict[str, Tensor]:
+        """Parts sharing w1_b, w2_b and alpha stack their a factors (rank r).  Otherwise rank R = Σ r_i:
+        W1a = blockdiag(s_i · w1_a_i), W1b = [w1_b_1; …], W2a = blockdiag(w2_a_i), W2b = [w2_b_1; …], alpha = R;
+        rows i of (W1a W1b) ⊙ (W2a W2b) are s_i · (w1_a_i w1_b_i) ⊙ (w2_a_i w2_b_i) exactly."""
+        found = present(parts, where)
+        for p in found:
+            _refuse_tucker(p, where)
+        if shared(parts, ("hada_w1_b", "hada_w2_b", "alpha")):
+            return {**found[0], "hada_w1_a": stacked(found, "hada_w1_a"), "hada_w2_a": stacked(found, "hada_w2_a")}
+        like = found[0]["hada_w1_a"]
+        w1_a = [None if p is None else p["hada_w1_a"] * scale_of(p, p["hada_w1_b"].shape[0]) for p in parts]
+        w2_a = [None if p is None else p["hada_w2_a"] for p in parts]
+        w1_b = stacked(found, "hada_w1_b")
+        return {
+            "hada_w1_a": block_diagonal(w1_a, sizes, like),
+            "hada_w1_b": w1_b,
+            "hada_w2_a": block_diagonal(w2_a, sizes, like),
+            "hada_w2_b": stacked(found, "hada_w2_b"),
+            "alpha": rank_alpha(w1_b.shape[0]),
+        }
+
     def file_folds_kernel(self) -> bool:
         return not self.tucker
 
@@ -247,3 +285,8 @@ class LoHa(Adapter):
 
     def scalar_factor(self) -> nn.Parameter:
         return self.hada_w1_a
+
+
+def _refuse_tucker(params: dict[str, Tensor], where: str) -> None:
+    if "hada_t1" in params:
+        raise FormatError(f"{where}: a Tucker LoHa (hada_t1) is a convolution's; fused layers are linear")

@@ -14,6 +14,7 @@ of rank r costs.  Convolutions run ``W2`` as a conv on the c input groups folded
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, ClassVar
@@ -39,6 +40,7 @@ from .codec import (
 )
 from .common import AdapterOptions, Extraction, check_init, fold_scale, kaiming_
 from .config_base import RankConfig
+from .row_codec import check_rows, present, row_ranges, shared, stacked
 
 #: a Conv1d Kronecker product with a full 3-D W2: PEFT lays it out differently from LyCORIS
 _PEFT_CONV1D_LAYOUT = "PEFT lays out a Conv1d Kronecker product with a full W2 differently from LyCORIS"
@@ -366,6 +368,43 @@ class LoKr(Adapter):
         else:
             b, d, kernel = shape_of(params, "lokr_w2_a", where)[0], shape_of(params, "lokr_w2_b", where)[1], []
         return (a * b, c * d, *kernel), False
+
+    @classmethod
+    def split_file_rows(cls, params: dict[str, Tensor], sizes: Sequence[int], where: str) -> list[dict[str, Tensor]]:
+        """ΔW = s · W1 ⊗ W2 with W1 (a, c), W2 (b, d): row j of W1 makes rows [j·b, (j+1)·b) of ΔW, so a split
+        on multiples of b is exact, part i being W1[rows_i / b] ⊗ W2 (w1, or w1_a of a decomposed W1) with the
+        same W2 and alpha.  A split inside W2's row block has no Kronecker form: refused."""
+        w1 = "lokr_w1" if "lokr_w1" in params else "lokr_w1_a"
+        a = params[w1].shape[0]
+        out = cls.file_weight_shape(params, where)[0][0]
+        check_rows(out, sizes, w1, where)
+        b = out // a
+        inside = [start for start, _ in row_ranges(sizes)[1:] if start % b]
+        if inside:
+            raise FormatError(
+                f"{where}: LoKr's ΔW = W1 ⊗ W2 repeats W2's {b} rows for each of W1's {a}; the split into "
+                f"{list(sizes)} rows cuts inside those blocks at row {inside[0]}, so the parts are no Kronecker "
+                "products (exact only where every size is a multiple of W2's rows)"
+            )
+        return [{**params, w1: params[w1][start // b : end // b]} for start, end in row_ranges(sizes)]
+
+    @classmethod
+    def join_file_rows(
+        cls, parts: Sequence[dict[str, Tensor] | None], sizes: Sequence[int], where: str
+    ) -> dict[str, Tensor]:
+        """[W1_1 ⊗ W2; W1_2 ⊗ W2; …] = [W1_1; W1_2; …] ⊗ W2: exact when every part is there and they share W2
+        (every W2 tensor), W1's form and alpha; otherwise refused (a Kronecker product has one W2)."""
+        found = present(parts, where)
+        w1 = "lokr_w1" if "lokr_w1" in found[0] else "lokr_w1_a"
+        if len(found) < len(parts):
+            why = f"{len(parts) - len(found)} of the {len(parts)} layers have no LoKr"
+        elif any(w1 not in p for p in found) or not shared(parts, sorted({k for p in found for k in p} - {w1})):
+            why = "the layers' W2 factors (or W1 forms, alphas) differ"
+        else:
+            return {**found[0], w1: stacked(found, w1)}
+        raise FormatError(
+            f"{where}: a fused LoKr is one W1 ⊗ W2, which holds stacked layers only when they share W2; {why}"
+        )
 
     def file_folds_kernel(self) -> bool:
         return not self.w2_is_full and not self.tucker

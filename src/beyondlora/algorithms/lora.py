@@ -11,6 +11,7 @@ on embeddings) and ``lora_magnitude_vector`` for DoRA.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -18,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..errors import FormatError
 from ..ops.bypass_common import autocasting
 from ..ops.bypass_lowrank import low_rank_linear, merged_low_rank_linear
 from ..ops.decompositions import low_rank_factors, tucker2
@@ -27,6 +29,7 @@ from .base import Adapter
 from .codec import consumer_alpha, file_alpha, peft_refusal, reshaped, shape_of, with_folder_alpha
 from .common import AdapterOptions, Extraction, check_init, fold_scale, kaiming_
 from .config_base import RankConfig
+from .row_codec import block_diagonal, check_rows, present, rank_alpha, row_ranges, scale_of, shared, stacked
 
 #: the rank ``extract`` gives a LoRA when the user names none
 EXTRACT_RANK = 32
@@ -243,6 +246,48 @@ class LoRA(Adapter):
         down, up = shape_of(params, "lora_down.weight", where), shape_of(params, "lora_up.weight", where)
         kernel = shape_of(params, "lora_mid.weight", where)[2:] if "lora_mid.weight" in params else down[2:]
         return (up[0], down[1], *kernel), False
+
+    @classmethod
+    def split_file_rows(cls, params: dict[str, Tensor], sizes: Sequence[int], where: str) -> list[dict[str, Tensor]]:
+        """ΔW = s · up · down with up (Σ sizes, r): part i is the LoRA (up[rows_i], down), its rows of ΔW exactly
+        (the parts share the down).  Rank components whose up column is zero on a part's rows are dropped
+        from it, with alpha scaled by r_i / r to keep s: a block-diagonal up (kohya's split-qkv files, ours
+        joined) gives each part its own rank back."""
+        if "lora_mid.weight" in params:
+            raise FormatError(f"{where}: a Tucker LoRA (lora_mid) is a convolution's; fused layers are linear")
+        up, down = params["lora_up.weight"], params["lora_down.weight"]
+        up = up.reshape(up.shape[0], -1)
+        check_rows(up.shape[0], sizes, "lora_up.weight", where)
+        rank = up.shape[1]
+        alpha = params["alpha"].double() if "alpha" in params else torch.tensor(float(rank), dtype=torch.float64)
+        parts = []
+        for a, b in row_ranges(sizes):
+            used = up[a:b].ne(0).any(dim=0)
+            if used.all() or not used.any():
+                parts.append({**params, "lora_up.weight": up[a:b]})
+                continue
+            kept = int(used.sum())
+            scaled = (alpha * kept / rank).to(params["alpha"].dtype if "alpha" in params else torch.float32)
+            parts.append({"lora_down.weight": down[used], "lora_up.weight": up[a:b, used], "alpha": scaled})
+        return parts
+
+    @classmethod
+    def join_file_rows(
+        cls, parts: Sequence[dict[str, Tensor] | None], sizes: Sequence[int], where: str
+    ) -> dict[str, Tensor]:
+        """Parts sharing their down and alpha stack their ups (rank r).  Otherwise the fused module is the
+        rank-R LoRA (R = Σ r_i) with down = [down_1; down_2; …] (R, in) and block-diagonal
+        up = blockdiag(s_i · up_i) (Σ sizes, R), alpha = R: its rows i are s_i · up_i · down_i exactly."""
+        found = present(parts, where)
+        if any("lora_mid.weight" in p for p in found):
+            raise FormatError(f"{where}: a Tucker LoRA (lora_mid) is a convolution's; fused layers are linear")
+        ups = [None if p is None else p["lora_up.weight"].reshape(p["lora_up.weight"].shape[0], -1) for p in parts]
+        if shared(parts, ("lora_down.weight", "alpha")):
+            return {**found[0], "lora_up.weight": torch.cat(ups, dim=0)}
+        scaled = [None if p is None else up * scale_of(p, up.shape[1]) for p, up in zip(parts, ups, strict=True)]
+        down = stacked(found, "lora_down.weight")
+        up = block_diagonal(scaled, sizes, like=found[0]["lora_up.weight"])
+        return {"lora_down.weight": down, "lora_up.weight": up, "alpha": rank_alpha(down.shape[0])}
 
     # --- PEFT folders ----------------------------------------------------------------------------------
     def folder_refusal(self) -> str | None:

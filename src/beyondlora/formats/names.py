@@ -11,6 +11,10 @@ sd-scripts trains on:
 
 PEFT / diffusers keys name a module ``<part>.<diffusers module path>`` (``unet.down_blocks.0…``).
 
+SD3 / Flux transformers (``lora_unet`` + the original checkpoints' paths, some of them fused layers) and
+their text encoders (``lora_te1`` / ``lora_te2`` / ``lora_te3``) are named by the tables of
+:mod:`.dit_names`.
+
 Everything here is driven by the tables below and by the model's own block structure; nothing is
 guessed from strings.  :class:`PartNames` holds, for one model part, the name written for each module and
 every name accepted when reading (diffusers and SGM paths, with or without ``text_model``).
@@ -25,6 +29,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from ..host.targeting import iter_candidate_modules
+from .dit_names import Segment, dit_table, is_dit, text_encoder_prefixes
 
 #: pipeline part → (prefix written, prefixes read); SDXL's first text encoder writes ``lora_te1``
 PART_PREFIXES: dict[str, tuple[str, tuple[str, ...]]] = {
@@ -32,6 +37,11 @@ PART_PREFIXES: dict[str, tuple[str, tuple[str, ...]]] = {
     "text_encoder": ("lora_te", ("lora_te", "lora_te1")),
     "text_encoder_2": ("lora_te2", ("lora_te2",)),
 }
+#: an SD3 / Flux transformer: kohya's checkpoint paths, or diffusers' paths (OneTrainer, SimpleTuner)
+TRANSFORMER_PREFIXES = ("lora_unet", ("lora_unet", "lora_transformer", "lycoris"))
+#: how a transformer's modules are written: ``kohya`` (checkpoint paths, fused layers joined, what kohya
+#: sd-scripts and ComfyUI use) or ``lycoris`` (``lycoris_`` + diffusers paths, as SimpleTuner writes them)
+NAME_STYLES = ("kohya", "lycoris")
 SDXL_TEXT_ENCODER_PREFIX = "lora_te1"
 
 #: diffusers UNet modules outside the down/mid/up blocks → their SGM paths
@@ -164,6 +174,8 @@ class PartNames:
         read_prefixes: the prefixes accepted when reading.
         written: module name → the dotted path written after the prefix.
         accepted: dotted path (written or alternative form) → module name.
+        fused: dotted path → the segments of modules it stacks (SD3 / Flux checkpoints' fused layers), read
+            always, written when ``write_fused``.
     """
 
     role: str
@@ -171,6 +183,8 @@ class PartNames:
     read_prefixes: tuple[str, ...]
     written: dict[str, str]
     accepted: dict[str, str]
+    fused: dict[str, tuple[Segment, ...]] = field(default_factory=dict)
+    write_fused: bool = False
     _by_flat: dict[str, list[str]] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -178,6 +192,7 @@ class PartNames:
         for path, module in self.accepted.items():
             by_flat[flat(path)].add(module)
         self._by_flat = {k: sorted(v) for k, v in by_flat.items()}
+        self._fused_by_flat = {flat(path): path for path in self.fused}
 
     def key(self, module_name: str) -> str:
         """The single-file module key of ``module_name`` (``lora_unet_input_blocks_4_1_proj_in``)."""
@@ -199,6 +214,17 @@ class PartNames:
                     return modules[0]
         return None
 
+    def fused_for_key(self, key: str) -> str | None:
+        """The fused path (a key of :attr:`fused`) a single-file module key names, or ``None``."""
+        for prefix in self.read_prefixes:
+            if key.startswith(prefix + "_") and key[len(prefix) + 1 :] in self._fused_by_flat:
+                return self._fused_by_flat[key[len(prefix) + 1 :]]
+        return None
+
+    def fused_key(self, path: str) -> str:
+        """The single-file module key of fused path ``path``."""
+        return f"{self.prefix}_{flat(path)}"
+
     def peft_key(self, module_name: str) -> str:
         """diffusers' PEFT-style module key: ``<part>.<module path>``."""
         return f"{self.role}.{module_name}" if self.role else module_name
@@ -208,17 +234,24 @@ class PartNames:
         return self.accepted.get(path)
 
 
-def part_names(model: nn.Module, role: str = "", prefix: str | None = None) -> PartNames:
+def part_names(model: nn.Module, role: str = "", prefix: str | None = None, style: str = "kohya") -> PartNames:
     """The naming of ``model`` as pipeline part ``role`` (``""``: a plain module, identity paths).
 
-    ``prefix`` overrides the prefix written (and then is the one read).
+    ``prefix`` overrides the prefix written (and then is the one read); ``style`` (:data:`NAME_STYLES`) picks
+    how an SD3 / Flux transformer is written.
     """
+    if style not in NAME_STYLES:
+        raise ValueError(f"names must be one of {NAME_STYLES}, got {style!r}")
     written_prefix, read_prefixes = PART_PREFIXES.get(role, ("lycoris", ("lycoris",)))
+    if is_dit(model):
+        written_prefix, read_prefixes = TRANSFORMER_PREFIXES
     if prefix is not None:
         written_prefix, read_prefixes = prefix, (prefix,)
     names = [name for name, _ in iter_candidate_modules(model)]
     written: dict[str, str] = {}
     accepted: dict[str, str] = {}
+    if is_dit(model):
+        return _dit_names(model, role, names, (written_prefix, read_prefixes), style)
     if is_diffusers_unet(model):
         blocks = sgm_block_table(model)
         sgm = {name: diffusers_to_sgm(name, blocks) for name in names}
@@ -242,9 +275,38 @@ def part_names(model: nn.Module, role: str = "", prefix: str | None = None) -> P
     return PartNames(role, written_prefix, read_prefixes, written, accepted)
 
 
-def pipeline_part_names(parts: Mapping[str, nn.Module]) -> dict[str, PartNames]:
+def _dit_names(
+    model: nn.Module, role: str, names: list[str], prefixes: tuple[str, tuple[str, ...]], style: str
+) -> PartNames:
+    """An SD3 / Flux transformer: diffusers paths are always accepted; one-to-one checkpoint paths are
+    accepted and (style ``kohya``) written, fused ones go to :attr:`PartNames.fused`."""
+    table = dit_table(model, set(names))
+    accepted = {name: name for name in names}
+    fused: dict[str, tuple[Segment, ...]] = {}
+    by_module: dict[str, str] = {}
+    for path, segments in table.items():
+        if len(segments) == 1 and segments[0].chunk is None:
+            accepted[path] = segments[0].module
+            by_module[segments[0].module] = path
+        else:
+            fused[path] = segments
+    if style == "lycoris":
+        return PartNames(role, "lycoris", prefixes[1], dict(accepted), accepted, fused)
+    return PartNames(role, prefixes[0], prefixes[1], by_module, accepted, fused, write_fused=True)
+
+
+def pipeline_part_names(parts: Mapping[str, nn.Module], style: str = "kohya") -> dict[str, PartNames]:
     """Naming for each part of a pipeline (``{"unet": …, "text_encoder": …, "text_encoder_2": …}``);
-    with two text encoders (SDXL) the first writes ``lora_te1``."""
+    with two text encoders (SDXL) the first writes ``lora_te1``; an SD3 / Flux pipeline (a ``transformer``
+    part) names its text encoders as :func:`~.dit_names.text_encoder_prefixes` says."""
+    if "transformer" in parts:
+        naming = {}
+        for role, module in parts.items():
+            names = part_names(module, role, style=style)
+            if role != "transformer":
+                names.prefix, names.read_prefixes = text_encoder_prefixes(role, module, set(parts))
+            naming[role] = names
+        return naming
     naming = {}
     for role, module in parts.items():
         prefix = SDXL_TEXT_ENCODER_PREFIX if role == "text_encoder" and "text_encoder_2" in parts else None

@@ -1,10 +1,12 @@
-"""Loading adapters into diffusers Stable Diffusion pipelines, and saving them with the names UIs expect.
+"""Loading adapters into diffusers pipelines (Stable Diffusion 1.x/2.x, SDXL, SD3, Flux).
 
 :func:`load_adapter` applies any single file (LoRA, LoHa, LoKr, (IA)³, DyLoRA, full and norm diffs, mixed
-in one file; from us, LyCORIS, kohya or another trainer) or PEFT folder to an SD 1.x/2.x or SDXL pipeline's
-UNet and text encoder(s), live (strength changeable, removable, stackable) or merged into the weights; it
-takes a plain torch module as well.  :func:`save_adapter` writes the adapters on a pipeline's parts as one
-file with canonical names (see :mod:`beyondlora.formats.names`).
+in one file; from us, LyCORIS, kohya or another trainer) or PEFT folder to a pipeline's UNet or transformer
+and text encoder(s), live (strength changeable, removable, stackable) or merged into the weights; it takes
+a plain torch module as well.  Fused layers of SD3 / Flux files (``qkv``, ``linear1``) are split onto
+diffusers' layers exactly (:mod:`beyondlora.formats.fused`).  :func:`save_adapter`
+(:mod:`.saving`) writes the adapters on a pipeline's parts as one file with canonical names (see
+:mod:`beyondlora.formats.names`).
 
 Everything is planned (read, matched, checked, built) before anything is attached, so an error leaves
 the pipeline exactly as it was.
@@ -23,24 +25,21 @@ from torch import nn
 from ..config import CONFIG_NAME, AdapterConfig, SingleFileConfig
 from ..errors import FormatError
 from ..formats.folder import plan_from_folder
+from ..formats.fused import expand_fused
 from ..formats.names import route_keys
 from ..formats.single_file import (
-    DEFAULT_PREFIX,
     group_by_module,
     match_module_keys,
-    module_key,
     plan_modules,
     read_metadata,
     read_single_file,
     refuse_saved_modules,
-    report_caveats,
-    single_file_tensors,
-    write_single_file,
 )
 from ..host.inject import PlannedAdapter, adapter_layers
 from ..host.layers import AdapterLayer
 from ..tools.diffusers_layout import is_diffusers_layout, to_single_file
-from .parts import adapter_names, controller, find_parts, inner_model, naming_for, remember, unwrap_empty
+from .parts import adapter_names, controller, find_parts, inner_model, list_adapters, naming_for, remember, unwrap_empty
+from .saving import save_adapter as save_adapter
 
 #: how many unmatched keys a warning or error names before summarising
 _LISTED = 12
@@ -114,7 +113,11 @@ def plan_tensors(
         routed = {"": names}
     else:
         naming = naming_for(parts, prefix)
-        routed, unmatched = route_keys(list(grouped), naming)
+        grouped, routed_fused, origin = expand_fused(grouped, naming, models, path)
+        routed, unmatched = route_keys([k for k in grouped if k not in origin], naming)
+        for role, names in routed_fused.items():
+            routed[role].update(names)
+        recorded = {**recorded, **{new: recorded[old] for new, old in origin.items() if old in recorded}}
     what = " or ".join(f"the {role or type(m).__name__}" for role, m in models.items())
     if not any(routed.values()):
         _report_unmatched(path, unmatched, True, what)
@@ -164,11 +167,13 @@ def load_adapter(
     strict: bool = False,
     prefix: str | None = None,
 ) -> LoadedAdapter:
-    """Apply the adapter at ``path`` to a diffusers pipeline's UNet and text encoder(s), or to a module.
+    """Apply the adapter at ``path`` to a diffusers pipeline's UNet or transformer and text encoder(s), or to a
+    module.
 
     Args:
-        target: a ``StableDiffusionPipeline`` / ``StableDiffusionXLPipeline`` (or anything with ``unet`` /
-            ``text_encoder`` / ``text_encoder_2`` attributes), or a torch module.
+        target: a ``StableDiffusionPipeline`` / ``StableDiffusionXLPipeline`` / ``StableDiffusion3Pipeline`` /
+            ``FluxPipeline`` (or anything with ``unet`` / ``transformer`` / ``text_encoder`` / ``text_encoder_2`` /
+            ``text_encoder_3`` attributes), or a torch module.
         path: a single ``.safetensors`` file (any algorithm, mixed; or diffusers' LoRA layout) or a PEFT
             folder (or one with a PEFT subfolder per part).
         multiplier: the adapter's strength.
@@ -240,14 +245,6 @@ def _parts_with(target: Any, adapter_name: str) -> dict[str, nn.Module]:
     return parts
 
 
-def list_adapters(target: Any) -> list[str]:
-    """Names of the live adapters in a pipeline's parts (or a module)."""
-    names: dict[str, None] = {}
-    for part in find_parts(target).values():
-        names.update(dict.fromkeys(adapter_names(inner_model(part))))
-    return list(names)
-
-
 def set_multiplier(target: Any, multiplier: float, adapter_name: str = "default") -> None:
     """Change a live adapter's strength in every part it is in."""
     for part in _parts_with(target, adapter_name).values():
@@ -311,58 +308,3 @@ class LoadedAdapter:
         self._live()
         merge_adapter(self.target, self.adapter_name)
         self.merged = True
-
-
-def save_adapter(
-    target: Any,
-    path: str | Path,
-    adapter_name: str | None = None,
-    dtype: torch.dtype | None = None,
-    metadata: dict[str, str] | None = None,
-    prefix: str | None = None,
-    strict: bool = False,
-    as_difference: bool = False,
-) -> None:
-    """Write the adapter on a pipeline's parts (or a module) as one single file with canonical names.
-
-    Keys are ``lora_unet_…`` (SDXL: SGM paths), ``lora_te_text_model_…`` (SDXL: ``lora_te1_`` /
-    ``lora_te2_``).  ``adapter_name`` may be left out when the parts hold one adapter.  For a plain
-    module (neither UNet nor CLIP text model) ``prefix`` is written before its paths (default ``lycoris``).
-    Modules the UIs would not apply exactly are named in a warning, or with ``strict`` refused, or with
-    ``as_difference`` written as their exact change ``diff`` (which every consumer applies; they reload as
-    Full modules).
-    """
-    parts = find_parts(target)
-    present = list_adapters(target)
-    if adapter_name is None:
-        if len(present) != 1:
-            raise ValueError(f"choose the adapter to save with adapter_name; have {present}")
-        adapter_name = present[0]
-    elif adapter_name not in present:
-        raise ValueError(f"no adapter named {adapter_name!r}; have {present}")
-    naming = naming_for(parts, prefix) if set(parts) != {""} else {}
-    tensors: dict[str, torch.Tensor] = {}
-    described: dict[str, dict[str, Any]] = {}
-    for role, part in parts.items():
-        model = inner_model(part)
-        layers = [(n, layer) for n, layer in adapter_layers(model) if adapter_name in layer.adapters]
-        if not layers:
-            continue
-        norms = [n for n, layer in layers if role.startswith("text_encoder") and layer.geometry.is_norm]
-        if norms:  # ComfyUI's CLIP key map names the six linears of each layer only
-            report_caveats({"ComfyUI skips text-encoder norm keys (its CLIP key map has no norms)": norms}, strict)
-        if role:
-            key_for = naming[role].key
-        else:
-            key_for = lambda name, p=prefix or DEFAULT_PREFIX: module_key(p, name)  # noqa: E731
-        try:
-            part_tensors, part_described = single_file_tensors(
-                model, adapter_name, dtype=dtype, key_for=key_for, strict=strict, as_difference=as_difference
-            )
-        except KeyError as error:
-            raise FormatError(f"cannot name a module of the {role or 'model'} in a single file: {error}") from None
-        tensors.update(part_tensors)
-        described.update(part_described)
-    if not tensors:
-        raise ValueError(f"adapter {adapter_name!r} has no layer tensors to save")
-    write_single_file(path, tensors, described, metadata)

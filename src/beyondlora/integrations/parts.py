@@ -15,32 +15,38 @@ from typing import Any
 from torch import nn
 
 from ..config import AdapterConfig, SingleFileConfig
+from ..formats.dit_names import is_dit
 from ..formats.names import PartNames, is_clip_text_model, is_diffusers_unet, is_sgm_unet, part_names
 from ..formats.names import pipeline_part_names as _pipeline_part_names
 from ..host.inject import adapter_layers, replace_submodule, save_wrappers
 from ..model import PeftModel
 
 #: the pipeline attributes that can host adapters, in file order
-PART_ROLES = ("unet", "text_encoder", "text_encoder_2")
+PART_ROLES = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
 
 _CONFIGS: weakref.WeakKeyDictionary[nn.Module, dict[str, AdapterConfig]] = weakref.WeakKeyDictionary()
 
 
 def find_parts(target: Any) -> dict[str, nn.Module]:
-    """``{role: part}`` for a diffusers pipeline (its UNet and text encoders) or ``{role: module}`` for a
-    plain torch module (role ``unet`` / ``text_encoder`` when recognised, else ``""``)."""
+    """``{role: part}`` for a diffusers pipeline (its UNet or transformer and text encoders) or
+    ``{role: module}`` for a plain torch module (role ``unet`` / ``transformer`` / ``text_encoder`` when
+    recognised, else ``""``)."""
     if isinstance(target, nn.Module):
         return {module_role(inner_model(target)): target}
     parts = {role: getattr(target, role, None) for role in PART_ROLES}
     parts = {role: part for role, part in parts.items() if isinstance(part, nn.Module)}
     if not parts:
-        raise TypeError(f"{type(target).__name__} is neither a torch module nor a pipeline with a unet or text encoder")
+        raise TypeError(
+            f"{type(target).__name__} is neither a torch module nor a pipeline with a unet, transformer or text encoder"
+        )
     return parts
 
 
 def module_role(model: nn.Module) -> str:
     if is_diffusers_unet(model) or is_sgm_unet(model):
         return "unet"
+    if is_dit(model):
+        return "transformer"
     if is_clip_text_model(model):
         return "text_encoder"
     return ""
@@ -51,13 +57,14 @@ def inner_model(part: nn.Module) -> nn.Module:
     return part.base_model if isinstance(part, PeftModel) else part
 
 
-def naming_for(parts: dict[str, nn.Module], prefix: str | None = None) -> dict[str, PartNames]:
-    """File naming for every part (``prefix`` overrides a single module's prefix)."""
+def naming_for(parts: dict[str, nn.Module], prefix: str | None = None, style: str = "kohya") -> dict[str, PartNames]:
+    """File naming for every part (``prefix`` overrides a single module's prefix; ``style`` picks how an SD3 /
+    Flux transformer is written, see :data:`~beyondlora.formats.names.NAME_STYLES`)."""
     models = {role: inner_model(part) for role, part in parts.items()}
     if len(models) == 1 and prefix is not None:
         role, model = next(iter(models.items()))
-        return {role: part_names(model, role, prefix)}
-    return _pipeline_part_names(models)
+        return {role: part_names(model, role, prefix, style)}
+    return _pipeline_part_names(models, style)
 
 
 def adapter_names(model: nn.Module) -> list[str]:
@@ -67,6 +74,14 @@ def adapter_names(model: nn.Module) -> list[str]:
         names.update(dict.fromkeys(layer.adapters))
     for _, wrapper in save_wrappers(model):
         names.update(dict.fromkeys(wrapper.modules_to_save))
+    return list(names)
+
+
+def list_adapters(target: Any) -> list[str]:
+    """Names of the live adapters in a pipeline's parts (or a module)."""
+    names: dict[str, None] = {}
+    for part in find_parts(target).values():
+        names.update(dict.fromkeys(adapter_names(inner_model(part))))
     return list(names)
 
 

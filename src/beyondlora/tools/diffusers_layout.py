@@ -1,6 +1,6 @@
 """diffusers' LoRA layout: one safetensors file with keys ``<part>.<module path>.lora_A.weight`` and
 ``.lora_B.weight`` (what ``pipe.save_lora_weights`` writes and ``load_lora_weights`` / ``load_lora_adapter``
-read; parts ``unet``, ``transformer``, ``text_encoder``, ``text_encoder_2``).
+read; parts ``unet``, ``transformer``, ``text_encoder``, ``text_encoder_2``, ``text_encoder_3``).
 
 diffusers computes ΔW = (lora_alpha / r) · B · A (rs-LoRA: lora_alpha / √r), with lora_alpha from the
 file's ``lora_adapter_metadata`` (``<part>.lora_alpha``, ``<part>.alpha_pattern``, ``<part>.use_rslora``) and,
@@ -31,8 +31,9 @@ PARTS = {
     "transformer": "lora_transformer",
     "text_encoder": "lora_te",
     "text_encoder_2": "lora_te2",
+    "text_encoder_3": "lora_te3",
 }
-KEY = re.compile(r"(unet|transformer|text_encoder|text_encoder_2)\.(.+)\.lora_([AB])\.weight")
+KEY = re.compile(r"(unet|transformer|text_encoder|text_encoder_2|text_encoder_3)\.(.+)\.lora_([AB])\.weight")
 METADATA_KEY = "lora_adapter_metadata"
 
 
@@ -73,25 +74,33 @@ def from_adapters(checkpoint: Checkpoint, adapters: dict[str, Adapter]) -> dict[
     """diffusers-layout tensors for adapters read against ``checkpoint`` (a diffusers folder)."""
     out: dict[str, Tensor] = {}
     for name, adapter in sorted(adapters.items()):
-        g = adapter.geometry
-        factors = adapter.lora_factors()
-        if factors is None or adapter.dora_scale is not None:
-            notes = ["dora"] if adapter.dora_scale is not None else adapter.summary_notes()
-            kind = adapter.algorithm + (f" ({', '.join(notes)})" if notes else "")
-            raise FormatError(
-                f"module {name!r}: diffusers' LoRA layout holds plain LoRA only, not {kind}; "
-                "write a single file instead"
-            )
-        if g.kind not in ("linear", "conv"):
-            raise FormatError(f"module {name!r}: diffusers' LoRA layout has no {g.kind} LoRA")
         module = checkpoint.modules[name]
         part = module.component.diffusers_name
         if part not in PARTS:
             raise FormatError(f"module {name!r}: {checkpoint.path} is no diffusers folder part ({', '.join(PARTS)})")
         path = module.weight.key[len(module.component.key_prefix) : -len(".weight")]
-        up, down, scale = factors
-        with torch.no_grad():
-            ones = (1,) * len(g.kernel)
-            out[f"{part}.{path}.lora_A.weight"] = down.detach().reshape(-1, g.in_dim, *g.kernel).clone()
-            out[f"{part}.{path}.lora_B.weight"] = (up * (scale * adapter.multiplier)).reshape(g.out_dim, -1, *ones)
+        out.update(lora_layout_tensors(adapter, f"{part}.{path}", name))
     return out
+
+
+def lora_layout_tensors(adapter: Adapter, key: str, name: str) -> dict[str, Tensor]:
+    """One adapter's diffusers-layout tensors ``<key>.lora_A.weight`` = down (r, in, *k) and
+    ``<key>.lora_B.weight`` = s · t · up (out, r, 1…): diffusers' rule without metadata (scale 1) then gives
+    our ΔW at multiplier t.  Raises naming module ``name`` for anything but a plain LoRA on a linear or conv."""
+    g = adapter.geometry
+    factors = adapter.lora_factors()
+    if factors is None or adapter.dora_scale is not None:
+        notes = ["dora"] if adapter.dora_scale is not None else adapter.summary_notes()
+        kind = adapter.algorithm + (f" ({', '.join(notes)})" if notes else "")
+        raise FormatError(
+            f"module {name!r}: diffusers' LoRA layout holds plain LoRA only, not {kind}; write a single file instead"
+        )
+    if g.kind not in ("linear", "conv"):
+        raise FormatError(f"module {name!r}: diffusers' LoRA layout has no {g.kind} LoRA")
+    up, down, scale = factors
+    with torch.no_grad():
+        ones = (1,) * len(g.kernel)
+        return {
+            f"{key}.lora_A.weight": down.detach().reshape(-1, g.in_dim, *g.kernel).clone(),
+            f"{key}.lora_B.weight": (up * (scale * adapter.multiplier)).reshape(g.out_dim, -1, *ones),
+        }
