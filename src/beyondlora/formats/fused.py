@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 
 from torch import Tensor, nn
 
-from ..errors import FormatError
+from ..errors import FormatError, FusedLayerError
 from ..host.layers import AdapterLayer
 from ..ops.geometry import LayerGeometry
 from .dit_names import Segment
@@ -112,12 +112,15 @@ def join_fused(
         key = names.fused_key(path)
         where = f"{source}: {key}"
         sizes = segment_sizes(model, segments)
-        pieces: list[Params | None] = []
-        for segment, size in zip(segments, sizes, strict=True):
-            params = tensors.get(segment.module)
-            if params is not None and segment.chunk is not None:
-                k, n = segment.chunk
-                params = split_rows(params, [size] * n, where)[k]
-            pieces.append(params)
-        out[key] = (join_rows(pieces, sizes, where), held)
+        try:
+            pieces: list[Params | None] = []
+            for segment, size in zip(segments, sizes, strict=True):
+                params = tensors.get(segment.module)
+                if params is not None and segment.chunk is not None:
+                    k, n = segment.chunk
+                    params = split_rows(params, [size] * n, where)[k]
+                pieces.append(params)
+            out[key] = (join_rows(pieces, sizes, where), held)
+        except FormatError as error:  # what one module of the fused key cannot hold
+            raise FusedLayerError(str(error)) from None
     return out

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from ..errors import FusedLayerError
 from ..formats.atomic import atomic_path
 from ..integrations.diffusers import save_adapter
 from .report import save_grid, save_loss_curve, save_sample_grid
@@ -98,9 +99,20 @@ def finish_run(trainer: Any, metrics: Any, seconds: float) -> dict[str, Any]:
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[config.save_precision]
     adapter_path = output_dir / "adapter.safetensors"
     metadata = {"beyondlora_training": json.dumps(config.to_dict()), "ss_steps": str(config.max_steps)}
-    save_adapter(
-        trainer.base.pipe, adapter_path, dtype=dtype, metadata=metadata, as_difference=config.save_as_difference
-    )
+    try:
+        save_adapter(
+            trainer.base.pipe, adapter_path, dtype=dtype, metadata=metadata, as_difference=config.save_as_difference
+        )
+    except FusedLayerError as error:  # e.g. LoKr on Flux's q, k, v: kohya's names fuse them into one module
+        trainer.echo(f"note: {error}; written with LyCORIS' names (diffusers paths, each layer its own module)")
+        save_adapter(
+            trainer.base.pipe,
+            adapter_path,
+            dtype=dtype,
+            metadata=metadata,
+            as_difference=config.save_as_difference,
+            names="lycoris",
+        )
     prompts, seeds = sample_prompts(trainer), config.sample_seeds
     after = sample_grid(trainer)
     before = _before(trainer)
