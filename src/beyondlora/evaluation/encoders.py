@@ -71,17 +71,30 @@ def square(images: torch.Tensor, side: int) -> torch.Tensor:
     return resized[..., top : top + side, left : left + side].clamp(0, 1)
 
 
-def _load(kind: str, option: str, folder: str | Path, device: torch.device) -> Any:
+def _load(kind: str, model_type: str, option: str, folder: str | Path, device: str | torch.device) -> Any:
+    """``transformers.<kind>`` from ``folder``, refused (naming ``option``) unless the folder holds exactly
+    that model: transformers would fill a wrong or partial folder with random weights and only warn."""
     folder = Path(folder)
     if not (folder / "config.json").is_file():
         problem = "does not exist" if not folder.exists() else "has no config.json"
         raise ValueError(f"{option} {folder} {problem} (give a local transformers {kind} folder)")
+    try:
+        found = json.loads((folder / "config.json").read_text()).get("model_type")
+    except (ValueError, AttributeError) as error:
+        raise ValueError(f"{option} {folder}: unreadable config.json ({error})") from None
+    if found != model_type:
+        raise ValueError(f"{option} {folder} holds a {found!r} model, not a {kind} ({model_type!r})")
     import transformers
 
     try:
-        model = getattr(transformers, kind).from_pretrained(str(folder), local_files_only=True)
+        model, info = getattr(transformers, kind).from_pretrained(
+            str(folder), local_files_only=True, output_loading_info=True
+        )
     except Exception as error:  # noqa: BLE001 - transformers raises many kinds for a wrong folder
         raise ValueError(f"{option} {folder}: cannot load a {kind} ({type(error).__name__}: {error})") from None
+    if info.get("missing_keys"):
+        missing = sorted(info["missing_keys"])
+        raise ValueError(f"{option} {folder}: the weights lack {len(missing)} tensor(s) of a {kind}, e.g. {missing[0]}")
     return model.eval().requires_grad_(False).to(device)
 
 
@@ -95,7 +108,7 @@ class ClipEncoder:
     def __init__(self, folder: str | Path, device: str | torch.device = "cpu") -> None:
         from transformers import AutoTokenizer
 
-        self.model = _load("CLIPModel", "--clip", folder, device)
+        self.model = _load("CLIPModel", "clip", "--clip", folder, device)
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
         except Exception as error:  # noqa: BLE001
@@ -140,7 +153,7 @@ class DinoEncoder:
     has_text = False
 
     def __init__(self, folder: str | Path, device: str | torch.device = "cpu") -> None:
-        self.model = _load("Dinov2Model", "--dino", folder, device)
+        self.model = _load("Dinov2Model", "dinov2", "--dino", folder, device)
         self.side, self.mean, self.std = _preprocessing(
             Path(folder), self.model.config.image_size, IMAGENET_MEAN, IMAGENET_STD
         )
