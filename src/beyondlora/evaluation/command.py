@@ -133,12 +133,16 @@ def evaluate(
         check_output(output / name, inputs, overwrite)
     check_output(output, inputs, overwrite)
     algorithms = {p: algorithm_of(p) for p in paths}  # a bad file fails before any image is drawn
-    is_demo = pretrained_model == "demo"
+    # the demo base without --data: its built-in concept (the default training run's), prompts and measure
+    is_demo = pretrained_model == "demo" and data is None
     chosen = dict(DEMO_TEMPLATES if is_demo else DEFAULT_TEMPLATES)
     if templates is not None:
         chosen.update(load_templates(templates))
     if trigger is None and not is_demo and set(prompt_types) - {"train"}:
-        raise ValueError("--trigger is required (the phrase that names the concept, e.g. 'sks dog') except on the demo")
+        raise ValueError(
+            "--trigger is required (the phrase that names the concept, e.g. 'sks dog') except for the demo's own "
+            "concept (--pretrained-model demo without --data)"
+        )
     trigger = trigger or DEMO_TRIGGER
     plain = plain or (trigger if is_demo and trigger == DEMO_TRIGGER else default_plain(trigger))
     encoders: list[Any] = [PixelEncoder()]

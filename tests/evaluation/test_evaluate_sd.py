@@ -1,0 +1,44 @@
+"""``beyondlora evaluate`` on a Stable Diffusion pipeline (the offline tiny SD 1.x one, VAE and all) with a
+trigger and no training images: the metrics that need them are skipped and say so."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import torch
+
+import beyondlora as bl
+from beyondlora.evaluation.command import evaluate
+
+
+def test_tiny_sd_without_training_images(tmp_path: Path) -> None:
+    pipe = bl.tiny_sd_pipeline()
+    torch.manual_seed(0)
+    pipe.unet = bl.get_peft_model(pipe.unet, bl.LoraConfig(r=2, target_modules=["to_q", "to_v"], init_weights=False))
+    adapter = tmp_path / "lora.safetensors"
+    bl.save_adapter(pipe, adapter)
+    lines: list[str] = []
+    result = evaluate(
+        "tiny-sd",
+        [str(adapter)],
+        trigger="sks dog",
+        images=2,
+        steps=2,
+        prompt_types=("train", "trigger", "style"),
+        output_dir=tmp_path / "out",
+        echo=lines.append,
+    )
+    assert "skipped: prompt type 'train' needs the training captions: pass --data DIR" in lines
+    assert any(line.startswith("skipped: image_similarity, centroid_distance") and "--data" in line for line in lines)
+    with open(tmp_path / "out" / "metrics.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert {r["prompt_type"] for r in rows} == {"trigger", "style"}
+    assert {r["algorithm"] for r in rows} == {"base", "lora"}
+    pixels = {(r["model"].split("-")[0], r["prompt_type"], r["metric"]): r for r in rows if r["features"] == "pixels"}
+    assert pixels[("lora", "trigger", "image_similarity")]["value"] == ""
+    assert "--data" in pixels[("lora", "trigger", "image_similarity")]["note"]
+    assert float(pixels[("lora", "trigger", "vendi")]["value"]) >= 1.0
+    assert float(pixels[("lora", "style", "preservation")]["value"]) < 1.0  # a random LoRA changes the images
+    grid = (tmp_path / "out" / "grids" / "style.png").stat().st_size
+    assert grid > 0 and result.means["base"] >= 0.0
