@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from beyondlora.evaluation import metrics
-from beyondlora.evaluation.report import rank_scale
 
 RNG = np.random.default_rng(7)
 A = RNG.normal(size=(6, 5))
@@ -113,10 +112,3 @@ def test_quality_is_the_softmax_probability_of_the_good_prompt() -> None:
         probabilities = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
         expected.append(probabilities[0])
     assert metrics.quality_score(_t(A), _t(good), _t(bad)) == pytest.approx(np.mean(expected), abs=1e-5)
-
-
-def test_rank_scale() -> None:
-    assert rank_scale([0.2, 0.9, 0.5], higher_better=True) == [0.0, 1.0, 0.5]
-    assert rank_scale([0.2, 0.9, 0.5], higher_better=False) == [1.0, 0.0, 0.5]
-    assert rank_scale([1.0, 1.0, 3.0], higher_better=True) == [0.25, 0.25, 1.0]
-    assert rank_scale([4.0], higher_better=True) == [1.0]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import io
+import re
 from pathlib import Path
 
 import torch
@@ -25,6 +26,13 @@ PLOTS = (
 #: preferred features of a metric that several encoders compute, best first
 FEATURE_ORDER = ("dino", "clip", "pixels", "concept")
 PALETTE = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75))
+
+
+def short_name(model: str, width: int) -> str:
+    """``model`` without its file hash, cut to ``width`` characters from the end (where a sweep's names
+    differ: step numbers, ranks)."""
+    stem = re.sub(r"-[0-9a-f]{12}$", "", model)
+    return stem if len(stem) <= width else "…" + stem[-(width - 1) :]
 
 
 def _write_text(path: Path, text: str) -> Path:
@@ -155,7 +163,7 @@ def scatter(rows: list[Row], x_name: str, y_name: str, path: Path) -> Path | Non
     for model, x, y in points:
         px, py = at(x, y)
         draw.ellipse((px - 4, py - 4, px + 4, py + 4), fill=colours[algorithms[model]])
-        draw.text((px + 6, py - 6), model[:18], fill=(60, 60, 60))
+        draw.text((px + 6, py - 6), short_name(model, 18), fill=(60, 60, 60))
     for number, (algorithm, colour) in enumerate(colours.items()):
         draw.rectangle((width - right + 10, top + 16 * number, width - right + 20, top + 16 * number + 10), fill=colour)
         draw.text((width - right + 24, top + 16 * number), algorithm[:14], fill=(30, 30, 30))
@@ -181,4 +189,4 @@ def write_image_grid(images: dict[str, torch.Tensor], prompts: list[str], path: 
     """A grid of one prompt type's images: a row per model, its images across (prompt ``k mod P``)."""
     count = next(iter(images.values())).shape[0]
     labels = [prompts[k % len(prompts)] for k in range(count)]
-    return save_grid(list(images.values()), path, labels=labels, row_labels=[m[:9] for m in images])
+    return save_grid(list(images.values()), path, labels=labels, row_labels=[short_name(m, 9) for m in images])
