@@ -56,12 +56,19 @@ def test_cache_renders_whole_seed_rows_once(tmp_path: Path) -> None:
     assert calls == [(["x one", "x two", "x three"], [0, 1]), (["x one"], [2])]  # the last row partial
     levels = [round(float(i.mean()) * 255) for i in images]
     assert levels == [0, 1, 2, 10, 11, 12, 20]  # image k: prompt k mod 3, seed k div 3
-    assert cache.path("model", "style", 2, 1).is_file() and not cache.path("model", "style", 1, 2).exists()
-    cache.path("model", "style", 1, 1).unlink()
+    assert cache.path("model", sets["style"], 2, 1).is_file() and not cache.path("model", sets["style"], 1, 2).exists()
+    cache.path("model", sets["style"], 1, 1).unlink()
     calls.clear()
     again = cache.images("model", sets["style"], 7, render, batch=6)
     assert calls == [(["x one", "x two", "x three"], [1])]  # only the row with a missing image
     torch.testing.assert_close(again, images)
+    # an edited template is another prompt: its images are drawn anew
+    edited = build_prompt_sets("x", "x", [], {"style": ["{} one", "{} 2", "{} three"]}, ("style",))
+    calls.clear()
+    cache.images("model", edited["style"], 3, render, batch=6)
+    assert calls == [(["x one", "x 2", "x three"], [0])]
+    assert cache.path("model", edited["style"], 0, 0) == cache.path("model", sets["style"], 0, 0)
+    assert cache.path("model", edited["style"], 1, 0) != cache.path("model", sets["style"], 1, 0)
 
 
 def test_file_key_follows_the_bytes(tmp_path: Path) -> None:

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from ..integrations.diffusers import load_adapter
 from ..tools.outputs import check_output
 from ..training.models import load_base_model
 from ..training.sampling import default_guidance
@@ -120,8 +121,9 @@ def evaluate(
     echo: Callable[[str], None] = print,
 ) -> Result:
     """Evaluate the base model and every adapter (see the module docstring); ``images`` per prompt type."""
-    if images < 1 or steps < 1:
-        raise ValueError("--images and --steps must be at least 1")
+    for option, value in (("--images", images), ("--steps", steps), ("--batch-size", batch_size)):
+        if value is not None and value < 1:
+            raise ValueError(f"{option} must be at least 1, got {value}")
     unknown = [t for t in prompt_types if t not in PROMPT_TYPES]
     if unknown or not prompt_types:
         raise ValueError(f"--prompt-types: unknown {', '.join(unknown)} (known: {', '.join(PROMPT_TYPES)})")
@@ -176,8 +178,6 @@ def evaluate(
     render = base_render(base, base.text_encoders, side, steps, guidance)
     rows = session.score(BASE, "base", render)
     for path in paths:
-        from ..integrations.diffusers import load_adapter
-
         handle = load_adapter(base.pipe, path, adapter_name="evaluated")
         try:
             rows += session.score(file_key(path), algorithms[path], render)

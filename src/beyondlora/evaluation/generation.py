@@ -56,20 +56,23 @@ def _load_png(path: Path) -> torch.Tensor:
 
 
 class ImageCache:
-    """PNGs under ``<root>/<settings key>/<model key>/<prompt type>/p<prompt>_s<seed>.png``."""
+    """PNGs under ``<root>/<settings key>/<model key>/<prompt type>/p<prompt>-<text digest>_s<seed>.png``."""
 
     def __init__(self, root: str | Path, settings: str) -> None:
         self.root = Path(root) / settings
 
-    def path(self, model: str, kind: str, prompt: int, seed: int) -> Path:
-        return self.root / model / kind / f"p{prompt}_s{seed}.png"
+    def path(self, model: str, prompts: PromptSet, prompt: int, seed: int) -> Path:
+        """Where image (``prompt``, ``seed``) of ``prompts`` for ``model`` is kept; the digest of the prompt's
+        text keeps an edited template from reusing the old prompt's images."""
+        digest = hashlib.sha256(prompts.prompts[prompt].encode()).hexdigest()[:8]
+        return self.root / model / prompts.kind / f"p{prompt}-{digest}_s{seed}.png"
 
     def images(self, model: str, prompts: PromptSet, count: int, render: Render, batch: int) -> torch.Tensor:
         """The ``count`` images of ``prompts`` for ``model``: (count, 3, H, W) in [0, 1], read where cached,
         else rendered a batch of about ``batch`` images (whole seed rows) at a time and written."""
         width = len(prompts.prompts)
         wanted = [(k // width, k % width) for k in range(count)]  # (seed, prompt)
-        missing_seeds = sorted({s for s, p in wanted if not self.path(model, prompts.kind, p, s).is_file()})
+        missing_seeds = sorted({s for s, p in wanted if not self.path(model, prompts, p, s).is_file()})
         rows = max(1, batch // width)
         chunks = [missing_seeds[i : i + rows] for i in range(0, len(missing_seeds), rows)]
         for seeds in progress(chunks, f"{model} {prompts.kind}", "batch", total=len(chunks)):
@@ -79,5 +82,5 @@ class ImageCache:
             for index, image in enumerate(rendered):
                 seed, prompt = seeds[index // used], index % used
                 if seed * width + prompt < count:
-                    save_image(image, self.path(model, prompts.kind, prompt, seed))
-        return torch.stack([_load_png(self.path(model, prompts.kind, p, s)) for s, p in wanted])
+                    save_image(image, self.path(model, prompts, prompt, seed))
+        return torch.stack([_load_png(self.path(model, prompts, p, s)) for s, p in wanted])
