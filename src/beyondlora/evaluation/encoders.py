@@ -41,7 +41,6 @@ class PixelEncoder:
 
     name = "pixels"
     description = f"RGB values of a {PIXEL_SIDE}x{PIXEL_SIDE} thumbnail (no learned encoder)"
-    has_text = False
 
     def encode(self, images: torch.Tensor) -> Features:
         """(N, 3, H, W) in [0, 1] → vectors (N, 3·16·16), tokens (N, 256, 3)."""
@@ -103,7 +102,6 @@ class ClipEncoder:
     features are the vision tower's last patch tokens (class token left out)."""
 
     name = "clip"
-    has_text = True
 
     def __init__(self, folder: str | Path, device: str | torch.device = "cpu") -> None:
         from transformers import AutoTokenizer
@@ -150,7 +148,6 @@ class DinoEncoder:
     image's feature, the patch tokens as its spatial features."""
 
     name = "dino"
-    has_text = False
 
     def __init__(self, folder: str | Path, device: str | torch.device = "cpu") -> None:
         self.model = _load("Dinov2Model", "dinov2", "--dino", folder, device)

@@ -69,10 +69,11 @@ def _applies(kinds: tuple[str, ...] | None, kind: str) -> bool:
 class Context:
     """What scoring one prompt type needs besides the model's own images and features.
 
-    ``reference``: the training images' features per encoder (None: no training images); ``base``: the base
-    model's features of the same prompts and seeds per encoder (None for the base itself is fine: it is
-    compared with its own features); ``text``: CLIP text embeddings of the plain prompts, one per image, and
-    of the quality prompts; ``concept``: the demo's concept measure, if the model is the demo."""
+    ``reference``: the training images' features per encoder (None: no training images, ``reference_reason``
+    says why); ``base``: the base model's features of the same prompts and seeds per encoder (for the base
+    itself, its own); ``missing_encoders``: name → the option that would give it; ``text``: CLIP embeddings of
+    the plain prompts (one per image) and of the two quality prompts; ``concept``: the demo's concept
+    measure, on the demo's own concept."""
 
     reference: dict[str, Features] | None
     reference_reason: str
