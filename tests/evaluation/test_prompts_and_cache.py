@@ -97,6 +97,7 @@ def test_adapter_arguments_and_bad_input(tmp_path: Path, capsys, random_adapter:
         "is not a .safetensors file": ["--adapters", str(sweep / "notes.txt")],
         "an adapter itself": ["--adapters", str(random_adapter), "--output-dir", str(random_adapter)],
         "--trigger is required": ["--pretrained-model", "tiny-sd", "--adapters", str(random_adapter)],
+        "has shape": ["--pretrained-model", "tiny-sd", "--trigger", "x", "--adapters", str(random_adapter)],
     }
     for message, argv in cases.items():
         assert main(["evaluate", "--output-dir", str(tmp_path / "out"), *argv]) == 2  # a later option wins

@@ -15,7 +15,8 @@ from typing import Any
 
 import torch
 
-from ..integrations.diffusers import load_adapter
+from ..integrations.diffusers import load_adapter, plan_adapter
+from ..integrations.parts import find_parts
 from ..tools.outputs import check_output
 from ..training.models import load_base_model
 from ..training.sampling import default_guidance
@@ -153,6 +154,8 @@ def evaluate(
     if dino is not None:
         encoders.append(DinoEncoder(dino, torch.device(device)))
     base = load_base_model(pretrained_model, torch.device(device), base_config)
+    for path in paths:  # an adapter for another model fails here, before any image is drawn
+        plan_adapter(find_parts(base.pipe), path, strict=True)
     side = resolution or base.resolution
     captions, reference, reason = _training_images(data, is_demo, side)
     prompt_sets = build_prompt_sets(trigger, plain, captions, chosen, prompt_types)
@@ -178,7 +181,7 @@ def evaluate(
     render = base_render(base, base.text_encoders, side, steps, guidance)
     rows = session.score(BASE, "base", render)
     for path in paths:
-        handle = load_adapter(base.pipe, path, adapter_name="evaluated")
+        handle = load_adapter(base.pipe, path, adapter_name="evaluated", strict=True)
         try:
             rows += session.score(file_key(path), algorithms[path], render)
         finally:
