@@ -13,6 +13,7 @@ import sys
 
 from ._version import __version__
 from .demos.cnn import DemoConfig, run_demo
+from .evaluation.command import add_evaluate_parser
 from .tools.convert_files import convert_file
 from .tools.extract import ExtractOptions, extract, extract_names
 from .tools.inspect import format_inspection, inspect, to_json
@@ -220,6 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_tools(commands)
     add_train_parser(commands)
     add_sample_parser(commands)
+    add_evaluate_parser(commands)
     return parser
 
 

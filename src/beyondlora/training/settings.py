@@ -167,6 +167,18 @@ class TrainConfig:
     guidance_scale: float | None = field(
         default=None, metadata={"help": "classifier-free guidance of samples (default: 1.5 for the demo, else 7.5)"}
     )
+    eval_every: int = field(
+        default=0,
+        metadata={
+            "help": "run beyondlora evaluate's metrics on the adapter every N steps into metrics.jsonl (0: never)"
+        },
+    )
+    eval_trigger: str | None = field(
+        default=None, metadata={"help": "the phrase naming the concept in the captions (needed with --train-data-dir)"}
+    )
+    eval_images: int = field(default=8, metadata={"help": "images per prompt type of each evaluation"})
+    eval_clip: str | None = field(default=None, metadata={"help": "a local CLIP folder for the evaluation's metrics"})
+    eval_dino: str | None = field(default=None, metadata={"help": "a local DINOv2 folder for the evaluation's metrics"})
     save_precision: str = field(default="fp32", metadata={"help": "/".join(SAVE_DTYPES) + " of the adapter file"})
     save_as_difference: bool = field(
         default=False,
@@ -248,13 +260,22 @@ class TrainConfig:
                 )
         if self.prediction_type not in (None, *PREDICTIONS):
             raise TrainConfigError(f"--prediction-type must be epsilon or v_prediction, got {self.prediction_type!r}")
-        positive = ("rank", "batch_size", "max_steps", "gradient_accumulation", "sample_steps", "keep_checkpoints")
+        positive = (
+            "rank",
+            "batch_size",
+            "max_steps",
+            "gradient_accumulation",
+            "sample_steps",
+            "keep_checkpoints",
+            "eval_images",
+        )
         for name in positive:
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise TrainConfigError(f"--{_flag(name)} must be at least 1, got {getattr(self, name)}")
         for name in (
             "save_every",
             "sample_every",
+            "eval_every",
             "warmup_steps",
             "keep_tokens",
             "noise_offset",
@@ -298,6 +319,10 @@ class TrainConfig:
 
             if importlib.util.find_spec(modules[self.optimizer]) is None:
                 raise TrainConfigError(f"--optimizer {self.optimizer} needs the {modules[self.optimizer]} package")
+        if self.eval_every and self.train_data_dir is not None and not self.eval_trigger:
+            raise TrainConfigError(
+                "--eval-every on your own data needs --eval-trigger: the phrase your captions name the concept with"
+            )
         if self.sample_prompts is not None and not self.sample_prompts:
             raise TrainConfigError("--sample-prompts is empty")
 

@@ -201,6 +201,11 @@ class Trainer:
                 if config.pretrained_model not in BUILT_IN
                 else config.pretrained_model,
             )
+        self.evaluation = None
+        if config.eval_every and self.dist.is_main:
+            from ..evaluation.during_training import CheckpointEvaluation  # lazy: evaluation imports training
+
+            self.evaluation = CheckpointEvaluation(self)
         self.embeddings: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
         self.global_batch = config.batch_size * self.dist.world
         self.batches_per_epoch = len(self.dataset.epoch_batches(config.seed, 0, self.global_batch))
@@ -335,6 +340,9 @@ class Trainer:
                     self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 done = step + 1
+                evaluated = {}
+                if self.evaluation is not None and done % config.eval_every == 0:
+                    evaluated = self.evaluation(done)
                 if metrics is not None:
                     record = {
                         "step": done,
@@ -343,7 +351,7 @@ class Trainer:
                         "epoch": step // max(1, self.batches_per_epoch),
                         "time": round(time.perf_counter() - started, 3),
                     }
-                    metrics.write(record | ({"skipped": True} if skipped else {}))
+                    metrics.write(record | ({"skipped": True} if skipped else {}) | evaluated)
                 if skipped_in_a_row == MAX_SKIPPED_STEPS:
                     bar.close()
                     raise NonFiniteLossError(
@@ -354,6 +362,8 @@ class Trainer:
                 if writer is not None:
                     writer.add_scalar("loss", total, done)
                     writer.add_scalar("lr", lr, done)
+                    for key, value in evaluated.items():
+                        writer.add_scalar(key, value, done)
                 bar.set_postfix(loss=f"{total:.4f}", lr=f"{lr:.2e}")
                 bar.update(1)
                 if config.save_every and done % config.save_every == 0 and done < config.max_steps:
