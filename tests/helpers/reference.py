@@ -142,7 +142,13 @@ def reference_delta(adapter, base_weight: Tensor) -> Tensor:
     raise AssertionError(algo)
 
 
-def reference_bias_delta(adapter) -> Tensor | None:
+def reference_bias_delta(adapter, base_bias: Tensor | None) -> Tensor | None:
+    """Δb (without the multiplier), float64: Full's and Norm's own tensor, or for (IA)³ scaling the output with
+    ``scale_bias`` (PEFT's meaning, (W x + b) ⊙ (1 + v)) the base bias times v."""
+    if adapter.algorithm == "ia3":
+        if base_bias is None or adapter.options.on_input or not adapter.options.scale_bias:
+            return None
+        return base_bias.double() * _p(adapter, "weight")
     name = {"full": "diff_b", "norm": "b_norm"}.get(adapter.algorithm)
     return None if name is None else _p(adapter, name)
 
@@ -171,9 +177,10 @@ def reference_module(base: nn.Module, adapters: list) -> nn.Module:
     with torch.no_grad():
         weight = module.weight.t() if transposed else module.weight
         original = weight.clone()
+        original_bias = None if module.bias is None else module.bias.clone()
         for adapter in adapters:
             weight += reference_effective_delta(adapter, original).reshape(weight.shape)
-            bias_delta = reference_bias_delta(adapter)
+            bias_delta = reference_bias_delta(adapter, original_bias)
             if bias_delta is not None:
                 module.bias += adapter.multiplier * bias_delta
     return module

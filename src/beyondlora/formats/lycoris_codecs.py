@@ -89,9 +89,10 @@ def import_adapter(
     base weight's device, in the adapter dtype for it.
 
     ``recorded`` is our metadata for the module when we wrote the file: it restores the algorithm (a
-    training variant such as DyLoRA) and the training options; everything that shapes ΔW is read from the
-    tensors.  ``rank_hint`` = (r, alpha) gives an adapter whose tensors carry no rank (a LoKr with both
-    factors full) the scale alpha / r (PEFT's rule) instead of the consumers' 1.
+    training variant such as DyLoRA), the training options and the options no tensor carries
+    (:attr:`~.Adapter.recorded_options`); everything else that shapes ΔW is read from the tensors.
+    ``rank_hint`` = (r, alpha) gives an adapter whose tensors carry no rank (a LoKr with both factors full)
+    the scale alpha / r (PEFT's rule) instead of the consumers' 1.
     """
     cls = detect_algorithm(params, where)
     unknown = sorted(set(params) - cls.file_keys - SHARED_TENSORS)
@@ -112,7 +113,7 @@ def import_adapter(
         variant = ALGORITHMS.get(recorded.get("algorithm", ""))
         if variant is not None and variant.file_family == cls.algorithm:
             cls = variant
-        options.update({k: recorded[k] for k in TRAINING_OPTIONS if k in recorded})
+        options.update({k: recorded[k] for k in (*TRAINING_OPTIONS, *cls.recorded_options) if k in recorded})
     known = {f.name for f in fields(AdapterOptions)}
     try:
         adapter = cls(geometry, AdapterOptions(**{k: v for k, v in options.items() if k in known}), base_weight)
