@@ -57,6 +57,15 @@ def _assert_same_deltas(first, second) -> None:
             torch.testing.assert_close(a[name][1], b[name][1], rtol=1e-5, atol=1e-6, msg=name)
 
 
+def _assert_same_folders(first, second) -> None:
+    """Byte for byte the same ``adapter_config.json``, and the same tensors (names, dtypes, values)."""
+    assert (first / "adapter_config.json").read_text() == (second / "adapter_config.json").read_text()
+    a, b = load_file(first / "adapter_model.safetensors"), load_file(second / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]), key
+
+
 @pytest.fixture
 def base_file(tmp_path):
     return save_state(state_of(planted_model()), tmp_path / "base.safetensors")
@@ -73,6 +82,30 @@ def test_convert_round_trips_every_delta(tmp_path, base_file, algorithm) -> None
     assert (folder / "adapter_config.json").is_file() and (folder / "adapter_model.safetensors").is_file()
     assert main(["convert", str(folder), str(back), "--base", str(base_file)]) == 0
     _assert_same_deltas(source, back)
+    recorded = tmp_path / "recorded"  # our file records its modules' paths and layers: no base needed
+    assert main(["convert", str(source), str(recorded)]) == 0
+    _assert_same_folders(folder, recorded)
+
+
+def test_single_file_to_folder_without_base_needs_our_metadata(tmp_path, base_file, capsys) -> None:
+    """Modules saved whole (modules_to_save) come along; a file without our records (LyCORIS', kohya's) still
+    asks for the base, saying why, and writes nothing."""
+    torch.manual_seed(6)
+    config = bl.LoraConfig(r=4, alpha=8, target_modules=["lin", "conv", "block.proj"], modules_to_save=["norm"])
+    model = bl.get_peft_model(planted_model(), config)
+    source = tmp_path / "source.safetensors"
+    model.save_pretrained(str(source))
+    with_base, recorded = tmp_path / "with-base", tmp_path / "recorded"
+    assert main(["convert", str(source), str(with_base), "--base", str(base_file)]) == 0
+    assert main(["convert", str(source), str(recorded)]) == 0
+    _assert_same_folders(with_base, recorded)
+    assert "base_model.model.norm.weight" in load_file(recorded / "adapter_model.safetensors")
+    capsys.readouterr()
+    bare = tmp_path / "bare.safetensors"
+    save_file(load_file(source), str(bare))  # the same tensors without our metadata
+    assert main(["convert", str(bare), str(tmp_path / "refused")]) == 2
+    assert "needs the base model (--base MODEL)" in capsys.readouterr().err
+    assert not (tmp_path / "refused").exists()
 
 
 def test_single_file_dtype_conversion_needs_no_base(tmp_path) -> None:

@@ -1,8 +1,10 @@
 """The single-file format (LyCORIS / kohya layout) that Stable Diffusion UIs load.
 
 A flat safetensors dict: module ``a.b.c`` of the model is stored as ``<prefix>_a_b_c.<tensor>``.  Our
-files also carry, in the safetensors metadata, the library version, the per-module hyper-parameters
-(``beyondlora_modules``) and kohya's training keys (``ss_network_*``).
+files also carry, in the safetensors metadata, the library version, the per-module hyper-parameters, module
+path and layer geometry (``beyondlora_modules``, one JSON string; see :mod:`.layer_records`) and kohya's
+training keys (``ss_network_*``).  Readers of the format (kohya, ComfyUI, LyCORIS) ignore metadata keys
+they do not know.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from ..host.inject import PlannedAdapter, adapter_layers
 from ..host.layers import AdapterLayer
 from ..host.targeting import iter_candidate_modules
 from ..ops.geometry import LayerGeometry
+from .layer_records import layer_record
 from .lycoris_codecs import cast_for_file, describe, export_tensors, import_adapter
 from .saved_modules import (
     SAVED_KEY,
@@ -57,7 +60,8 @@ def single_file_tensors(
     key_for: Callable[[str], str] | None = None,
     strict: bool = False,
 ) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, Any]]]:
-    """Every tensor of adapter ``adapter_name`` under its single-file key, and per-module metadata.
+    """Every tensor of adapter ``adapter_name`` under its single-file key, and per-module metadata (with the
+    module's path and its layer's record, :func:`~.layer_records.layer_record`).
 
     ``key_for`` maps a module name to its full module key (prefix included) instead of
     ``<prefix>_<name with underscores>``, e.g. for Stable Diffusion's canonical names.  Modules the UIs do not
@@ -77,7 +81,7 @@ def single_file_tensors(
         except FormatError as error:
             raise FormatError(f"module {name!r}: {error}") from None
         tensors.update({f"{key}.{tensor_name}": tensor for tensor_name, tensor in exported.items()})
-        described[key] = describe(adapter)
+        described[key] = {**describe(adapter), "module": name, "layer": layer_record(adapter.geometry)}
         for caveat in adapter.consumer_caveats():
             caveats[caveat].append(name)
     if not tensors:
@@ -151,7 +155,11 @@ def write_single_file(
 ) -> None:
     """Write tensors from :func:`single_file_tensors` with our header (version, per-module hyper-parameters,
     kohya's ``ss_network_*`` keys), then ``metadata`` on top, atomically."""
-    header = {"format": "pt", "beyondlora_version": __version__, MODULES_METADATA: json.dumps(described)}
+    header = {
+        "format": "pt",
+        "beyondlora_version": __version__,
+        MODULES_METADATA: json.dumps(described, separators=(",", ":")),
+    }
     header.update(kohya_metadata(described))
     header.update(metadata or {})
     write_tensors(path, tensors, header)
