@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 import beyondlora as bl
 from beyondlora.cli import main
 from beyondlora.formats.single_file import group_by_module
-from helpers.tool_cases import planted_model, save_state, state_of, tiny_text_encoder, tiny_unet
+from helpers.tool_cases import low_rank, planted_model, save_state, state_of, tiny_text_encoder, tiny_unet
 from helpers.ui_formula import ui_delta
 
 CONFIGS = {
@@ -106,6 +106,43 @@ def test_single_file_to_folder_without_base_needs_our_metadata(tmp_path, base_fi
     assert main(["convert", str(bare), str(tmp_path / "refused")]) == 2
     assert "needs the base model (--base MODEL)" in capsys.readouterr().err
     assert not (tmp_path / "refused").exists()
+
+
+def test_an_extracted_file_converts_to_a_folder_without_base(tmp_path, base_file) -> None:
+    """``extract`` records the module paths and layers too: the folder without ``--base`` is the one with it."""
+    base = state_of(planted_model())
+    generator = torch.Generator().manual_seed(8)
+    tuned = dict(base, **{"lin.weight": base["lin.weight"] + low_rank(64, 48, 4, generator)})
+    tuned["conv.weight"] = base["conv.weight"] + low_rank(32, 16 * 9, 2, generator).reshape(32, 16, 3, 3)
+    save_state(tuned, tmp_path / "tuned.safetensors")
+    extracted = tmp_path / "extracted.safetensors"
+    assert main(["extract", str(base_file), str(tmp_path / "tuned.safetensors"), str(extracted)]) == 0
+    assert main(["convert", str(extracted), str(tmp_path / "with-base"), "--base", str(base_file)]) == 0
+    assert main(["convert", str(extracted), str(tmp_path / "recorded")]) == 0
+    _assert_same_folders(tmp_path / "with-base", tmp_path / "recorded")
+
+
+def test_ia3_meaning_is_kept_or_the_conversion_refused(tmp_path, base_file, capsys) -> None:
+    """(IA)³ scaling its layers' bias (PEFT's meaning): folder → file keeps it in our metadata, warning that LyCORIS
+    and the UIs leave the bias unchanged, and file → folder gives the same tensors back.  The same file without
+    our metadata means LyCORIS' (IA)³, bias kept, which no PEFT folder says on a biased layer: refused."""
+    torch.manual_seed(7)
+    model = bl.get_peft_model(planted_model(), bl.IA3Config(target_modules=["lin", "conv"], init_weights=False))
+    folder, single, again = tmp_path / "folder", tmp_path / "single.safetensors", tmp_path / "again"
+    model.save_pretrained(str(folder))
+    with pytest.warns(UserWarning, match="LyCORIS leaves the bias unchanged"):
+        assert main(["convert", str(folder), str(single), "--base", str(base_file)]) == 0
+    with safe_open(str(single), "pt") as handle:
+        assert all(r["scale_bias"] for r in json.loads(handle.metadata()["beyondlora_modules"]).values())
+    assert main(["convert", str(single), str(again)]) == 0
+    first, second = load_file(folder / "adapter_model.safetensors"), load_file(again / "adapter_model.safetensors")
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+    bare = tmp_path / "bare.safetensors"
+    save_file(load_file(single), str(bare))
+    capsys.readouterr()
+    assert main(["convert", str(bare), str(tmp_path / "refused"), "--base", str(base_file)]) == 2
+    assert "leaves it unchanged (scale_bias=False, LyCORIS' semantics)" in capsys.readouterr().err
+    assert not (tmp_path / "refused" / "adapter_model.safetensors").exists()
 
 
 def test_single_file_dtype_conversion_needs_no_base(tmp_path) -> None:

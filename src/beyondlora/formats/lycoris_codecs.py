@@ -20,6 +20,7 @@ from ..algorithms.common import adapter_dtype
 from ..algorithms.dora import file_magnitude, read_magnitude
 from ..errors import FormatError
 from ..ops.geometry import LayerGeometry
+from .layer_records import layer_record
 
 #: options that do not change ΔW; kept in our metadata so a reload restores how the adapter trains
 TRAINING_OPTIONS = ("rank_dropout", "rank_dropout_scale", "module_dropout", "block_size", "dropout", "decompose_factor")
@@ -57,12 +58,16 @@ def export_tensors(adapter: Adapter) -> dict[str, Tensor]:
     return {k: v.detach() for k, v in out.items()}
 
 
-def describe(adapter: Adapter) -> dict[str, Any]:
-    """What our metadata records for one module: the algorithm and the options that shape training."""
+def describe(adapter: Adapter, module: str | None = None) -> dict[str, Any]:
+    """What our metadata records for one module: the algorithm and the options that shape training, and with
+    ``module`` (its path in the model) that path and the layer's record (:func:`~.layer_records.layer_record`),
+    all that converting the file into a PEFT folder needs besides the tensors."""
     info: dict[str, Any] = {"algorithm": adapter.algorithm, "r": adapter.options.r, "alpha": adapter.options.alpha}
     info.update(use_rslora=adapter.options.use_rslora, multiplier=adapter.multiplier)
     info.update({name: getattr(adapter.options, name) for name in TRAINING_OPTIONS})
     info.update(adapter.metadata_options())
+    if module is not None:
+        info.update(module=module, layer=layer_record(adapter.geometry))
     return info
 
 

@@ -27,7 +27,6 @@ from ..host.inject import PlannedAdapter, adapter_layers
 from ..host.layers import AdapterLayer
 from ..host.targeting import iter_candidate_modules
 from ..ops.geometry import LayerGeometry
-from .layer_records import layer_record
 from .lycoris_codecs import cast_for_file, describe, export_tensors, import_adapter
 from .saved_modules import (
     SAVED_KEY,
@@ -61,7 +60,7 @@ def single_file_tensors(
     strict: bool = False,
 ) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, Any]]]:
     """Every tensor of adapter ``adapter_name`` under its single-file key, and per-module metadata (with the
-    module's path and its layer's record, :func:`~.layer_records.layer_record`).
+    module's path and layer: :func:`~.lycoris_codecs.describe`).
 
     ``key_for`` maps a module name to its full module key (prefix included) instead of
     ``<prefix>_<name with underscores>``, e.g. for Stable Diffusion's canonical names.  Modules the UIs do not
@@ -81,7 +80,7 @@ def single_file_tensors(
         except FormatError as error:
             raise FormatError(f"module {name!r}: {error}") from None
         tensors.update({f"{key}.{tensor_name}": tensor for tensor_name, tensor in exported.items()})
-        described[key] = {**describe(adapter), "module": name, "layer": layer_record(adapter.geometry)}
+        described[key] = describe(adapter, name)
         for caveat in adapter.consumer_caveats():
             caveats[caveat].append(name)
     if not tensors:
