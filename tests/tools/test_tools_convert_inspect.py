@@ -137,6 +137,12 @@ def test_ia3_meaning_is_kept_or_the_conversion_refused(tmp_path, base_file, caps
     assert main(["convert", str(single), str(again)]) == 0
     first, second = load_file(folder / "adapter_model.safetensors"), load_file(again / "adapter_model.safetensors")
     assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+    capsys.readouterr()
+    assert main(["inspect", str(single), "--json", "--base", str(base_file)]) == 0
+    lin = {m["module"]: m for m in json.loads(capsys.readouterr().out)["modules"]}["lin"]
+    v = model.base_model.lin.adapters["default"].weight.detach()
+    assert "scales bias" in lin["notes"]
+    assert lin["bias_delta_norm"] == pytest.approx(float((planted_model().lin.bias * v).norm()), rel=1e-5)
     bare = tmp_path / "bare.safetensors"
     save_file(load_file(single), str(bare))
     capsys.readouterr()
