@@ -177,7 +177,7 @@ def reference_module(base: nn.Module, adapters: list) -> nn.Module:
     with torch.no_grad():
         weight = module.weight.t() if transposed else module.weight
         original = weight.clone()
-        original_bias = None if module.bias is None else module.bias.clone()
+        original_bias = None if getattr(module, "bias", None) is None else module.bias.clone()
         for adapter in adapters:
             weight += reference_effective_delta(adapter, original).reshape(weight.shape)
             bias_delta = reference_bias_delta(adapter, original_bias)
