@@ -113,6 +113,11 @@ def _volume() -> nn.Module:
     return nn.Sequential(nn.Conv3d(2, 4, 3, padding=1), nn.ReLU(), nn.Conv3d(4, 3, 1, bias=False))
 
 
+def _grouped() -> nn.Module:
+    """Grouped convolutions (groups 2), with and without a bias."""
+    return nn.Sequential(nn.Conv2d(4, 8, 3, padding=1, groups=2), nn.ReLU(), nn.Conv2d(8, 6, 1, groups=2, bias=False))
+
+
 BUILDERS: dict[str, Callable[[], nn.Module]] = {
     "net": Net,
     "wide": Wide,
@@ -120,6 +125,7 @@ BUILDERS: dict[str, Callable[[], nn.Module]] = {
     "gpt2": _gpt2,
     "bert": _bert,
     "volume": _volume,
+    "grouped": _grouped,
 }
 
 
@@ -146,6 +152,8 @@ def inputs(kind: str) -> tuple[torch.Tensor, ...]:
         return torch.randn(2, 64, generator=gen), torch.randn(2, 16, 5, 5, generator=gen)
     if kind == "volume":
         return (torch.randn(2, 2, 4, 5, 5, generator=gen),)
+    if kind == "grouped":
+        return (torch.randn(2, 4, 5, 5, generator=gen),)
     return (torch.randint(0, 100, (2, 8), generator=gen),)
 
 
@@ -298,6 +306,8 @@ OURS_TO_PEFT = {
     ),
     "ia3-conv3d": ("volume", bl.IA3Config(target_modules=["0", "2"]), None),
     "ia3-conv3d-feedforward": ("volume", bl.IA3Config(target_modules=["0", "2"], feedforward_modules=["0"]), None),
+    "ia3-grouped-conv": ("grouped", bl.IA3Config(target_modules=["0", "2"], feedforward_modules=["2"]), None),
+    "ia3-grouped-conv-feedforward": ("grouped", bl.IA3Config(target_modules=["0"], feedforward_modules=["0"]), None),
 }
 
 
@@ -431,6 +441,7 @@ IA3_MERGES = {
     "net": (["fc1", "fc2", "conv1", "conv2"], ["fc2"]),
     "gpt2": (["c_attn", "c_proj", "c_fc"], ["c_proj"]),
     "volume": (["0", "2"], ["2"]),
+    "grouped": (["0", "2"], ["2"]),
 }
 
 
@@ -536,6 +547,8 @@ PEFT_TO_OURS = {
         ),
     ),
     "ia3-conv3d": ("volume", lambda: peft.IA3Config(target_modules=["0", "2"], feedforward_modules=["2"])),
+    # PEFT's input scaling of a grouped convolution: each group's output rows read that group's input channels
+    "ia3-grouped-conv": ("grouped", lambda: peft.IA3Config(target_modules=["0", "2"], feedforward_modules=["2"])),
 }
 
 #: folders PEFT writes whose computation ours cannot reproduce: a ValueError naming why, model untouched

@@ -28,7 +28,17 @@ def _scales_bias(case: Case) -> bool:
     return output_side and case.options.get("scale_bias", True) and LAYERS[case.layer][0]().bias is not None
 
 
-CASES = [c for c in all_cases() if not (_unscalable(c) and c.multiplier != 1.0) and not _scales_bias(c)]
+def _grouped_input_ia3(case: Case) -> bool:
+    """(IA)³ on a grouped convolution's input channels: the vector has an entry per input channel of the layer,
+    which LyCORIS' formula cannot multiply into the per-group weight."""
+    return case.algorithm == "ia3" and "feedforward_modules" in case.options and case.layer == "conv2d_grouped"
+
+
+CASES = [
+    c
+    for c in all_cases()
+    if not (_unscalable(c) and c.multiplier != 1.0) and not _scales_bias(c) and not _grouped_input_ia3(c)
+]
 BIAS_SCALING = [c for c in all_cases() if _scales_bias(c)]
 UNSCALABLE_WITH_MULTIPLIER = [c for c in all_cases() if _unscalable(c) and c.multiplier != 1.0]
 EXTRA = [
@@ -100,6 +110,16 @@ def test_ia3_scaling_the_bias_is_recorded_in_the_metadata(case: Case, tmp_path) 
     as_lycoris = bl.PeftModel.from_pretrained(copy.deepcopy(base), bare)(x)
     torch.testing.assert_close(as_lycoris, ui_reference(base, path)(x), rtol=1e-10, atol=1e-10)
     assert not torch.allclose(as_lycoris, expected, atol=1e-6)
+
+
+def test_ia3_on_grouped_input_channels_warns_and_reloads_exactly(tmp_path) -> None:
+    (case,) = [c for c in all_cases() if _grouped_input_ia3(c)]
+    peft, base, x = _wrapped(case)
+    path = tmp_path / "adapter.safetensors"
+    with pytest.warns(UserWarning, match="input-side \\(IA\\)³ on a grouped convolution"):
+        peft.save_pretrained(path)
+    assert load_file(str(path))["lycoris_layer.weight"].shape == (1, 4, 1, 1)  # the layer's 4 input channels
+    torch.testing.assert_close(bl.PeftModel.from_pretrained(copy.deepcopy(base), path)(x), peft(x))
 
 
 @pytest.mark.parametrize("case", UNSCALABLE_WITH_MULTIPLIER, ids=[c.id for c in UNSCALABLE_WITH_MULTIPLIER])

@@ -114,8 +114,7 @@ def all_cases() -> list[Case]:
             continue
         cases.append(Case("ia3", layer, {}))  # PEFT's meaning: (W x + b) ⊙ (1 + v)
         cases.append(Case("ia3", layer, {"scale_bias": False}))  # LyCORIS files' meaning: W x ⊙ (1 + v) + b
-        if layer != "conv2d_grouped":
-            cases.append(Case("ia3", layer, {"feedforward_modules": ["layer"]}))
+        cases.append(Case("ia3", layer, {"feedforward_modules": ["layer"]}))
         cases.append(Case("full", layer, {}))
     cases.append(Case("full", "embedding", {}))
     for layer in NORMS:

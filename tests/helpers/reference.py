@@ -118,8 +118,10 @@ def reference_delta(adapter, base_weight: Tensor) -> Tensor:
     if algo == "ia3":
         v = _p(adapter, "weight")
         w = base_weight.double()
-        if adapter.on_input:
-            return w * v.reshape(1, -1, *([1] * (w.dim() - 2)))
+        if adapter.on_input:  # output row o of group g reads that group's slice of the input channels
+            per_group, groups = w.shape[1], adapter.geometry.groups
+            rows = [v[(o * groups // w.shape[0]) * per_group :][:per_group] for o in range(w.shape[0])]
+            return w * torch.stack(rows).reshape(*w.shape[:2], *([1] * (w.dim() - 2)))
         return w * v.reshape(-1, *([1] * (w.dim() - 1)))
     if algo == "oft":
         return _rotated(adapter, base_weight, oft_rotation(adapter))

@@ -79,21 +79,27 @@ class IA3(Adapter):
     def __init__(self, geometry: LayerGeometry, options: AdapterOptions, base_weight: Tensor) -> None:
         super().__init__(geometry, options, base_weight)
         check_init(options, self.algorithm)
-        if options.on_input and geometry.groups != 1:
-            raise ValueError("(IA)³ on the input channels of a grouped convolution is not supported")
         self.on_input = options.on_input
         self.scale_bias = options.scale_bias
-        self.weight = nn.Parameter(torch.zeros(geometry.in_dim if options.on_input else geometry.out_dim))
+        self.weight = nn.Parameter(torch.zeros(_channels(geometry, options.on_input)))
         if options.init_weights is False:
             with torch.no_grad():
                 nn.init.normal_(self.weight, std=0.1)
 
     def delta_weight(self, base_weight: Tensor, draw: object = None, factor: float = 1.0) -> Tensor:
-        """``W ⊙ (factor · v)`` along the output axis (or the input axis with ``on_input``)."""
+        """``W ⊙ (factor · v)`` along the output axis, or with ``on_input`` the input axis: v has one entry per
+        input channel of the layer (C_in = in · groups), and output channel o of group g reads entries
+        g·in … (g + 1)·in − 1 (W is (out, in, *k) with in the per-group width)."""
         v = self.weight * factor
-        if self.on_input:
-            return base_weight * v.reshape(1, -1, *([1] * (base_weight.dim() - 2)))
-        return base_weight * v.reshape(-1, *([1] * (base_weight.dim() - 1)))
+        ones = [1] * (base_weight.dim() - 2)
+        if not self.on_input:
+            return base_weight * v.reshape(-1, 1, *ones)
+        groups = self.geometry.groups
+        if groups == 1:
+            return base_weight * v.reshape(1, -1, *ones)
+        out, per_group = base_weight.shape[:2]
+        rows = v.reshape(groups, 1, per_group).expand(groups, out // groups, per_group).reshape(out, per_group)
+        return base_weight * rows.reshape(out, per_group, *ones)
 
     @property
     def scales_layer_bias(self) -> bool:
@@ -119,6 +125,12 @@ class IA3(Adapter):
         return 2.0 * super().rebuild_flops()
 
     def consumer_caveats(self) -> list[str]:
+        if self.on_input and self.geometry.groups != 1:
+            return [
+                "input-side (IA)³ on a grouped convolution holds one entry per input channel of the layer, which "
+                "LyCORIS multiplies into the per-group weight (it fails), ComfyUI skips (IA)³ and AUTOMATIC1111 "
+                "applies another formula; only beyondlora applies these modules exactly"
+            ]
         if self.scales_layer_bias:
             return [
                 "(IA)³ with scale_bias=True (PEFT's semantics) scales the layer's bias too, (W x + b) ⊙ (1 + v), "
@@ -150,7 +162,7 @@ class IA3(Adapter):
         cls, params: dict[str, Tensor], geometry: LayerGeometry, where: str, rank_hint: tuple[int, float] | None
     ) -> tuple[dict[str, Tensor], dict[str, Any]]:
         on_input = _on_input(params, where)
-        weight = reshaped(params, "weight", (geometry.in_dim if on_input else geometry.out_dim,), where)
+        weight = reshaped(params, "weight", (_channels(geometry, on_input),), where)
         return {"weight": weight}, dict(on_input=on_input)
 
     @classmethod
@@ -194,6 +206,11 @@ class IA3(Adapter):
         if "ia3_l" not in params:
             raise FormatError("missing tensor 'ia3_l'")
         return {"weight": params["ia3_l"].flatten() - 1, "on_input": torch.tensor(int(options.on_input))}
+
+
+def _channels(geometry: LayerGeometry, on_input: bool) -> int:
+    """How many entries v has: the layer's input channels (all groups) or its output channels."""
+    return geometry.in_dim * geometry.groups if on_input else geometry.out_dim
 
 
 def _on_input(params: dict[str, Tensor], where: str) -> bool:
