@@ -106,6 +106,10 @@ def test_single_file_to_folder_without_base_needs_our_metadata(tmp_path, base_fi
     assert main(["convert", str(bare), str(tmp_path / "refused")]) == 2
     assert "needs the base model (--base MODEL)" in capsys.readouterr().err
     assert not (tmp_path / "refused").exists()
+    diffusers_layout = tmp_path / "diffusers.safetensors"  # keys of another layout, no records: the same answer
+    save_file({"lin.lora_A.weight": torch.zeros(2, 48), "lin.lora_B.weight": torch.zeros(64, 2)}, str(diffusers_layout))
+    assert main(["convert", str(diffusers_layout), str(tmp_path / "refused")]) == 2
+    assert "needs the base model (--base MODEL)" in capsys.readouterr().err
 
 
 def test_an_extracted_file_converts_to_a_folder_without_base(tmp_path, base_file) -> None:

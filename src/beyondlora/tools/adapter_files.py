@@ -123,9 +123,11 @@ def recorded_model(path: Path) -> nn.Module | None:
     and layer (LyCORIS' and kohya's files, ours before they did), or when a key is not its recorded path
     flattened (then only the base model can name the modules).  A file adapting several models (prefixes
     ``lora_unet``, ``lora_te``) raises: a PEFT folder holds one."""
+    records = json.loads(read_metadata(path).get(MODULES_METADATA, "{}"))
+    if not records:  # not a file we wrote: its tensors need not even be an adapter's (diffusers' layout)
+        return None
     grouped = _adapter_modules(path, path)
     saved = grouped.pop(SAVED_KEY, {})
-    records = json.loads(read_metadata(path).get(MODULES_METADATA, "{}"))
     layers, prefixes = {}, set()
     for key in grouped:
         record = records.get(key, {})
