@@ -6,9 +6,10 @@ which underscores were dots: a conversion that involves a PEFT folder needs ``ba
 file we wrote, whose metadata records every module's path and layer
 (:func:`~beyondlora.tools.adapter_files.recorded_model`).  The adapter is read against a skeleton of the
 base's (or the recorded) modules and written by :func:`~beyondlora.tools.convert.convert_adapter`, which
-writes each format exactly for its consumers or refuses with the reason; both skeletons give the same
-folder.  A single file converts to a single file without a base (a dtype change; the
-keys, ``alpha`` and metadata are kept).
+writes each format exactly for its consumers or refuses with the reason.  Both skeletons give the same
+folder, except that a recorded layer also shows what a state dict cannot (a convolution's ``padding_mode``,
+transformers' ``Conv1D``), so a folder PEFT would misread is refused there.  A single file converts to a
+single file without a base (a dtype change; the keys, ``alpha`` and metadata are kept).
 
 diffusers' LoRA layout (:mod:`~beyondlora.tools.diffusers_layout`) is read wherever a single file is, and
 converts to a single file without a base (its keys carry the module paths); writing it needs the base.
