@@ -170,3 +170,18 @@ def test_forward_mode_and_backward_memory_reach_every_layer() -> None:
     layers = [m for m in peft.modules() if isinstance(m, bl.AdapterLayer)]
     assert len(layers) == 2
     assert all((m.forward_mode, m.backward_memory) == ("bypass", "lean") for m in layers)
+
+
+def test_ia3_meaning_follows_the_front_end() -> None:
+    """PEFT's API means PEFT's (IA)³, the bias of output-scaled layers scaled; the front ends that write LyCORIS
+    files (``beyondlora train``, kohya's network, both through ``build_config``) mean LyCORIS'."""
+    from beyondlora.algorithms.config_base import build_config
+    from beyondlora.integrations.kohya_args import NetworkArgs, adapter_config
+
+    assert bl.IA3Config(target_modules=["fc"]).scale_bias is True
+    assert bl.IA3Config.from_dict({"peft_type": "IA3", "target_modules": ["fc"]}).scale_bias is True
+    assert build_config("ia3", target_modules=["fc"]).scale_bias is False
+    assert build_config("ia3", target_modules=["fc"], scale_bias=True).scale_bias is True
+    assert adapter_config(NetworkArgs(algo="ia3"), ["fc"], conv=False, norm=False).scale_bias is False
+    options = bl.IA3Config(target_modules=["fc"], scale_bias=False).options_for("fc")
+    assert options.scale_bias is False

@@ -44,7 +44,8 @@ def _ours(model: nn.Module, name: str) -> torch.Tensor:
     layer: AdapterLayer = model.base_model.get_submodule(name)
     weight = layer.geometry.canonical_weight(layer.base_layer).detach().double()
     layer.adapters["default"].double()
-    return layer.effective_delta("default", weight)[0]
+    bias = layer.base_layer.bias.detach().double()
+    return layer.effective_delta("default", weight, base_bias=bias)[0]
 
 
 EXACT_EVERYWHERE = {
@@ -82,7 +83,8 @@ def test_comfyui_and_a1111_apply_our_file_exactly(case: str, tmp_path: Path) -> 
     "config, fragment",
     [
         (bl.LoraConfig(r=4, use_dora=True, target_modules=TARGETS, init_weights=False), "output-axis DoRA"),
-        (bl.IA3Config(target_modules=TARGETS, init_weights=False), "ComfyUI has no (IA)³ adapter"),
+        (bl.IA3Config(target_modules=TARGETS, init_weights=False, scale_bias=False), "ComfyUI has no (IA)³ adapter"),
+        (bl.IA3Config(target_modules=TARGETS, init_weights=False), "LyCORIS leaves the bias unchanged"),
         (bl.OFTConfig(r=4, constraint=1e-3, target_modules=TARGETS, init_weights=False), "caps the rotation"),
         (bl.BOFTConfig(r=8, constraint=1e-3, target_modules=TARGETS, init_weights=False), "caps the rotation"),
     ],

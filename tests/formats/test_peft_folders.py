@@ -108,7 +108,25 @@ def _bert() -> nn.Module:
     return _nonzero_biases(transformers.BertForSequenceClassification(config))
 
 
-BUILDERS: dict[str, Callable[[], nn.Module]] = {"net": Net, "wide": Wide, "odd": Odd, "gpt2": _gpt2, "bert": _bert}
+def _volume() -> nn.Module:
+    """Two Conv3d (PEFT's (IA)³ has them), the first with a bias."""
+    return nn.Sequential(nn.Conv3d(2, 4, 3, padding=1), nn.ReLU(), nn.Conv3d(4, 3, 1, bias=False))
+
+
+def _grouped() -> nn.Module:
+    """Grouped convolutions (groups 2), with and without a bias."""
+    return nn.Sequential(nn.Conv2d(4, 8, 3, padding=1, groups=2), nn.ReLU(), nn.Conv2d(8, 6, 1, groups=2, bias=False))
+
+
+BUILDERS: dict[str, Callable[[], nn.Module]] = {
+    "net": Net,
+    "wide": Wide,
+    "odd": Odd,
+    "gpt2": _gpt2,
+    "bert": _bert,
+    "volume": _volume,
+    "grouped": _grouped,
+}
 
 
 @functools.cache
@@ -132,6 +150,10 @@ def inputs(kind: str) -> tuple[torch.Tensor, ...]:
         )
     if kind == "wide":
         return torch.randn(2, 64, generator=gen), torch.randn(2, 16, 5, 5, generator=gen)
+    if kind == "volume":
+        return (torch.randn(2, 2, 4, 5, 5, generator=gen),)
+    if kind == "grouped":
+        return (torch.randn(2, 4, 5, 5, generator=gen),)
     return (torch.randint(0, 100, (2, 8), generator=gen),)
 
 
@@ -273,6 +295,19 @@ OURS_TO_PEFT = {
         0.6,
     ),
     "ia3-gpt2-feedforward": ("gpt2", bl.IA3Config(target_modules=["c_proj"], feedforward_modules=["c_proj"]), None),
+    # PEFT's (IA)³ scales the bias of an output-scaled layer, (W x + b) ⊙ l: so does IA3Config by default
+    "ia3-output-biased-linear": ("net", bl.IA3Config(target_modules=["fc1"]), None),
+    "ia3-output-biased-conv": ("net", bl.IA3Config(target_modules=["conv1"]), None),
+    "ia3-output-biased-multiplier": ("net", bl.IA3Config(target_modules=["fc1", "conv1", "fc2"]), 0.6),
+    "ia3-gpt2-output-biased": (
+        "gpt2",
+        bl.IA3Config(target_modules=["c_attn", "c_proj"], feedforward_modules=["c_proj"]),
+        None,
+    ),
+    "ia3-conv3d": ("volume", bl.IA3Config(target_modules=["0", "2"]), None),
+    "ia3-conv3d-feedforward": ("volume", bl.IA3Config(target_modules=["0", "2"], feedforward_modules=["0"]), None),
+    "ia3-grouped-conv": ("grouped", bl.IA3Config(target_modules=["0", "2"], feedforward_modules=["2"]), None),
+    "ia3-grouped-conv-feedforward": ("grouped", bl.IA3Config(target_modules=["0"], feedforward_modules=["0"]), None),
 }
 
 
@@ -352,11 +387,12 @@ REFUSALS = {
     "dora-multiplier": ("net", bl.LoraConfig(r=2, use_dora=True, target_modules=["fc1"]), 0.6),
     "dora-input-axis": ("net", bl.LoraConfig(r=2, use_dora=True, dora_on_output=False, target_modules=["fc1"]), None),
     "lokr-conv1d-full-w2": ("net", bl.LoKrConfig(r=4, target_modules=["conv1d"]), None),
-    "ia3-output-biased-linear": ("net", bl.IA3Config(target_modules=["fc1"]), None),
-    "ia3-output-biased-conv": ("net", bl.IA3Config(target_modules=["conv1"]), None),
-    "ia3-gpt2-output-biased": (
+    # LyCORIS' meaning, W x ⊙ (1 + v) + b: PEFT's (IA)³ would scale the bias too
+    "ia3-lycoris-output-biased-linear": ("net", bl.IA3Config(target_modules=["fc1"], scale_bias=False), None),
+    "ia3-lycoris-output-biased-conv": ("net", bl.IA3Config(target_modules=["conv1"], scale_bias=False), None),
+    "ia3-lycoris-gpt2-output-biased": (
         "gpt2",
-        bl.IA3Config(target_modules=["c_attn", "c_proj"], feedforward_modules=["c_proj"]),
+        bl.IA3Config(target_modules=["c_attn", "c_proj"], feedforward_modules=["c_proj"], scale_bias=False),
         None,
     ),
     "lokr-no-peft-factor": ("net", bl.LoKrConfig(r=2, decompose_factor=8, target_modules=["fc1"]), None),
@@ -384,8 +420,9 @@ def test_ours_to_peft_refusals(case: str, tmp_path: Path) -> None:
 
 
 def test_ia3_output_on_biased_layer_allowed_while_zero(tmp_path: Path) -> None:
-    """The refusal is only for a non-zero vector: an untrained (IA)³ on a biased layer saves and matches."""
-    ours = bl.get_peft_model(make("net"), bl.IA3Config(target_modules=["fc1", "conv1"])).eval()
+    """The refusal of LyCORIS' meaning is only for a non-zero vector: an untrained one saves and matches."""
+    config = bl.IA3Config(target_modules=["fc1", "conv1"], scale_bias=False)
+    ours = bl.get_peft_model(make("net"), config).eval()
     x = inputs("net")
     expected = run("net", ours, x)
     ours.save_pretrained(tmp_path)
@@ -398,6 +435,38 @@ def test_ia3_on_torch_conv1d_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="is not supported"):
         peft.get_peft_model(make("net"), peft.IA3Config(target_modules=["conv1d"], feedforward_modules=[]))
     assert_refused(_ours("net", bl.IA3Config(target_modules=["conv1d"])), tmp_path)
+
+
+IA3_MERGES = {
+    "net": (["fc1", "fc2", "conv1", "conv2"], ["fc2"]),
+    "gpt2": (["c_attn", "c_proj", "c_fc"], ["c_proj"]),
+    "volume": (["0", "2"], ["2"]),
+    "grouped": (["0", "2"], ["2"]),
+}
+
+
+@pytest.mark.parametrize("kind", list(IA3_MERGES))
+def test_ia3_merged_weights_match_peft(kind: str, tmp_path: Path) -> None:
+    """(IA)³ folders both ways, on layers with biases: PEFT's ``merge_and_unload`` gives the weights and biases
+    ours gives (output-scaled layers scale their bias, feedforward layers leave it)."""
+    targets, feedforward = IA3_MERGES[kind]
+    fan_in_fan_out = kind == "gpt2"
+    ours = _ours(kind, bl.IA3Config(target_modules=targets, feedforward_modules=feedforward))
+    theirs = _peft(
+        kind, peft.IA3Config(target_modules=targets, feedforward_modules=feedforward, fan_in_fan_out=fan_in_fan_out)
+    )
+    ours.save_pretrained(tmp_path / "ours")
+    theirs.save_pretrained(tmp_path / "theirs")
+    pairs = [
+        (ours.merge_and_unload(), peft.PeftModel.from_pretrained(make(kind), tmp_path / "ours").merge_and_unload()),
+        (bl.PeftModel.from_pretrained(make(kind), tmp_path / "theirs").merge_and_unload(), theirs.merge_and_unload()),
+    ]
+    base = make(kind).state_dict()
+    for ours_merged, peft_merged in pairs:
+        expected = peft_merged.state_dict()
+        assert any(k.endswith("bias") and not torch.equal(v, base[k]) for k, v in expected.items())
+        for key, value in ours_merged.state_dict().items():
+            assert_same(value, expected[key])
 
 
 # --- (2) PEFT → ours ----------------------------------------------------------------------------------------------
@@ -469,23 +538,21 @@ PEFT_TO_OURS = {
         "gpt2",
         lambda: peft.IA3Config(target_modules=["c_proj"], feedforward_modules=["c_proj"], fan_in_fan_out=True),
     ),
-}
-
-#: folders PEFT writes whose computation ours cannot reproduce: a ValueError naming why, model untouched
-PEFT_TO_OURS_REFUSED = {
-    # PEFT scales the bias of an output-scaled layer; our (IA)³ never does
-    "ia3-output-biased": (
-        "net",
-        lambda: peft.IA3Config(target_modules=["fc1", "conv1"], feedforward_modules=[]),
-        "scales this layer's bias",
-    ),
+    # output-scaled layers with a bias: PEFT scales it, (W x + b) ⊙ l, and so does the loaded adapter
+    "ia3-output-biased": ("net", lambda: peft.IA3Config(target_modules=["fc1", "conv1"], feedforward_modules=[])),
     "ia3-gpt2-output-biased": (
         "gpt2",
         lambda: peft.IA3Config(
             target_modules=["c_attn", "c_proj"], feedforward_modules=["c_proj"], fan_in_fan_out=True
         ),
-        "scales this layer's bias",
     ),
+    "ia3-conv3d": ("volume", lambda: peft.IA3Config(target_modules=["0", "2"], feedforward_modules=["2"])),
+    # PEFT's input scaling of a grouped convolution: each group's output rows read that group's input channels
+    "ia3-grouped-conv": ("grouped", lambda: peft.IA3Config(target_modules=["0", "2"], feedforward_modules=["2"])),
+}
+
+#: folders PEFT writes whose computation ours cannot reproduce: a ValueError naming why, model untouched
+PEFT_TO_OURS_REFUSED = {
     # DoRA on an Embedding (PEFT has it; our DoRA needs a weight matrix to decompose)
     "lora-dora-embedding": (
         "net",

@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 
 import beyondlora as bl
 from beyondlora.errors import FormatError
-from helpers.layer_cases import Case, all_cases, build, randomize
+from helpers.layer_cases import LAYERS, Case, all_cases, build, randomize
 from helpers.ui_formula import ui_delta
 
 
@@ -21,7 +21,25 @@ def _unscalable(case: Case) -> bool:
     return bool(case.options.get("use_dora")) or case.algorithm in ("oft", "boft")
 
 
-CASES = [c for c in all_cases() if not (_unscalable(c) and c.multiplier != 1.0)]
+def _scales_bias(case: Case) -> bool:
+    """(IA)³ with PEFT's meaning (``scale_bias``, the default) on the output side of a layer with a bias:
+    ``(W x + b) ⊙ (1 + v)``, which a LyCORIS (IA)³ file cannot say (the UIs and LyCORIS leave the bias)."""
+    output_side = case.algorithm == "ia3" and "feedforward_modules" not in case.options
+    return output_side and case.options.get("scale_bias", True) and LAYERS[case.layer][0]().bias is not None
+
+
+def _grouped_input_ia3(case: Case) -> bool:
+    """(IA)³ on a grouped convolution's input channels: the vector has an entry per input channel of the layer,
+    which LyCORIS' formula cannot multiply into the per-group weight."""
+    return case.algorithm == "ia3" and "feedforward_modules" in case.options and case.layer == "conv2d_grouped"
+
+
+CASES = [
+    c
+    for c in all_cases()
+    if not (_unscalable(c) and c.multiplier != 1.0) and not _scales_bias(c) and not _grouped_input_ia3(c)
+]
+BIAS_SCALING = [c for c in all_cases() if _scales_bias(c)]
 UNSCALABLE_WITH_MULTIPLIER = [c for c in all_cases() if _unscalable(c) and c.multiplier != 1.0]
 EXTRA = [
     Case("lora", "linear", {"r": 4, "alpha": 6.0, "use_rslora": True}, multiplier=0.6),
@@ -71,6 +89,37 @@ def test_ui_formula_reproduces_our_forward_and_reload_is_exact(case: Case, tmp_p
     assert first.keys() == second.keys()
     for key in first:
         torch.testing.assert_close(second[key], first[key], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("case", BIAS_SCALING, ids=[c.id for c in BIAS_SCALING])
+def test_ia3_scaling_the_bias_is_recorded_in_the_metadata(case: Case, tmp_path) -> None:
+    """The file states its meaning: our reload is exact; without our metadata (as LyCORIS and the UIs read it)
+    the same tensors mean ``W x ⊙ (1 + v) + b``.  Saving warns that the UIs differ, and strict refuses."""
+    peft, base, x = _wrapped(case)
+    expected = peft(x)
+    path = tmp_path / "adapter.safetensors"
+    with pytest.raises(FormatError, match="scale_bias=True"):
+        peft.save_pretrained(path, strict=True)
+    with pytest.warns(UserWarning, match="LyCORIS leaves the bias unchanged"):
+        peft.save_pretrained(path)
+    with safe_open(str(path), framework="pt") as handle:
+        assert json.loads(handle.metadata()["beyondlora_modules"])["lycoris_layer"]["scale_bias"] is True
+    torch.testing.assert_close(bl.PeftModel.from_pretrained(copy.deepcopy(base), path)(x), expected)
+    bare = tmp_path / "bare.safetensors"
+    save_file(load_file(str(path)), str(bare))  # no metadata: LyCORIS' meaning
+    as_lycoris = bl.PeftModel.from_pretrained(copy.deepcopy(base), bare)(x)
+    torch.testing.assert_close(as_lycoris, ui_reference(base, path)(x), rtol=1e-10, atol=1e-10)
+    assert not torch.allclose(as_lycoris, expected, atol=1e-6)
+
+
+def test_ia3_on_grouped_input_channels_warns_and_reloads_exactly(tmp_path) -> None:
+    (case,) = [c for c in all_cases() if _grouped_input_ia3(c)]
+    peft, base, x = _wrapped(case)
+    path = tmp_path / "adapter.safetensors"
+    with pytest.warns(UserWarning, match="input-side \\(IA\\)³ on a grouped convolution"):
+        peft.save_pretrained(path)
+    assert load_file(str(path))["lycoris_layer.weight"].shape == (1, 4, 1, 1)  # the layer's 4 input channels
+    torch.testing.assert_close(bl.PeftModel.from_pretrained(copy.deepcopy(base), path)(x), peft(x))
 
 
 @pytest.mark.parametrize("case", UNSCALABLE_WITH_MULTIPLIER, ids=[c.id for c in UNSCALABLE_WITH_MULTIPLIER])

@@ -112,9 +112,9 @@ def all_cases() -> list[Case]:
     for layer in DENSE:
         if layer == "embedding":
             continue
-        cases.append(Case("ia3", layer, {}))
-        if layer != "conv2d_grouped":
-            cases.append(Case("ia3", layer, {"feedforward_modules": ["layer"]}))
+        cases.append(Case("ia3", layer, {}))  # PEFT's meaning: (W x + b) ⊙ (1 + v)
+        cases.append(Case("ia3", layer, {"scale_bias": False}))  # LyCORIS files' meaning: W x ⊙ (1 + v) + b
+        cases.append(Case("ia3", layer, {"feedforward_modules": ["layer"]}))
         cases.append(Case("full", layer, {}))
     cases.append(Case("full", "embedding", {}))
     for layer in NORMS:
@@ -125,6 +125,7 @@ def all_cases() -> list[Case]:
         ("loha", {"r": 4}),
         ("lokr", {"r": 2}),
         ("ia3", {}),
+        ("ia3", {"scale_bias": False}),
         ("full", {}),
     ):
         for layer in ("linear", "conv2d"):

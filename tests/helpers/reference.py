@@ -118,8 +118,10 @@ def reference_delta(adapter, base_weight: Tensor) -> Tensor:
     if algo == "ia3":
         v = _p(adapter, "weight")
         w = base_weight.double()
-        if adapter.on_input:
-            return w * v.reshape(1, -1, *([1] * (w.dim() - 2)))
+        if adapter.on_input:  # output row o of group g reads that group's slice of the input channels
+            per_group, groups = w.shape[1], adapter.geometry.groups
+            rows = [v[(o * groups // w.shape[0]) * per_group :][:per_group] for o in range(w.shape[0])]
+            return w * torch.stack(rows).reshape(*w.shape[:2], *([1] * (w.dim() - 2)))
         return w * v.reshape(-1, *([1] * (w.dim() - 1)))
     if algo == "oft":
         return _rotated(adapter, base_weight, oft_rotation(adapter))
@@ -142,7 +144,13 @@ def reference_delta(adapter, base_weight: Tensor) -> Tensor:
     raise AssertionError(algo)
 
 
-def reference_bias_delta(adapter) -> Tensor | None:
+def reference_bias_delta(adapter, base_bias: Tensor | None) -> Tensor | None:
+    """Δb (without the multiplier), float64: Full's and Norm's own tensor, or for (IA)³ scaling the output with
+    ``scale_bias`` (PEFT's meaning, (W x + b) ⊙ (1 + v)) the base bias times v."""
+    if adapter.algorithm == "ia3":
+        if base_bias is None or adapter.options.on_input or not adapter.options.scale_bias:
+            return None
+        return base_bias.double() * _p(adapter, "weight")
     name = {"full": "diff_b", "norm": "b_norm"}.get(adapter.algorithm)
     return None if name is None else _p(adapter, name)
 
@@ -171,9 +179,10 @@ def reference_module(base: nn.Module, adapters: list) -> nn.Module:
     with torch.no_grad():
         weight = module.weight.t() if transposed else module.weight
         original = weight.clone()
+        original_bias = None if getattr(module, "bias", None) is None else module.bias.clone()
         for adapter in adapters:
             weight += reference_effective_delta(adapter, original).reshape(weight.shape)
-            bias_delta = reference_bias_delta(adapter)
+            bias_delta = reference_bias_delta(adapter, original_bias)
             if bias_delta is not None:
                 module.bias += adapter.multiplier * bias_delta
     return module

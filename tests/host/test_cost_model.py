@@ -144,11 +144,13 @@ BASES = {
 }  # fmt: skip
 
 
-def _ia3_model(make) -> tuple[nn.Module, bl.AdapterLayer]:
-    """Two output-side (IA)³ adapters on one base layer, multipliers 0.6 and −1.3, random vectors, float64."""
+def _ia3_model(make, scale_bias: tuple[bool, bool] = (False, False)) -> tuple[nn.Module, bl.AdapterLayer]:
+    """Two output-side (IA)³ adapters on one base layer, multipliers 0.6 and −1.3, random vectors, float64;
+    ``scale_bias`` of each."""
     torch.manual_seed(0)
-    model = bl.get_peft_model(nn.Sequential(make()).to(DEVICE, torch.float64), bl.IA3Config(target_modules=["0"]))
-    model.add_adapter("second", bl.IA3Config(target_modules=["0"]))
+    first, second = (bl.IA3Config(target_modules=["0"], scale_bias=s) for s in scale_bias)
+    model = bl.get_peft_model(nn.Sequential(make()).to(DEVICE, torch.float64), first)
+    model.add_adapter("second", second)
     model.set_adapter(["default", "second"])
     model.set_multiplier(0.6, "default")
     model.set_multiplier(-1.3, "second")
@@ -161,14 +163,15 @@ def _ia3_model(make) -> tuple[nn.Module, bl.AdapterLayer]:
     return model, layer
 
 
-def _reference(base: nn.Module, x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """The base layer's own forward with its output channels' weights scaled by ``1 + v``, the bias not."""
+def _reference(base: nn.Module, x: torch.Tensor, v: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """The base layer's own forward with its output channels' weights scaled by ``1 + v``, its bias by ``1 + w``."""
     scaled = copy.deepcopy(base)
     out_axis = 1 if type(base).__name__ == "Conv1D" else 0  # HF Conv1D stores W as (in, out)
     shape = [1] * base.weight.dim()
     shape[out_axis] = -1
-    del scaled.weight
+    del scaled.weight, scaled.bias
     scaled.weight = base.weight.detach() * (1 + v).reshape(shape)
+    scaled.bias = base.bias.detach() * (1 + w)
     return scaled(x)
 
 
@@ -179,20 +182,29 @@ def _step(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return out.detach()
 
 
+#: each adapter's ``scale_bias``: LyCORIS' meaning (the bias kept), PEFT's (scaled with the output), one of each
+SCALE_BIAS = {"kept": (False, False), "scaled": (True, True), "mixed": (True, False)}
+
+
+@pytest.mark.parametrize("bias", list(SCALE_BIAS))
 @pytest.mark.parametrize("kind", list(BASES))
-def test_output_side_ia3_with_a_bias_equals_the_formula(kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_output_side_ia3_with_a_bias_equals_the_formula(kind: str, bias: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One pass over the output; the bias-free op runs where a kept bias would otherwise need a correction."""
     make, shape, bias_free_call = BASES[kind]
-    model, layer = _ia3_model(make)
+    scale_bias = SCALE_BIAS[bias]
+    model, layer = _ia3_model(make, scale_bias)
     ops = []
     apply = LayerGeometry.apply
     monkeypatch.setattr(LayerGeometry, "apply", lambda *args: ops.append(1) or apply(*args))
     x = torch.randn(*shape, dtype=torch.float64, device=DEVICE, requires_grad=True)
     out = _step(model, x)
-    assert len(ops) == (1 if bias_free_call else 0)
+    assert len(ops) == (1 if bias_free_call and not all(scale_bias) else 0)
 
     xx = x.detach().clone().requires_grad_()
     vs = [a.weight.detach().clone().requires_grad_() for a in layer.adapters.values()]
-    expected = _step(lambda inp: _reference(layer.base_layer, inp, 0.6 * vs[0] - 1.3 * vs[1]), xx)
+    terms = (0.6 * vs[0], -1.3 * vs[1])
+    w = sum((term for term, scaled in zip(terms, scale_bias, strict=True) if scaled), torch.zeros_like(vs[0]))
+    expected = _step(lambda inp: _reference(layer.base_layer, inp, terms[0] + terms[1], w), xx)
     torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(x.grad, xx.grad, rtol=1e-12, atol=1e-12)
     for adapter, v in zip(layer.adapters.values(), vs, strict=True):

@@ -370,3 +370,23 @@ def test_sd_scripts_metadata_and_unapply(tmp_path) -> None:
     network.unapply()
     assert not any(type(m).__name__ == "AdapterLayer" for m in pipe.unet.modules())
     assert_outputs_close(part_outputs(pipe, "sd"), base, rtol=0, atol=0)
+
+
+def test_max_norm_scales_an_ia3_that_scales_the_bias(tmp_path) -> None:
+    """An (IA)³ of PEFT's meaning read from our file (its metadata records ``scale_bias``) changes its layers'
+    biases too; max-norm regularization scales its vector (ΔW and Δb are linear in it) instead of failing."""
+    import beyondlora as bl
+
+    pipe = make_pipeline("sd")
+    pipe.unet = bl.get_peft_model(pipe.unet, bl.IA3Config(target_modules=["proj_in", "to_out.0"], init_weights=False))
+    path = tmp_path / "ia3.safetensors"
+    with pytest.warns(UserWarning, match="scale_bias=True"):
+        bl.save_adapter(pipe, path)
+    other = make_pipeline("sd")
+    network, _ = network_module.create_network_from_weights(1.0, str(path), None, other.text_encoder, other.unet)
+    network.apply_to(other.text_encoder, other.unet, True, True)
+    assert all(a.scales_layer_bias for a in network.adapters.values())
+    scaled, _, largest = network.apply_max_norm_regularization(1e-3, "cpu")
+    assert scaled == len(network.adapters) and largest == pytest.approx(1e-3, rel=1e-4)
+    for key, adapter in network.adapters.items():
+        assert adapter.delta_weight(network.hosts[key].base_weight()).norm() <= 1e-3 * (1 + 1e-4)

@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 import beyondlora as bl
 from beyondlora.cli import main
 from beyondlora.formats.single_file import group_by_module
-from helpers.tool_cases import planted_model, save_state, state_of, tiny_text_encoder, tiny_unet
+from helpers.tool_cases import low_rank, planted_model, save_state, state_of, tiny_text_encoder, tiny_unet
 from helpers.ui_formula import ui_delta
 
 CONFIGS = {
@@ -57,6 +57,15 @@ def _assert_same_deltas(first, second) -> None:
             torch.testing.assert_close(a[name][1], b[name][1], rtol=1e-5, atol=1e-6, msg=name)
 
 
+def _assert_same_folders(first, second) -> None:
+    """Byte for byte the same ``adapter_config.json``, and the same tensors (names, dtypes, values)."""
+    assert (first / "adapter_config.json").read_text() == (second / "adapter_config.json").read_text()
+    a, b = load_file(first / "adapter_model.safetensors"), load_file(second / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]), key
+
+
 @pytest.fixture
 def base_file(tmp_path):
     return save_state(state_of(planted_model()), tmp_path / "base.safetensors")
@@ -73,6 +82,77 @@ def test_convert_round_trips_every_delta(tmp_path, base_file, algorithm) -> None
     assert (folder / "adapter_config.json").is_file() and (folder / "adapter_model.safetensors").is_file()
     assert main(["convert", str(folder), str(back), "--base", str(base_file)]) == 0
     _assert_same_deltas(source, back)
+    recorded = tmp_path / "recorded"  # our file records its modules' paths and layers: no base needed
+    assert main(["convert", str(source), str(recorded)]) == 0
+    _assert_same_folders(folder, recorded)
+
+
+def test_single_file_to_folder_without_base_needs_our_metadata(tmp_path, base_file, capsys) -> None:
+    """Modules saved whole (modules_to_save) come along; a file without our records (LyCORIS', kohya's) still
+    asks for the base, saying why, and writes nothing."""
+    torch.manual_seed(6)
+    config = bl.LoraConfig(r=4, alpha=8, target_modules=["lin", "conv", "block.proj"], modules_to_save=["norm"])
+    model = bl.get_peft_model(planted_model(), config)
+    source = tmp_path / "source.safetensors"
+    model.save_pretrained(str(source))
+    with_base, recorded = tmp_path / "with-base", tmp_path / "recorded"
+    assert main(["convert", str(source), str(with_base), "--base", str(base_file)]) == 0
+    assert main(["convert", str(source), str(recorded)]) == 0
+    _assert_same_folders(with_base, recorded)
+    assert "base_model.model.norm.weight" in load_file(recorded / "adapter_model.safetensors")
+    capsys.readouterr()
+    bare = tmp_path / "bare.safetensors"
+    save_file(load_file(source), str(bare))  # the same tensors without our metadata
+    assert main(["convert", str(bare), str(tmp_path / "refused")]) == 2
+    assert "needs the base model (--base MODEL)" in capsys.readouterr().err
+    assert not (tmp_path / "refused").exists()
+    diffusers_layout = tmp_path / "diffusers.safetensors"  # keys of another layout, no records: the same answer
+    save_file({"lin.lora_A.weight": torch.zeros(2, 48), "lin.lora_B.weight": torch.zeros(64, 2)}, str(diffusers_layout))
+    assert main(["convert", str(diffusers_layout), str(tmp_path / "refused")]) == 2
+    assert "needs the base model (--base MODEL)" in capsys.readouterr().err
+
+
+def test_an_extracted_file_converts_to_a_folder_without_base(tmp_path, base_file) -> None:
+    """``extract`` records the module paths and layers too: the folder without ``--base`` is the one with it."""
+    base = state_of(planted_model())
+    generator = torch.Generator().manual_seed(8)
+    tuned = dict(base, **{"lin.weight": base["lin.weight"] + low_rank(64, 48, 4, generator)})
+    tuned["conv.weight"] = base["conv.weight"] + low_rank(32, 16 * 9, 2, generator).reshape(32, 16, 3, 3)
+    save_state(tuned, tmp_path / "tuned.safetensors")
+    extracted = tmp_path / "extracted.safetensors"
+    assert main(["extract", str(base_file), str(tmp_path / "tuned.safetensors"), str(extracted)]) == 0
+    assert main(["convert", str(extracted), str(tmp_path / "with-base"), "--base", str(base_file)]) == 0
+    assert main(["convert", str(extracted), str(tmp_path / "recorded")]) == 0
+    _assert_same_folders(tmp_path / "with-base", tmp_path / "recorded")
+
+
+def test_ia3_meaning_is_kept_or_the_conversion_refused(tmp_path, base_file, capsys) -> None:
+    """(IA)³ scaling its layers' bias (PEFT's meaning): folder → file keeps it in our metadata, warning that LyCORIS
+    and the UIs leave the bias unchanged, and file → folder gives the same tensors back.  The same file without
+    our metadata means LyCORIS' (IA)³, bias kept, which no PEFT folder says on a biased layer: refused."""
+    torch.manual_seed(7)
+    model = bl.get_peft_model(planted_model(), bl.IA3Config(target_modules=["lin", "conv"], init_weights=False))
+    folder, single, again = tmp_path / "folder", tmp_path / "single.safetensors", tmp_path / "again"
+    model.save_pretrained(str(folder))
+    with pytest.warns(UserWarning, match="LyCORIS leaves the bias unchanged"):
+        assert main(["convert", str(folder), str(single), "--base", str(base_file)]) == 0
+    with safe_open(str(single), "pt") as handle:
+        assert all(r["scale_bias"] for r in json.loads(handle.metadata()["beyondlora_modules"]).values())
+    assert main(["convert", str(single), str(again)]) == 0
+    first, second = load_file(folder / "adapter_model.safetensors"), load_file(again / "adapter_model.safetensors")
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+    capsys.readouterr()
+    assert main(["inspect", str(single), "--json", "--base", str(base_file)]) == 0
+    lin = {m["module"]: m for m in json.loads(capsys.readouterr().out)["modules"]}["lin"]
+    v = model.base_model.lin.adapters["default"].weight.detach()
+    assert "scales bias" in lin["notes"]
+    assert lin["bias_delta_norm"] == pytest.approx(float((planted_model().lin.bias * v).norm()), rel=1e-5)
+    bare = tmp_path / "bare.safetensors"
+    save_file(load_file(single), str(bare))
+    capsys.readouterr()
+    assert main(["convert", str(bare), str(tmp_path / "refused"), "--base", str(base_file)]) == 2
+    assert "leaves it unchanged (scale_bias=False, LyCORIS' semantics)" in capsys.readouterr().err
+    assert not (tmp_path / "refused" / "adapter_model.safetensors").exists()
 
 
 def test_single_file_dtype_conversion_needs_no_base(tmp_path) -> None:

@@ -159,9 +159,9 @@ CASES = {
         ["folder: resize reads a .safetensors single file"],
     ),
     # convert
-    "convert: folder without base": (
-        ["convert", "{in}/lora.safetensors", "{out}/folder"],
-        ["needs the base model (--base MODEL)"],
+    "convert: folder without base": (  # a file without our metadata (ours record module paths and layers)
+        ["convert", "{in}/other.safetensors", "{out}/folder"],
+        ["needs the base model (--base MODEL)", "does not record its modules' paths and layers"],
     ),
     "convert: wrong base": (
         ["convert", "{in}/other.safetensors", "{out}/folder", "--base", "{in}/base.safetensors"],

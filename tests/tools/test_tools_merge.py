@@ -31,7 +31,10 @@ CONFIGS = {
     "lora": lambda: bl.LoraConfig(r=4, alpha=8, target_modules=["lin", "conv", "token_embedding"], init_weights=False),
     "loha": lambda: bl.LoHaConfig(r=4, alpha=2, target_modules=["lin", "conv", "proj"], init_weights=False),
     "lokr": lambda: bl.LoKrConfig(r=2, alpha=6, decompose_factor=4, target_modules=["lin", "conv"], init_weights=False),
-    "ia3": lambda: bl.IA3Config(target_modules=["lin", "pw"], feedforward_modules=["pw"], init_weights=False),
+    # LyCORIS' meaning, the consumers' formula (PEFT's, which scales the bias, below)
+    "ia3": lambda: bl.IA3Config(
+        target_modules=["lin", "pw"], feedforward_modules=["pw"], init_weights=False, scale_bias=False
+    ),
     "full": lambda: bl.FullConfig(target_modules=["lin", "conv"], init_weights=False),
     "glora": lambda: bl.GLoRAConfig(
         r=3, alpha=2, target_modules=["lin", "conv", "pw", "token_embedding"], init_weights=False
@@ -107,6 +110,27 @@ def test_each_algorithm_merges_to_the_consumer_formula(tmp_path, algorithm) -> N
     with safe_open(str(out), "pt") as handle:
         metadata = handle.metadata()
     assert metadata["origin"] == "test" and json.loads(metadata["beyondlora_merged"])[0]["multiplier"] == 1.0
+
+
+def test_ia3_scaling_the_bias_merges_it(tmp_path) -> None:
+    """(IA)³ with PEFT's meaning, from our single file (its metadata says so) and from a PEFT folder: the merged
+    checkpoint equals the model's own merge, the output-scaled layer's bias scaled too."""
+    base = state_of(planted_model())
+    save_state(base, tmp_path / "base.safetensors")
+    torch.manual_seed(1)
+    config = bl.IA3Config(target_modules=["lin", "pw"], feedforward_modules=["pw"], init_weights=False)
+    model = bl.get_peft_model(planted_model(), config)
+    with pytest.warns(UserWarning, match="scale_bias=True"):
+        model.save_pretrained(tmp_path / "ia3.safetensors")
+    model.save_pretrained(tmp_path / "ia3-folder")
+    expected = model.merge_and_unload().state_dict()
+    assert not torch.allclose(expected["lin.bias"], base["lin.bias"])
+    for source in ("ia3.safetensors", "ia3-folder"):
+        out = tmp_path / f"merged-{source}.safetensors"
+        assert main(["merge", str(tmp_path / "base.safetensors"), str(tmp_path / source), "--out", str(out)]) == 0
+        merged = load_file(out)
+        for key, value in expected.items():
+            torch.testing.assert_close(merged[key], value, rtol=1e-6, atol=1e-6, msg=f"{source}: {key}")
 
 
 def test_several_adapters_with_multipliers_and_dtype(tmp_path, capsys) -> None:

@@ -84,6 +84,10 @@ class Adapter(nn.Module):
     #: whether this algorithm holds a weight difference exactly (``extract --mode full``, and layers a
     #: low-rank form would not make smaller, are stored with it)
     stores_difference: ClassVar[bool] = False
+    #: :class:`AdapterOptions` fields that change the output but have no tensor in a single file: our metadata
+    #: records them (:meth:`metadata_options`) and a reload restores them; a file without that record (LyCORIS,
+    #: kohya) gets the field's default, the single-file format's own meaning
+    recorded_options: ClassVar[tuple[str, ...]] = ()
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -170,8 +174,9 @@ class Adapter(nn.Module):
         product's own pass where that keeps no more for backward than the plain sum (the default)."""
         return weight + self.delta_weight(base_weight, draw, factor=multiplier)
 
-    def delta_bias(self) -> Tensor | None:
-        """Bias delta of shape (out,), or ``None``."""
+    def delta_bias(self, base_bias: Tensor | None = None) -> Tensor | None:
+        """Bias delta of shape (out,), or ``None``; ``base_bias`` (out,) is the layer's own bias, which the delta
+        of an adapter that scales it needs ((IA)³ with ``scale_bias``: ``b ⊙ v``)."""
         return None
 
     def bypass(self, x: Tensor, draw: Any = None) -> Tensor | None:
@@ -256,10 +261,11 @@ class Adapter(nn.Module):
         return False
 
     # --- how the host layer applies it ---------------------------------------------------------------
-    def channel_scaling(self) -> tuple[Tensor, bool] | None:
-        """``(v, on_input)`` for an adapter that only scales the base layer's channels, ``W' = W ⊙ (1 + t·v)``
-        along the input (``on_input``) or output axis: the layer folds ``1 + t·v`` into the base call's input
-        or output instead of running a bypass.  ``None`` for every other adapter."""
+    def channel_scaling(self) -> tuple[Tensor, bool, bool] | None:
+        """``(v, on_input, with_bias)`` for an adapter that only scales the base layer's channels,
+        ``W' = W ⊙ (1 + t·v)`` along the input (``on_input``) or output axis, and with ``with_bias`` (output side
+        only) the bias too, ``b' = b ⊙ (1 + t·v)``: the layer folds ``1 + t·v`` into the base call's input or
+        output instead of running a bypass.  ``None`` for every other adapter."""
         return None
 
     @property
@@ -282,11 +288,12 @@ class Adapter(nn.Module):
         return self.channel_scaling() is not None or self.bypass_flops(1) != math.inf
 
     def effective_delta(
-        self, base_weight: Tensor, draw: Any = None, multiplier: float | None = None
+        self, base_weight: Tensor, draw: Any = None, multiplier: float | None = None, base_bias: Tensor | None = None
     ) -> tuple[Tensor, Tensor | None]:
         """What this adapter adds to the weight and the bias: ``(t · ΔW, t · Δb)``, with DoRA
         ``t · (W' − W)`` (:func:`.dora.dora_delta`); t is the adapter's multiplier unless given.
-        ``base_weight`` is the canonical base weight, in the adapter's dtype."""
+        ``base_weight`` is the canonical base weight, in the adapter's dtype; ``base_bias`` the layer's bias
+        (see :meth:`delta_bias`)."""
         t = self.multiplier if multiplier is None else multiplier
         if self.decomposed:
             delta = dora_delta(
@@ -294,11 +301,11 @@ class Adapter(nn.Module):
             )
         else:
             delta = self.delta_weight(base_weight, draw, factor=t)
-        return delta, self.effective_delta_bias(t)
+        return delta, self.effective_delta_bias(t, base_bias)
 
-    def effective_delta_bias(self, multiplier: float | None = None) -> Tensor | None:
-        """``t · Δb``, or ``None`` for an adapter that leaves the bias alone."""
-        bias = self.delta_bias()
+    def effective_delta_bias(self, multiplier: float | None = None, base_bias: Tensor | None = None) -> Tensor | None:
+        """``t · Δb``, or ``None`` for an adapter that leaves the bias alone (``base_bias``: :meth:`delta_bias`)."""
+        bias = self.delta_bias(base_bias)
         t = self.multiplier if multiplier is None else multiplier
         return None if bias is None else bias * t
 
@@ -311,7 +318,7 @@ class Adapter(nn.Module):
 
     @property
     def depends_on_base(self) -> bool:
-        """Whether what this adapter adds depends on the base weight ((IA)³, DoRA): merging must then remember
+        """Whether what this adapter adds depends on the base weight or bias ((IA)³, DoRA): merging must then remember
         the delta it added (it cannot be recomputed from the merged weight), and its norm needs the base."""
         return self.scales_base or self.decomposed
 

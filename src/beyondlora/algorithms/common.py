@@ -31,6 +31,9 @@ class AdapterOptions:
     unbalanced_factorization: bool = False
     block_size: int = 4
     on_input: bool = False
+    #: (IA)³ on the output side: also scale the layer's bias, ``(W x + b) ⊙ (1 + v)`` (PEFT's (IA)³); ``False``,
+    #: the meaning of a LyCORIS (IA)³ file: ``W x ⊙ (1 + v) + b``
+    scale_bias: bool = False
     #: OFT/BOFT: Q over all blocks is scaled down to Frobenius norm ``constraint · out`` when above it (0: never)
     constraint: float = 0.0
     #: OFT/BOFT: a trainable per-output magnitude multiplying the rotated weight

@@ -82,6 +82,9 @@ class AdapterConfig:
     learning_rate: ClassVar[float] = 1e-4
     #: shared fields this algorithm has no form for, each with the reason (a set value is an error)
     refused_fields: ClassVar[dict[str, str]] = {}
+    #: field values where LyCORIS' meaning differs from PEFT's default: the front ends that write LyCORIS /
+    #: kohya files (:func:`build_config`) start from them
+    lycoris_defaults: ClassVar[dict[str, Any]] = {}
 
     target_modules: list[str] | str | None = None
     exclude_modules: list[str] | str | None = None
@@ -231,13 +234,14 @@ def algo_names() -> dict[str, str]:
 def build_config(algorithm: str, **fields: Any) -> AdapterConfig:
     """``algorithm``'s config from the fields every front end (the trainer, kohya's network args) may give:
     it takes those its config has and drops the rest (``r`` means nothing to (IA)³), except that a set
-    :data:`EXPLICIT_FIELDS` entry it lacks is an error naming field and algorithm."""
+    :data:`EXPLICIT_FIELDS` entry it lacks is an error naming field and algorithm.  Fields not given take
+    LyCORIS' meaning (:attr:`AdapterConfig.lycoris_defaults`): these front ends write LyCORIS files."""
     unsupported = unsupported_fields(algorithm, fields)
     if unsupported:
         raise ValueError(f"{', '.join(unsupported)} does not apply to algorithm {algorithm}")
     cls = REGISTRY[algorithm].config_class
     known = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{k: v for k, v in fields.items() if k in known})
+    return cls(**{**cls.lycoris_defaults, **{k: v for k, v in fields.items() if k in known}})
 
 
 def config_classes() -> dict[str, type[AdapterConfig]]:

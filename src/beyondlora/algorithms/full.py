@@ -72,7 +72,7 @@ class _Difference(Adapter):
         weight = getattr(self, self.weight_key)
         return weight if factor == 1.0 else weight * factor
 
-    def delta_bias(self) -> Tensor | None:
+    def delta_bias(self, base_bias: Tensor | None = None) -> Tensor | None:
         return getattr(self, self.bias_key)
 
     # --- files -----------------------------------------------------------------------------------------

@@ -201,9 +201,11 @@ def _import(config: AdapterConfig, name: str, base: nn.Module, params: dict[str,
     geometry = LayerGeometry.of(base)
     weight = geometry.canonical_weight(base).detach()
     options = config.options_for(name)
-    recorded = {k: getattr(options, k) for k in ("rank_dropout", "rank_dropout_scale", "module_dropout", "dropout")}
+    cls = ALGORITHMS[config.algorithm]
+    kept = ("rank_dropout", "rank_dropout_scale", "module_dropout", "dropout", *cls.recorded_options)
+    recorded = {k: getattr(options, k) for k in kept}
     try:
-        renamed = ALGORITHMS[config.algorithm].from_folder(params, options, geometry)
+        renamed = cls.from_folder(params, options, geometry)
     except FormatError as error:
         raise FormatError(f"{where}: {error}") from None
     # PEFT keeps alpha / r where the tensors carry no rank (a LoKr with both factors full)

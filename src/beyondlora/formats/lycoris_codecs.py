@@ -20,6 +20,7 @@ from ..algorithms.common import adapter_dtype
 from ..algorithms.dora import file_magnitude, read_magnitude
 from ..errors import FormatError
 from ..ops.geometry import LayerGeometry
+from .layer_records import layer_record
 
 #: options that do not change ΔW; kept in our metadata so a reload restores how the adapter trains
 TRAINING_OPTIONS = ("rank_dropout", "rank_dropout_scale", "module_dropout", "block_size", "dropout", "decompose_factor")
@@ -57,12 +58,16 @@ def export_tensors(adapter: Adapter) -> dict[str, Tensor]:
     return {k: v.detach() for k, v in out.items()}
 
 
-def describe(adapter: Adapter) -> dict[str, Any]:
-    """What our metadata records for one module: the algorithm and the options that shape training."""
+def describe(adapter: Adapter, module: str | None = None) -> dict[str, Any]:
+    """What our metadata records for one module: the algorithm and the options that shape training, and with
+    ``module`` (its path in the model) that path and the layer's record (:func:`~.layer_records.layer_record`),
+    all that converting the file into a PEFT folder needs besides the tensors."""
     info: dict[str, Any] = {"algorithm": adapter.algorithm, "r": adapter.options.r, "alpha": adapter.options.alpha}
     info.update(use_rslora=adapter.options.use_rslora, multiplier=adapter.multiplier)
     info.update({name: getattr(adapter.options, name) for name in TRAINING_OPTIONS})
     info.update(adapter.metadata_options())
+    if module is not None:
+        info.update(module=module, layer=layer_record(adapter.geometry))
     return info
 
 
@@ -89,9 +94,10 @@ def import_adapter(
     base weight's device, in the adapter dtype for it.
 
     ``recorded`` is our metadata for the module when we wrote the file: it restores the algorithm (a
-    training variant such as DyLoRA) and the training options; everything that shapes ΔW is read from the
-    tensors.  ``rank_hint`` = (r, alpha) gives an adapter whose tensors carry no rank (a LoKr with both
-    factors full) the scale alpha / r (PEFT's rule) instead of the consumers' 1.
+    training variant such as DyLoRA), the training options and the options no tensor carries
+    (:attr:`~.Adapter.recorded_options`); everything else that shapes ΔW is read from the tensors.
+    ``rank_hint`` = (r, alpha) gives an adapter whose tensors carry no rank (a LoKr with both factors full)
+    the scale alpha / r (PEFT's rule) instead of the consumers' 1.
     """
     cls = detect_algorithm(params, where)
     unknown = sorted(set(params) - cls.file_keys - SHARED_TENSORS)
@@ -112,7 +118,7 @@ def import_adapter(
         variant = ALGORITHMS.get(recorded.get("algorithm", ""))
         if variant is not None and variant.file_family == cls.algorithm:
             cls = variant
-        options.update({k: recorded[k] for k in TRAINING_OPTIONS if k in recorded})
+        options.update({k: recorded[k] for k in (*TRAINING_OPTIONS, *cls.recorded_options) if k in recorded})
     known = {f.name for f in fields(AdapterOptions)}
     try:
         adapter = cls(geometry, AdapterOptions(**{k: v for k, v in options.items() if k in known}), base_weight)

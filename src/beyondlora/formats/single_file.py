@@ -1,8 +1,10 @@
 """The single-file format (LyCORIS / kohya layout) that Stable Diffusion UIs load.
 
 A flat safetensors dict: module ``a.b.c`` of the model is stored as ``<prefix>_a_b_c.<tensor>``.  Our
-files also carry, in the safetensors metadata, the library version, the per-module hyper-parameters
-(``beyondlora_modules``) and kohya's training keys (``ss_network_*``).
+files also carry, in the safetensors metadata, the library version, the per-module hyper-parameters, module
+path and layer geometry (``beyondlora_modules``, one JSON string; see :mod:`.layer_records`) and kohya's
+training keys (``ss_network_*``).  Readers of the format (kohya, ComfyUI, LyCORIS) ignore metadata keys
+they do not know.
 """
 
 from __future__ import annotations
@@ -59,7 +61,8 @@ def single_file_tensors(
     strict: bool = False,
     as_difference: bool = False,
 ) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, Any]]]:
-    """Every tensor of adapter ``adapter_name`` under its single-file key, and per-module metadata.
+    """Every tensor of adapter ``adapter_name`` under its single-file key, and per-module metadata (with the
+    module's path and layer: :func:`~.lycoris_codecs.describe`).
 
     ``key_for`` maps a module name to its full module key (prefix included) instead of
     ``<prefix>_<name with underscores>``, e.g. for Stable Diffusion's canonical names.  Modules the UIs do not
@@ -85,7 +88,7 @@ def single_file_tensors(
             adapter = difference_form(layer, adapter_name)
             exported = adapter_file_tensors(adapter, dtype)
         tensors.update({f"{key}.{tensor_name}": tensor for tensor_name, tensor in exported.items()})
-        described[key] = describe(adapter)
+        described[key] = describe(adapter, name)
         for caveat in adapter.consumer_caveats():
             caveats[caveat].append(name)
     if not tensors:
@@ -176,7 +179,11 @@ def write_single_file(
 ) -> None:
     """Write tensors from :func:`single_file_tensors` with our header (version, per-module hyper-parameters,
     kohya's ``ss_network_*`` keys), then ``metadata`` on top, atomically."""
-    header = {"format": "pt", "beyondlora_version": __version__, MODULES_METADATA: json.dumps(described)}
+    header = {
+        "format": "pt",
+        "beyondlora_version": __version__,
+        MODULES_METADATA: json.dumps(described, separators=(",", ":")),
+    }
     header.update(kohya_metadata(described))
     header.update(metadata or {})
     write_tensors(path, tensors, header)

@@ -112,20 +112,39 @@ class AdapterLayer(nn.Module):
             weight -= self._merged_delta(name)[0].to(weight.dtype)
         return weight
 
+    def base_bias(self) -> Tensor | None:
+        """The base bias with every merged adapter taken out again (``None`` without a bias)."""
+        bias = getattr(self.base_layer, "bias", None)
+        if bias is None or not self.merged:
+            return bias
+        bias = bias.detach().clone()
+        for name in reversed(list(self.merged)):
+            delta = self._merged_delta(name)[1]
+            if delta is not None:
+                bias -= delta.to(bias.dtype)
+        return bias
+
     def _merged_delta(self, name: str) -> tuple[Tensor, Tensor | None]:
-        """The delta merging ``name`` added: stored when it depended on W, else recomputed (W unused)."""
+        """The delta merging ``name`` added: stored when it depended on W or b, else recomputed (W, b unused)."""
         record = self.merged[name]
         if record.delta_weight is not None:
             return record.delta_weight, record.delta_bias
         unused = self.geometry.canonical_weight(self.base_layer)
-        return self.effective_delta(name, unused, multiplier=record.multiplier)
+        return self.effective_delta(name, unused, None, record.multiplier, getattr(self.base_layer, "bias", None))
 
     def effective_delta(
-        self, name: str, base_weight: Tensor, draw: Any = None, multiplier: float | None = None
+        self,
+        name: str,
+        base_weight: Tensor,
+        draw: Any = None,
+        multiplier: float | None = None,
+        base_bias: Tensor | None = None,
     ) -> tuple[Tensor, Tensor | None]:
-        """What adapter ``name`` adds to the weight and bias (:meth:`~.Adapter.effective_delta`)."""
+        """What adapter ``name`` adds to the weight and bias (:meth:`~.Adapter.effective_delta`); ``base_bias``
+        is the base bias, for an adapter that scales it (callers with a stand-in layer pass the real one)."""
         adapter: Adapter = self.adapters[name]
-        return adapter.effective_delta(cast(base_weight, adapter.param_dtype), draw, multiplier)
+        bias = None if base_bias is None else cast(base_bias, adapter.param_dtype)
+        return adapter.effective_delta(cast(base_weight, adapter.param_dtype), draw, multiplier, bias)
 
     # --- forward ----------------------------------------------------------------------------------
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
@@ -235,8 +254,13 @@ class AdapterLayer(nn.Module):
             base_in = x * factor
             with recomputed_if_saved(base_in, x, factor):
                 result = base_out = self.base_layer(base_in, *args, **kwargs)
-        elif scales_output and not (args or kwargs) and self._bias_free_call_exact(x):
-            # the base op without its bias: then the bias needs no correction pass, forward or backward
+        elif (
+            any(not a.channel_scaling()[2] for a in scales_output)
+            and not (args or kwargs)
+            and self._bias_free_call_exact(x)
+        ):
+            # the base op without its bias: then a bias that a scaling leaves unchanged needs no correction
+            # pass, forward or backward
             plain_out = g.apply(x, g.canonical_weight(self.base_layer))
             result = self._scale_output(plain_out, scales_output, has_bias=False)
         else:
@@ -345,17 +369,25 @@ class AdapterLayer(nn.Module):
         return apply_base
 
     def _scale_output(self, out: Tensor, scalings: list[Adapter], has_bias: bool = True) -> Tensor:
-        """Output-side channel scaling ((IA)³) in one pass, ``v = Σ t · v_i``: ``(W x + b) ⊙ (1 + v) − v ⊙ b``
-        from the base layer's output, ``W x ⊙ (1 + v) + b`` from ``W x`` (``has_bias=False``)."""
+        """Output-side channel scaling ((IA)³) in one pass, ``v = Σ t · v_i`` over all of them, ``u`` the same sum
+        over those that leave the bias unchanged (:meth:`~.Adapter.channel_scaling`) and ``w = v − u``:
+        ``(W x + b) ⊙ (1 + v) − u ⊙ b`` from the base layer's output, ``W x ⊙ (1 + v) + b ⊙ (1 + w)`` from
+        ``W x`` (``has_bias=False``)."""
         if not scalings:
             return out
         g = self.geometry
         v = cast(g.per_channel(_scale_sum(scalings), out.dim()), out.dtype)
         bias = getattr(self.base_layer, "bias", None)
-        if bias is None:
+        kept = [a for a in scalings if not a.channel_scaling()[2]]
+        if bias is None or (has_bias and not kept):
             return out * (1 + v)
         bias = cast(g.per_channel(bias, out.dim()), out.dtype)
-        return torch.addcmul(-(v * bias) if has_bias else bias, out, 1 + v)
+        if has_bias:
+            return torch.addcmul(-(cast(g.per_channel(_scale_sum(kept), out.dim()), out.dtype) * bias), out, 1 + v)
+        scaled = [a for a in scalings if a.channel_scaling()[2]]
+        if scaled:
+            bias = bias * (1 + cast(g.per_channel(_scale_sum(scaled), out.dim()), out.dtype))
+        return torch.addcmul(bias, out, 1 + v)
 
     @staticmethod
     def _add_low_rank(result: Tensor, adapter: Adapter, x: Tensor, draw: Any) -> Tensor | None:
@@ -407,14 +439,14 @@ class AdapterLayer(nn.Module):
 
     def _combined_forward(self, x: Tensor, names: list[str], draws: dict[str, Any]) -> Tensor:
         g = self.geometry
-        base_weight = self.base_weight()
+        base_weight, base_bias = self.base_weight(), self.base_bias()
         dtype = self.adapters[names[0]].param_dtype
         weight = cast(g.canonical_weight(self.base_layer), dtype)
         bias = cast(getattr(self.base_layer, "bias", None), dtype)
         for name in names:
             adapter = self.adapters[name]
             weight = adapter.add_effective_delta(weight, cast(base_weight, adapter.param_dtype), draws[name])
-            delta_bias = adapter.effective_delta_bias()
+            delta_bias = adapter.effective_delta_bias(base_bias=cast(base_bias, adapter.param_dtype))
             if delta_bias is not None:
                 bias = delta_bias if bias is None else bias + delta_bias
         x_in = x if g.kind == "embedding" else cast(x, dtype)
@@ -435,7 +467,7 @@ class AdapterLayer(nn.Module):
             if name in self.merged:
                 continue
             adapter: Adapter = self.adapters[name]
-            delta, delta_bias = self.effective_delta(name, self.base_weight())
+            delta, delta_bias = self.effective_delta(name, self.base_weight(), base_bias=self.base_bias())
             self.geometry.add_to_module(self.base_layer, delta, delta_bias)
             if keep_record:
                 keep = adapter.depends_on_base

@@ -318,7 +318,7 @@ class KohyaNetwork(nn.Module):
             if ratio == 1.0:
                 continue
             scaled += 1
-            bias = adapter.delta_bias()  # linear in ΔW's scale: scaled by the ratio itself
+            bias = adapter.delta_bias(layer.base_bias())  # linear in ΔW's scale: scaled by the ratio itself
             factors = [p for p in adapter.parameters() if p is not adapter.dora_scale]
             count = sum(p is not bias for p in factors)
             for param in factors:

@@ -9,7 +9,9 @@ stand-in layers instead of a real model:
   adapter for another model);
 - without one, a *virtual* skeleton whose layer shapes are inferred from the adapter's own tensors
   (each algorithm's ``file_weight_shape``).  Single-file modules are then named by their file keys.  Everything
-  that does not depend on the base weight is exact this way; (IA)³ and DoRA need the base for ΔW.
+  that does not depend on the base weight is exact this way; (IA)³ and DoRA need the base for ΔW;
+- for a single file we wrote, the skeleton its metadata records (:func:`recorded_model`: every module's path
+  and layer), which is all that converting it into a PEFT folder needs.
 """
 
 from __future__ import annotations
@@ -28,13 +30,14 @@ from torch import Tensor, nn
 from ..algorithms import ALGORITHMS, Adapter
 from ..errors import FormatError
 from ..formats.folder import KEY_PREFIX, WEIGHTS_NAME, adapter_tensor_name, plan_from_folder, read_config
+from ..formats.layer_records import layer_record, standin_layer
 from ..formats.lycoris_codecs import detect_algorithm, single_file_tensor_names
 from ..formats.names import diffusers_to_sgm, flat, sgm_block_table
 from ..formats.saved_modules import SAVED_KEY
 from ..formats.single_file import MODULES_METADATA, group_by_module, plan_from_single_file, read_metadata
 from ..formats.tensors import read_tensors, write_tensors
 from .diffusers_layout import is_diffusers_layout, to_single_file
-from .model_files import Checkpoint, Component, Module, TensorInfo, skeleton
+from .model_files import Checkpoint, Component, Module, TensorInfo, module_tree, skeleton
 
 
 @dataclass
@@ -111,6 +114,37 @@ def _virtual_single_file(path: Path, shown: Path) -> list[Module]:
         shape, has_bias = detect_algorithm(params, where).file_weight_shape(params, where)
         modules.append(_virtual_module(key, shape, has_bias))
     return modules
+
+
+def recorded_model(path: Path) -> nn.Module | None:
+    """The model a single file we wrote records in its metadata: a stand-in layer at every adapted module's
+    path (:func:`~beyondlora.formats.layer_records.standin_layer`), and at every module it saves whole
+    (``modules_to_save``, shaped as its tensors).  ``None`` when the file does not record every module's path
+    and layer (LyCORIS' and kohya's files, ours before they did), or when a key is not its recorded path
+    flattened (then only the base model can name the modules).  A file adapting several models (prefixes
+    ``lora_unet``, ``lora_te``) raises: a PEFT folder holds one."""
+    records = json.loads(read_metadata(path).get(MODULES_METADATA, "{}"))
+    if not records:  # not a file we wrote: its tensors need not even be an adapter's (diffusers' layout)
+        return None
+    grouped = _adapter_modules(path, path)
+    saved = grouped.pop(SAVED_KEY, {})
+    layers, prefixes = {}, set()
+    for key in grouped:
+        record = records.get(key, {})
+        name, layer = record.get("module"), record.get("layer")
+        flat_name = name.replace(".", "_") if isinstance(name, str) else None
+        if flat_name is None or layer is None or not (key == flat_name or key.endswith("_" + flat_name)):
+            return None
+        prefixes.add(key[: -len(flat_name)].rstrip("_"))
+        layers[name] = standin_layer(layer, f"{path}: {key}")
+    if len(prefixes) > 1:
+        raise ValueError(
+            f"{path} adapts several models ({', '.join(sorted(prefixes))}); a PEFT folder holds one model: "
+            "save each model's adapter on its own"
+        )
+    for module in _saved_stand_ins(saved):
+        layers[module.name] = standin_layer(layer_record(module.geometry), f"{path}: {SAVED_KEY}.{module.name}")
+    return module_tree(layers)
 
 
 def _virtual_folder(directory: Path) -> list[Module]:
@@ -207,9 +241,9 @@ def renamed_metadata(metadata: dict[str, str], modules: dict[str, str] | None = 
     out = dict(metadata)
     if MODULES_METADATA in out:
         recorded = json.loads(out[MODULES_METADATA])
-        out[MODULES_METADATA] = json.dumps(
-            {_renamed(with_text_model(k), modules or {}): v for k, v in recorded.items()}
-        )
+        renamed = {_renamed(with_text_model(k), modules or {}): v for k, v in recorded.items()}
+        if list(renamed) != list(recorded):  # else the record stays as written
+            out[MODULES_METADATA] = json.dumps(renamed, separators=(",", ":"))
     return out
 
 

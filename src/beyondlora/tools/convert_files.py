@@ -2,11 +2,14 @@
 destination: a ``.safetensors`` path is a single file, anything else a folder).
 
 Single-file keys flatten module paths (``lora_unet_down_blocks_0_…``), so only the base model can tell
-which underscores were dots: a conversion that involves a PEFT folder needs ``base``.  With it, the
-adapter is read against a skeleton of the base's modules and written by
-:func:`~beyondlora.tools.convert.convert_adapter`, which writes each format exactly for its consumers or
-refuses with the reason.  A single file converts to a single file without a base (a dtype change; the
-keys, ``alpha`` and metadata are kept).
+which underscores were dots: a conversion that involves a PEFT folder needs ``base``, except from a single
+file we wrote, whose metadata records every module's path and layer
+(:func:`~beyondlora.tools.adapter_files.recorded_model`).  The adapter is read against a skeleton of the
+base's (or the recorded) modules and written by :func:`~beyondlora.tools.convert.convert_adapter`, which
+writes each format exactly for its consumers or refuses with the reason.  Both skeletons give the same
+folder, except that a recorded layer also shows what a state dict cannot (a convolution's ``padding_mode``,
+transformers' ``Conv1D``), so a folder PEFT would misread is refused there.  A single file converts to a
+single file without a base (a dtype change; the keys, ``alpha`` and metadata are kept).
 
 diffusers' LoRA layout (:mod:`~beyondlora.tools.diffusers_layout`) is read wherever a single file is, and
 converts to a single file without a base (its keys carry the module paths); writing it needs the base.
@@ -14,14 +17,22 @@ converts to a single file without a base (its keys carry the module paths); writ
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
 
 from ..formats.lycoris_codecs import cast_for_file
-from ..formats.single_file import is_single_file, read_metadata
+from ..formats.single_file import MODULES_METADATA, is_single_file, read_metadata
 from ..formats.tensors import check_finite, write_tensors
-from .adapter_files import adapter_kind, load_adapter, readable_file, renamed_metadata, single_file_tensors
+from .adapter_files import (
+    adapter_kind,
+    load_adapter,
+    readable_file,
+    recorded_model,
+    renamed_metadata,
+    single_file_tensors,
+)
 from .convert import convert_adapter
 from .diffusers_layout import METADATA_KEY, from_adapters
 from .model_files import Checkpoint, skeleton
@@ -52,6 +63,17 @@ def convert_file(
         raise ValueError(f"{destination}: a single-file adapter ends in .safetensors and a PEFT folder has no suffix")
     if not to_file and (layout == "diffusers" or (destination.exists() and not destination.is_dir())):
         raise ValueError(f"{destination}: a diffusers-layout or single-file adapter is a .safetensors file")
+    if base is None and source_kind == "single_file" and not to_file:
+        recorded = recorded_model(source)
+        if recorded is None:
+            raise ValueError(
+                "this conversion needs the base model (--base MODEL): single-file keys do not say which "
+                f"underscores of a module path were dots, and {source} does not record its modules' paths and "
+                "layers in its metadata (files beyondlora writes do)"
+            )
+        convert_adapter(recorded, source, destination, dtype=dtype)
+        count = len(json.loads(read_metadata(source)[MODULES_METADATA]))
+        return f"converted {count} module(s) to the PEFT folder {destination} (module paths and layers from {source})"
     if base is None:
         if source_kind != "single_file" or not to_file or layout == "diffusers":
             raise ValueError(

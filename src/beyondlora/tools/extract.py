@@ -184,7 +184,8 @@ def extract(
             save_dtypes.add(dtype)
             for name, tensor in adapter_file_tensors(adapter.cpu(), dtype).items():
                 tensors[f"{key}.{name}"] = tensor
-            described[key] = describe(adapter)
+            root = module.component.root  # the path within its model: what a PEFT folder of that model names
+            described[key] = describe(adapter, module.name[len(root) + 1 :] if root else module.name)
     if not tensors:
         raise ValueError(f"{tuned.path} does not differ from {base.path} in any extractable layer: nothing to extract")
     header = {"format": "pt", MODULES_METADATA: json.dumps(described), **kohya_metadata(described)}

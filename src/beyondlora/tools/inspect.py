@@ -61,7 +61,8 @@ def inspect(path: str | Path, base: str | Path | None = None) -> dict[str, Any]:
                 weight = canonical(reader.get(module.weight), module.geometry).to(adapter.param_dtype)
                 layer = AdapterLayer(loaded.layers[name]).eval()
                 layer.add_adapter("inspected", adapter)
-                delta, delta_bias = layer.effective_delta("inspected", weight, multiplier=1.0)
+                bias = None if module.bias is None else reader.get(module.bias).to(adapter.param_dtype)
+                delta, delta_bias = layer.effective_delta("inspected", weight, multiplier=1.0, base_bias=bias)
                 entry["relative_delta_norm"] = float(delta.norm()) / max(float(weight.norm()), 1e-30)
             elif adapter.depends_on_base:
                 delta, delta_bias = None, None

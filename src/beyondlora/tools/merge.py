@@ -188,20 +188,20 @@ def _merged(
     stored = reader.get(module.weight)
     work = torch.float64 if stored.dtype == torch.float64 else torch.float32
     weight = canonical(stored, g).to(work)
+    bias = None if module.bias is None else reader.get(module.bias).to(work)
     layer = AdapterLayer(layer_module).eval()
     total_weight = torch.zeros_like(weight)
     total_bias = None
     for index, (adapter, t) in enumerate(entries):
         layer.add_adapter(f"merge{index}", adapter)
-        delta, delta_bias = layer.effective_delta(f"merge{index}", weight, multiplier=t)
+        delta, delta_bias = layer.effective_delta(f"merge{index}", weight, multiplier=t, base_bias=bias)
         total_weight += delta.to(work)
         if delta_bias is not None:
             total_bias = delta_bias.to(work) if total_bias is None else total_bias + delta_bias.to(work)
     norm = float(total_weight.norm())
     report.modules.append(ModuleReport(module.name, len(entries), norm, norm / max(float(weight.norm()), 1e-30)))
     merged = {"weight": canonical(weight + total_weight, g)}
-    if module.bias is not None:
-        bias = reader.get(module.bias).to(work)
+    if bias is not None:
         merged["bias"] = bias if total_bias is None else bias + total_bias
     return merged
 

@@ -331,9 +331,13 @@ def _standin(module: Module) -> nn.Module:
 
 def skeleton(modules: list[Module], strip: str = "") -> nn.Module:
     """An ``nn.Module`` tree with a stand-in layer at every module name (``strip``: a root to leave out)."""
+    return module_tree({(m.name[len(strip) + 1 :] if strip else m.name): _standin(m) for m in modules})
+
+
+def module_tree(layers: dict[str, nn.Module]) -> nn.Module:
+    """An ``nn.Module`` tree holding each layer at its dotted name (parents are plain modules)."""
     model = nn.Module()
-    for module in sorted(modules, key=lambda m: m.name.count(".")):
-        name = module.name[len(strip) + 1 :] if strip else module.name
+    for name in sorted(layers, key=lambda n: n.count(".")):
         *parents, leaf = name.split(".")
         node = model
         for part in parents:
@@ -343,7 +347,7 @@ def skeleton(modules: list[Module], strip: str = "") -> nn.Module:
                 node.add_module(part, child)
             node = child
         existing = node._modules.get(leaf)
-        layer = _standin(module)
+        layer = layers[name]
         if existing is not None:  # created as a parent of a deeper module first: keep its children
             for child_name, child in existing.named_children():
                 layer.add_module(child_name, child)
