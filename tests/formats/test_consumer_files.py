@@ -144,7 +144,7 @@ def test_as_difference_writes_what_every_ui_applies_exactly(case: str, tmp_path:
         assert set(grouped[f"lycoris_{name}"]) == {"diff", "diff_b"}
         weight = model.base_model.get_submodule(name).base_layer.weight.detach().double()
         layer: AdapterLayer = model.base_model.get_submodule(name)
-        ours = layer.effective_delta("default", layer.base_weight())[0].detach().double()
+        ours = layer.effective_delta("default", layer.base_weight(), base_bias=layer.base_bias())[0].detach().double()
         for consumer in (ui_delta, comfyui_delta, a1111_delta):
             delta, _ = consumer(grouped[f"lycoris_{name}"], weight.clone())
             torch.testing.assert_close(delta.reshape(ours.shape), ours, rtol=1e-5, atol=1e-6, msg=consumer.__name__)

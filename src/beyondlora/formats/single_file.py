@@ -101,7 +101,7 @@ def difference_form(layer: AdapterLayer, adapter_name: str) -> Adapter:
     """Adapter ``adapter_name`` of ``layer`` as the change it makes at its multiplier t, stored as it is
     (:func:`~beyondlora.algorithms.difference_class`: ``diff`` = t · (W' − W) of W's shape, ``diff_b`` (out,)):
     exact, and applied as such by every consumer, at the cost of its structure (it reloads as that form)."""
-    delta, delta_bias = layer.effective_delta(adapter_name, layer.base_weight())
+    delta, delta_bias = layer.effective_delta(adapter_name, layer.base_weight(), base_bias=layer.base_bias())
     g = layer.geometry
     bias = None if delta_bias is None else delta_bias.detach()
     return difference_class(g.kind).extracted(g, delta.detach(), bias, Extraction(None))
