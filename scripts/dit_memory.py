@@ -93,8 +93,8 @@ def computed() -> None:
         lora = sum(
             rank * (m.in_features + m.out_features)
             for n, m in model.named_modules()
-            if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] in {t.rsplit(".", 1)[-1] for t in TARGETS}
-            | {"0"}
+            if isinstance(m, torch.nn.Linear)
+            and n.rsplit(".", 1)[-1] in {t.rsplit(".", 1)[-1] for t in TARGETS} | {"0"}
         )
         tokens = 4096 + text  # a 1024² image is 64 × 64 latent patches
         activations = (blocks + 20) * tokens * width * 2
