@@ -1,4 +1,4 @@
-"""``beyondlora evaluate`` on Stable Diffusion pipelines (the offline tiny SD 1.x and SDXL ones, VAE and all)
+"""``beyondlora evaluate`` on Stable Diffusion pipelines (the offline tiny SD 1.x, SDXL, SD3 and Flux ones, VAE and all)
 with a trigger and no training images: the metrics that need them are skipped and say so."""
 
 from __future__ import annotations
@@ -12,13 +12,26 @@ import torch
 import beyondlora as bl
 from beyondlora.evaluation.command import evaluate
 
+PIPELINES = {
+    "tiny-sd": bl.tiny_sd_pipeline,
+    "tiny-sdxl": bl.tiny_sdxl_pipeline,
+    "tiny-sd3": bl.tiny_sd3_pipeline,
+    "tiny-flux": bl.tiny_flux_pipeline,
+}
 
-@pytest.mark.parametrize("model, algorithm", [("tiny-sd", "lora"), ("tiny-sdxl", "loha")])
+
+@pytest.mark.parametrize(
+    "model, algorithm", [("tiny-sd", "lora"), ("tiny-sdxl", "loha"), ("tiny-sd3", "lora"), ("tiny-flux", "loha")]
+)
 def test_tiny_sd_without_training_images(tmp_path: Path, model: str, algorithm: str) -> None:
-    pipe = bl.tiny_sd_pipeline() if model == "tiny-sd" else bl.tiny_sdxl_pipeline()
+    pipe = PIPELINES[model]()
     config = bl.LoraConfig if algorithm == "lora" else bl.LoHaConfig
     torch.manual_seed(0)
-    pipe.unet = bl.get_peft_model(pipe.unet, config(r=2, target_modules=["to_q", "to_v"], init_weights=False))
+    denoiser = "unet" if hasattr(pipe, "unet") else "transformer"
+    adapted = bl.get_peft_model(
+        getattr(pipe, denoiser), config(r=2, target_modules=["to_q", "to_v"], init_weights=False)
+    )
+    setattr(pipe, denoiser, adapted)
     adapter = tmp_path / f"{algorithm}.safetensors"
     bl.save_adapter(pipe, adapter)
     lines: list[str] = []
