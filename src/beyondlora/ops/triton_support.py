@@ -1,0 +1,83 @@
+"""When the fused Triton kernels (:mod:`.triton_kron`, :mod:`.triton_khatri_rao`) run instead of the eager bypass.
+
+The environment variable ``BEYONDLORA_FUSED`` decides, read on every call:
+
+- unset, ``1``, ``on`` or ``auto``: fused when every tensor is on a CUDA device and Triton imports;
+- ``0``, ``off`` or ``false``: never (the eager path of :mod:`.bypass_kron` / :mod:`.bypass_khatri_rao`);
+- ``force``: also on CPU tensors.  Only for tests: there Triton must run its interpreter
+  (``TRITON_INTERPRET=1`` set before the kernels' module is first imported).
+
+Each kernel module adds its own shape limits (:func:`.triton_kron.kron_supported`,
+:func:`.triton_khatri_rao.khatri_rao_supported`).  Triton is imported lazily, so importing beyondlora never
+needs it.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+
+import torch
+from torch import Tensor
+
+#: dtypes the kernels compute in (the eager path's compute dtype: autocast's, else the promoted one)
+FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+#: tl.dot needs every dimension of a product at least this large on a GPU: smaller ones are padded
+MIN_DOT = 16
+
+
+def fused_setting() -> str:
+    """``"off"``, ``"on"`` or ``"force"`` from ``BEYONDLORA_FUSED`` (see the module docstring)."""
+    value = os.environ.get("BEYONDLORA_FUSED", "on").strip().lower()
+    if value in ("0", "off", "false", "no"):
+        return "off"
+    return "force" if value == "force" else "on"
+
+
+@functools.cache
+def triton_importable() -> bool:
+    """Whether the ``triton`` package is installed (checked once, without importing it)."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def use_fused(dtype: torch.dtype, *tensors: Tensor | None) -> bool:
+    """Whether the fused kernels should run for these tensors, computing in ``dtype``: not turned off, a
+    supported dtype, not inside torch.compile's tracing, Triton installed, and every tensor on a CUDA device
+    (any device with ``force``)."""
+    setting = fused_setting()
+    if setting == "off" or dtype not in FUSED_DTYPES or _compiling() or not triton_importable():
+        return False
+    return setting == "force" or all(t.is_cuda for t in tensors if t is not None)
+
+
+def _compiling() -> bool:
+    """Whether torch.compile is tracing: it traces the eager path (the kernels are opaque to it)."""
+    try:
+        return torch.compiler.is_compiling()
+    except AttributeError:  # torch < 2.3
+        return False
+
+
+def pow2(n: int, least: int = MIN_DOT) -> int:
+    """The smallest power of two ≥ max(n, least): Triton's block sizes are powers of two."""
+    return max(least, 1 << max(0, n - 1).bit_length())
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """``tl.dot``'s ``input_precision`` for float32 operands: TF32 only where torch's own float32 matrix
+    products use it (``torch.backends.cuda.matmul.allow_tf32``), so that the eager and fused paths agree."""
+    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+def split_count(tiles: int, device: torch.device) -> int:
+    """How many programs share the token tiles in a backward kernel: each owns one slice of the factor
+    gradients' partial sums (summed afterwards in a fixed order: deterministic, no atomics), so a few per
+    streaming multiprocessor, never more than there are tiles."""
+    if device.type == "cuda":
+        per_device = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    else:
+        per_device = 2
+    return max(1, min(tiles, per_device))
