@@ -24,7 +24,8 @@ import triton.language as tl
 from torch import Tensor
 
 from .bypass_common import autocasting, cast, compute_dtype, grad_like, input_to_save
-from .triton_support import dot_precision, pow2, split_count
+from .triton_support import dot_precision, pow2, rows_of, split_count
+from .triton_tiles import accumulate, block
 
 #: rows (tokens × groups) per tile, and column block widths
 TILE_ROWS = 64
@@ -49,14 +50,6 @@ def _rows(n0, n_rows, k0, width, groups, stride, BN: tl.constexpr, GP: tl.conste
 
 
 @triton.jit
-def _mat(r0, n_r, s_r, c0, n_c, s_c, RB: tl.constexpr, CB: tl.constexpr):
-    """Offsets and mask of rows r0 … r0 + RB, columns c0 … c0 + CB of a matrix with strides (s_r, s_c)."""
-    r = r0 + tl.arange(0, RB)
-    c = c0 + tl.arange(0, CB)
-    return r[:, None] * s_r + c[None, :] * s_c, (r < n_r)[:, None] & (c < n_c)[None, :]
-
-
-@triton.jit
 def _mix(w, t, BN: tl.constexpr, P_IN: tl.constexpr, P_OUT: tl.constexpr, K: tl.constexpr, PREC: tl.constexpr):
     """Per token ``w t_n``: w (P_OUT, P_IN), t (BN·P_IN, K) token-major → (BN·P_OUT, K) in float32."""
     t_groups = tl.reshape(tl.permute(tl.reshape(t, (BN, P_IN, K)), (1, 0, 2)), (P_IN, BN * K))
@@ -73,12 +66,6 @@ def _group_outer(u, v, BN: tl.constexpr, PU: tl.constexpr, PV: tl.constexpr, K: 
 
 
 @triton.jit
-def _accumulate(ptr, offs, mask, value):
-    """``*ptr += value`` on a slice only this program writes (a split's partial sums)."""
-    tl.store(ptr + offs, tl.load(ptr + offs, mask=mask, other=0.0) + value, mask=mask)
-
-
-@triton.jit
 def _kron_apply_kernel(
     x_ptr, res_ptr, out_ptr, w1_ptr, win_ptr, wout_ptr,
     n_rows, A, C, B, D, R, s_x, s_res, s_out, s_w1_0, s_w1_1, s_in_0, s_in_1, s_out_0, s_out_1, alpha,
@@ -89,7 +76,7 @@ def _kron_apply_kernel(
     wout (B, R); FULL: wout is W2 (B, D).  x (N, C·D) rows, out and res (N, A·B) rows."""
     n0 = tl.program_id(0) * BN
     dt = x_ptr.dtype.element_ty
-    offs, mask = _mat(0, A, s_w1_0, 0, C, s_w1_1, AP, CP)
+    offs, mask = block(0, A, s_w1_0, 0, C, s_w1_1, AP, CP)
     w1 = tl.load(w1_ptr + offs, mask=mask, other=0.0)
     if FULL:
         for b0 in range(0, B, BB):
@@ -98,7 +85,7 @@ def _kron_apply_kernel(
                 offs, mask = _rows(n0, n_rows, k0, D, C, s_x, BN, CP, BK)
                 xt = tl.load(x_ptr + offs, mask=mask, other=0.0)
                 h = _mix(w1, xt, BN, CP, AP, BK, PREC).to(dt)  # (W1 X)[:, k0:k0+BK]
-                offs, mask = _mat(k0, D, s_out_1, b0, B, s_out_0, BK, BB)  # W2ᵀ block
+                offs, mask = block(k0, D, s_out_1, b0, B, s_out_0, BK, BB)  # W2ᵀ block
                 acc += tl.dot(h, tl.load(wout_ptr + offs, mask=mask, other=0.0), input_precision=PREC)
             offs, mask = _rows(n0, n_rows, b0, B, A, s_out, BN, AP, BB)
             if HAS_RES:
@@ -112,11 +99,11 @@ def _kron_apply_kernel(
         for k0 in range(0, D, BK):
             offs, mask = _rows(n0, n_rows, k0, D, C, s_x, BN, CP, BK)
             xt = tl.load(x_ptr + offs, mask=mask, other=0.0)
-            offs, mask = _mat(k0, D, s_in_1, 0, R, s_in_0, BK, RP)  # w2_inᵀ block
+            offs, mask = block(k0, D, s_in_1, 0, R, s_in_0, BK, RP)  # w2_inᵀ block
             t += tl.dot(xt, tl.load(win_ptr + offs, mask=mask, other=0.0), input_precision=PREC)
         h = _mix(w1, t.to(dt), BN, CP, AP, RP, PREC).to(dt)  # W1 t: (BN·AP, RP)
         for b0 in range(0, B, BB):
-            offs, mask = _mat(0, R, s_out_1, b0, B, s_out_0, RP, BB)  # w2_outᵀ block
+            offs, mask = block(0, R, s_out_1, b0, B, s_out_0, RP, BB)  # w2_outᵀ block
             acc = tl.dot(h, tl.load(wout_ptr + offs, mask=mask, other=0.0), input_precision=PREC)
             offs, mask = _rows(n0, n_rows, b0, B, A, s_out, BN, AP, BB)
             if HAS_RES:
@@ -141,9 +128,9 @@ def _kron_grads_kernel(
     split = tl.program_id(0)
     n_splits = tl.num_programs(0)
     dt = x_ptr.dtype.element_ty
-    offs, mask = _mat(0, A, s_w1_0, 0, C, s_w1_1, AP, CP)
+    offs, mask = block(0, A, s_w1_0, 0, C, s_w1_1, AP, CP)
     w1 = tl.load(w1_ptr + offs, mask=mask, other=0.0)
-    offs, mask = _mat(0, C, s_w1_1, 0, A, s_w1_0, CP, AP)
+    offs, mask = block(0, C, s_w1_1, 0, A, s_w1_0, CP, AP)
     w1_t = tl.load(w1_ptr + offs, mask=mask, other=0.0)
     grad_w1 = tl.zeros((AP, CP), dtype=tl.float32)
     for tile in range(split, tl.cdiv(n_rows, BN), n_splits):
@@ -157,10 +144,10 @@ def _kron_grads_kernel(
                 for b0 in range(0, B, BB):
                     offs, mask = _rows(n0, n_rows, b0, B, A, s_g, BN, AP, BB)
                     gt = tl.load(g_ptr + offs, mask=mask, other=0.0)
-                    offs, mask = _mat(b0, B, s_out_0, k0, D, s_out_1, BB, BK)
+                    offs, mask = block(b0, B, s_out_0, k0, D, s_out_1, BB, BK)
                     dh += tl.dot(gt, tl.load(wout_ptr + offs, mask=mask, other=0.0), input_precision=PREC)
-                    offs, mask = _mat(b0, B, D, k0, D, 1, BB, BK)
-                    _accumulate(pout_ptr + split * B * D, offs, mask, tl.dot(tl.trans(gt), h, input_precision=PREC))
+                    offs, mask = block(b0, B, D, k0, D, 1, BB, BK)
+                    accumulate(pout_ptr + split * B * D, offs, mask, tl.dot(tl.trans(gt), h, input_precision=PREC))
                 dh = (alpha * dh).to(dt)
                 grad_w1 += _group_outer(dh, xt, BN, AP, CP, BK, PREC)
                 if NEED_X:
@@ -172,7 +159,7 @@ def _kron_grads_kernel(
             for k0 in range(0, D, BK):
                 offs, mask = _rows(n0, n_rows, k0, D, C, s_x, BN, CP, BK)
                 xt = tl.load(x_ptr + offs, mask=mask, other=0.0)
-                offs, mask = _mat(k0, D, s_in_1, 0, R, s_in_0, BK, RP)
+                offs, mask = block(k0, D, s_in_1, 0, R, s_in_0, BK, RP)
                 t += tl.dot(xt, tl.load(win_ptr + offs, mask=mask, other=0.0), input_precision=PREC)
             t = t.to(dt)
             h = _mix(w1, t, BN, CP, AP, RP, PREC).to(dt)
@@ -180,25 +167,25 @@ def _kron_grads_kernel(
             for b0 in range(0, B, BB):
                 offs, mask = _rows(n0, n_rows, b0, B, A, s_g, BN, AP, BB)
                 gt = tl.load(g_ptr + offs, mask=mask, other=0.0)
-                offs, mask = _mat(b0, B, s_out_0, 0, R, s_out_1, BB, RP)
+                offs, mask = block(b0, B, s_out_0, 0, R, s_out_1, BB, RP)
                 dh += tl.dot(gt, tl.load(wout_ptr + offs, mask=mask, other=0.0), input_precision=PREC)
-                offs, mask = _mat(b0, B, R, 0, R, 1, BB, RP)
-                _accumulate(pout_ptr + split * B * R, offs, mask, tl.dot(tl.trans(gt), h, input_precision=PREC))
+                offs, mask = block(b0, B, R, 0, R, 1, BB, RP)
+                accumulate(pout_ptr + split * B * R, offs, mask, tl.dot(tl.trans(gt), h, input_precision=PREC))
             dh = (alpha * dh).to(dt)
             grad_w1 += _group_outer(dh, t, BN, AP, CP, RP, PREC)
             d_t = _mix(w1_t, dh, BN, AP, CP, RP, PREC).to(dt)  # ∂T = W1ᵀ ∂H: (BN·CP, RP)
             for k0 in range(0, D, BK):
-                offs, mask = _mat(0, R, s_in_0, k0, D, s_in_1, RP, BK)
+                offs, mask = block(0, R, s_in_0, k0, D, s_in_1, RP, BK)
                 w_in = tl.load(win_ptr + offs, mask=mask, other=0.0)
                 offs, mask = _rows(n0, n_rows, k0, D, C, s_x, BN, CP, BK)
                 xt = tl.load(x_ptr + offs, mask=mask, other=0.0)
-                offs_p, mask_p = _mat(0, R, D, k0, D, 1, RP, BK)
-                _accumulate(pin_ptr + split * R * D, offs_p, mask_p, tl.dot(tl.trans(d_t), xt, input_precision=PREC))
+                offs_p, mask_p = block(0, R, D, k0, D, 1, RP, BK)
+                accumulate(pin_ptr + split * R * D, offs_p, mask_p, tl.dot(tl.trans(d_t), xt, input_precision=PREC))
                 if NEED_X:
                     offs, mask = _rows(n0, n_rows, k0, D, C, s_dx, BN, CP, BK)
                     dx = tl.dot(d_t, w_in, input_precision=PREC)
                     tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
-    offs, mask = _mat(0, A, C, 0, C, 1, AP, CP)
+    offs, mask = block(0, A, C, 0, C, 1, AP, CP)
     tl.store(pw1_ptr + split * A * C + offs, grad_w1, mask=mask)
 
 
@@ -208,12 +195,6 @@ def kron_supported(w1: Tensor, w2_in: Tensor | None, x: Tensor) -> bool:
     a, c = w1.shape
     rank_ok = w2_in is None or w2_in.shape[0] <= MAX_RANK
     return x.shape[-1] % c == 0 and max(a, c) <= MAX_GROUPS and rank_ok
-
-
-def _rows_of(t: Tensor, width: int) -> Tensor:
-    """``t`` as rows (N, width) with unit column stride (a copy only when its layout needs one)."""
-    rows = t.reshape(-1, width)
-    return rows if rows.stride(-1) == 1 else rows.contiguous()
 
 
 def _blocks(a: int, c: int, r: int) -> dict[str, int]:
@@ -277,11 +258,11 @@ class FusedKronLinear(torch.autograd.Function):
     def forward(ctx, result, x, w1, w2_in, w2_out, alpha, recompute):
         dtype = compute_dtype(x, w1)
         x_saved = input_to_save(x, dtype)
-        rows = _rows_of(cast(x_saved, dtype), x.shape[-1])
+        rows = rows_of(cast(x_saved, dtype), x.shape[-1])
         factors = [cast(t, dtype) for t in (w1, w2_in, w2_out)]
         out_dtype = dtype if autocasting(result.device.type) else result.dtype
         b = w2_out.shape[0]
-        res = _rows_of(result, w1.shape[0] * b)
+        res = rows_of(result, w1.shape[0] * b)
         out = kron_apply(rows, res, *factors, alpha, out_dtype)
         ctx.save_for_backward(x_saved, w1, w2_in, w2_out)
         ctx.meta = (dtype, alpha, x.shape, x.dtype, result.dtype)
@@ -293,10 +274,10 @@ class FusedKronLinear(torch.autograd.Function):
         dtype, alpha, x_shape, x_dtype, result_dtype = ctx.meta
         need_result, need_x, need_w1, need_w2_in, need_w2_out, _, _ = ctx.needs_input_grad
         w1c, w2_inc, w2_outc = (cast(t, dtype) for t in (w1, w2_in, w2_out))
-        g = _rows_of(cast(grad, dtype), w1.shape[0] * w2_out.shape[0])
+        g = rows_of(cast(grad, dtype), w1.shape[0] * w2_out.shape[0])
         grad_x = grad_w1 = grad_w2_in = grad_w2_out = None
         if need_w1 or need_w2_in or need_w2_out:
-            rows = _rows_of(cast(x_saved, dtype), x_shape[-1])
+            rows = rows_of(cast(x_saved, dtype), x_shape[-1])
             grad_x, grad_w1, grad_w2_in, grad_w2_out = kron_grads(g, rows, w1c, w2_inc, w2_outc, alpha, x_dtype, need_x)
         elif need_x:  # (W1 ⊗ W2)ᵀ = W1ᵀ ⊗ W2ᵀ, with W2ᵀ = w2_inᵀ w2_outᵀ
             w2_t = (None, w2_outc.t()) if w2_inc is None else (w2_outc.t(), w2_inc.t())

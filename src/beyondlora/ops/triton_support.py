@@ -81,3 +81,9 @@ def split_count(tiles: int, device: torch.device) -> int:
     else:
         per_device = 2
     return max(1, min(tiles, per_device))
+
+
+def rows_of(t: Tensor, width: int) -> Tensor:
+    """``t`` as rows (N, width) with unit column stride (a copy only when its layout needs one)."""
+    rows = t.reshape(-1, width)
+    return rows if rows.stride(-1) == 1 else rows.contiguous()

@@ -1,0 +1,22 @@
+"""Tile addressing shared by the Triton kernels (:mod:`.triton_kron`, :mod:`.triton_khatri_rao`); imports
+Triton, so only those modules import it."""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def block(r0, n_r, s_r, c0, n_c, s_c, RB: tl.constexpr, CB: tl.constexpr):
+    """Offsets and mask of rows r0 … r0 + RB, columns c0 … c0 + CB of an (n_r, n_c) matrix with strides
+    (s_r, s_c) (a transposed view is the same matrix with its strides swapped)."""
+    r = r0 + tl.arange(0, RB)
+    c = c0 + tl.arange(0, CB)
+    return r[:, None].to(tl.int64) * s_r + c[None, :] * s_c, (r < n_r)[:, None] & (c < n_c)[None, :]
+
+
+@triton.jit
+def accumulate(ptr, offs, mask, value):
+    """``ptr[offs] += value`` on a slice only this program writes (one split's partial sums: no atomics)."""
+    tl.store(ptr + offs, tl.load(ptr + offs, mask=mask, other=0.0) + value, mask=mask)
