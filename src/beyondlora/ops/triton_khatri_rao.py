@@ -24,7 +24,7 @@ from torch import Tensor
 
 from .bypass_common import autocasting, cast, compute_dtype, grad_like, input_to_save
 from .triton_support import dot_precision, pow2, rows_of, split_count
-from .triton_tiles import accumulate, block
+from .triton_tiles import accumulate, block, dot
 
 BLOCK_N = 32
 BLOCK_K = 32
@@ -71,12 +71,12 @@ def _khatri_rao_apply_kernel(
         xt = tl.load(x_ptr + offs, mask=mask, other=0.0)
         down = _khatri_rao(_factor(b1_ptr, s_b1_0, s_b1_1, r1, R1P, k0, IN, BK),
                            _factor(b2_ptr, s_b2_0, s_b2_1, r2, R2P, k0, IN, BK), R1P, R2P, BK)  # fmt: skip
-        h += tl.dot(xt, tl.trans(down.to(dt)), input_precision=PREC)
+        h += dot(xt, tl.trans(down.to(dt)), PREC)
     h = h.to(dt)
     for o0 in range(0, OUT, BO):
         up = _khatri_rao(_factor(a1_ptr, s_a1_1, s_a1_0, r1, R1P, o0, OUT, BO),
                          _factor(a2_ptr, s_a2_1, s_a2_0, r2, R2P, o0, OUT, BO), R1P, R2P, BO)  # fmt: skip
-        acc = alpha * tl.dot(h, up.to(dt), input_precision=PREC)
+        acc = alpha * dot(h, up.to(dt), PREC)
         offs, mask = block(n0, n_rows, s_out, o0, OUT, 1, BN, BO)
         if HAS_RES:
             offs_r, _ = block(n0, n_rows, s_res, o0, OUT, 1, BN, BO)
@@ -107,7 +107,7 @@ def _khatri_rao_grads_kernel(
             xt = tl.load(x_ptr + offs, mask=mask, other=0.0)
             down = _khatri_rao(_factor(b1_ptr, s_b1_0, s_b1_1, r1, R1P, k0, IN, BK),
                                _factor(b2_ptr, s_b2_0, s_b2_1, r2, R2P, k0, IN, BK), R1P, R2P, BK)  # fmt: skip
-            h += tl.dot(xt, tl.trans(down.to(dt)), input_precision=PREC)
+            h += dot(xt, tl.trans(down.to(dt)), PREC)
         h = h.to(dt)
         dh = tl.zeros((BN, R1P * R2P), dtype=tl.float32)  # g (a1 •r a2)
         for o0 in range(0, OUT, BO):
@@ -115,8 +115,8 @@ def _khatri_rao_grads_kernel(
             gt = tl.load(g_ptr + offs, mask=mask, other=0.0)
             f1 = _factor(a1_ptr, s_a1_1, s_a1_0, r1, R1P, o0, OUT, BO)
             f2 = _factor(a2_ptr, s_a2_1, s_a2_0, r2, R2P, o0, OUT, BO)
-            dh += tl.dot(gt, tl.trans(_khatri_rao(f1, f2, R1P, R2P, BO).to(dt)), input_precision=PREC)
-            d1, d2 = _split(tl.dot(tl.trans(h), gt, input_precision=PREC), f1, f2, R1P, R2P, BO)
+            dh += dot(gt, tl.trans(_khatri_rao(f1, f2, R1P, R2P, BO).to(dt)), PREC)
+            d1, d2 = _split(dot(tl.trans(h), gt, PREC), f1, f2, R1P, R2P, BO)
             offs, mask = block(0, r1, OUT, o0, OUT, 1, R1P, BO)
             accumulate(pa1_ptr + split * r1 * OUT, offs, mask, d1)
             offs, mask = block(0, r2, OUT, o0, OUT, 1, R2P, BO)
@@ -128,10 +128,10 @@ def _khatri_rao_grads_kernel(
             f1 = _factor(b1_ptr, s_b1_0, s_b1_1, r1, R1P, k0, IN, BK)
             f2 = _factor(b2_ptr, s_b2_0, s_b2_1, r2, R2P, k0, IN, BK)
             if NEED_X:
-                dx = alpha * tl.dot(dh, _khatri_rao(f1, f2, R1P, R2P, BK).to(dt), input_precision=PREC)
+                dx = alpha * dot(dh, _khatri_rao(f1, f2, R1P, R2P, BK).to(dt), PREC)
                 offs_dx, _ = block(n0, n_rows, s_dx, k0, IN, 1, BN, BK)
                 tl.store(dx_ptr + offs_dx, dx.to(dx_ptr.dtype.element_ty), mask=mask)
-            d1, d2 = _split(tl.dot(tl.trans(dh), xt, input_precision=PREC), f1, f2, R1P, R2P, BK)
+            d1, d2 = _split(dot(tl.trans(dh), xt, PREC), f1, f2, R1P, R2P, BK)
             offs, mask = block(0, r1, IN, k0, IN, 1, R1P, BK)
             accumulate(pb1_ptr + split * r1 * IN, offs, mask, d1)
             offs, mask = block(0, r2, IN, k0, IN, 1, R2P, BK)

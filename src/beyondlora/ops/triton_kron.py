@@ -25,7 +25,7 @@ from torch import Tensor
 
 from .bypass_common import autocasting, cast, compute_dtype, grad_like, input_to_save
 from .triton_support import dot_precision, pow2, rows_of, split_count
-from .triton_tiles import accumulate, block
+from .triton_tiles import accumulate, block, dot
 
 #: rows (tokens × groups) per tile, and column block widths
 TILE_ROWS = 64
@@ -53,7 +53,7 @@ def _rows(n0, n_rows, k0, width, groups, stride, BN: tl.constexpr, GP: tl.conste
 def _mix(w, t, BN: tl.constexpr, P_IN: tl.constexpr, P_OUT: tl.constexpr, K: tl.constexpr, PREC: tl.constexpr):
     """Per token ``w t_n``: w (P_OUT, P_IN), t (BN·P_IN, K) token-major → (BN·P_OUT, K) in float32."""
     t_groups = tl.reshape(tl.permute(tl.reshape(t, (BN, P_IN, K)), (1, 0, 2)), (P_IN, BN * K))
-    mixed = tl.dot(w, t_groups, input_precision=PREC)
+    mixed = dot(w, t_groups, PREC)
     return tl.reshape(tl.permute(tl.reshape(mixed, (P_OUT, BN, K)), (1, 0, 2)), (BN * P_OUT, K))
 
 
@@ -62,7 +62,7 @@ def _group_outer(u, v, BN: tl.constexpr, PU: tl.constexpr, PV: tl.constexpr, K: 
     """``Σ_n u_n v_nᵀ`` for u (BN·PU, K), v (BN·PV, K) token-major → (PU, PV) in float32."""
     u_groups = tl.reshape(tl.permute(tl.reshape(u, (BN, PU, K)), (1, 0, 2)), (PU, BN * K))
     v_groups = tl.reshape(tl.permute(tl.reshape(v, (BN, PV, K)), (1, 0, 2)), (PV, BN * K))
-    return tl.dot(u_groups, tl.trans(v_groups), input_precision=PREC)
+    return dot(u_groups, tl.trans(v_groups), PREC)
 
 
 @triton.jit
@@ -86,7 +86,7 @@ def _kron_apply_kernel(
                 xt = tl.load(x_ptr + offs, mask=mask, other=0.0)
                 h = _mix(w1, xt, BN, CP, AP, BK, PREC).to(dt)  # (W1 X)[:, k0:k0+BK]
                 offs, mask = block(k0, D, s_out_1, b0, B, s_out_0, BK, BB)  # W2ᵀ block
-                acc += tl.dot(h, tl.load(wout_ptr + offs, mask=mask, other=0.0), input_precision=PREC)
+                acc += dot(h, tl.load(wout_ptr + offs, mask=mask, other=0.0), PREC)
             offs, mask = _rows(n0, n_rows, b0, B, A, s_out, BN, AP, BB)
             if HAS_RES:
                 offs_r, _ = _rows(n0, n_rows, b0, B, A, s_res, BN, AP, BB)
@@ -100,11 +100,11 @@ def _kron_apply_kernel(
             offs, mask = _rows(n0, n_rows, k0, D, C, s_x, BN, CP, BK)
             xt = tl.load(x_ptr + offs, mask=mask, other=0.0)
             offs, mask = block(k0, D, s_in_1, 0, R, s_in_0, BK, RP)  # w2_inᵀ block
-            t += tl.dot(xt, tl.load(win_ptr + offs, mask=mask, other=0.0), input_precision=PREC)
+            t += dot(xt, tl.load(win_ptr + offs, mask=mask, other=0.0), PREC)
         h = _mix(w1, t.to(dt), BN, CP, AP, RP, PREC).to(dt)  # W1 t: (BN·AP, RP)
         for b0 in range(0, B, BB):
             offs, mask = block(0, R, s_out_1, b0, B, s_out_0, RP, BB)  # w2_outᵀ block
-            acc = tl.dot(h, tl.load(wout_ptr + offs, mask=mask, other=0.0), input_precision=PREC)
+            acc = dot(h, tl.load(wout_ptr + offs, mask=mask, other=0.0), PREC)
             offs, mask = _rows(n0, n_rows, b0, B, A, s_out, BN, AP, BB)
             if HAS_RES:
                 offs_r, _ = _rows(n0, n_rows, b0, B, A, s_res, BN, AP, BB)
@@ -145,9 +145,9 @@ def _kron_grads_kernel(
                     offs, mask = _rows(n0, n_rows, b0, B, A, s_g, BN, AP, BB)
                     gt = tl.load(g_ptr + offs, mask=mask, other=0.0)
                     offs, mask = block(b0, B, s_out_0, k0, D, s_out_1, BB, BK)
-                    dh += tl.dot(gt, tl.load(wout_ptr + offs, mask=mask, other=0.0), input_precision=PREC)
+                    dh += dot(gt, tl.load(wout_ptr + offs, mask=mask, other=0.0), PREC)
                     offs, mask = block(b0, B, D, k0, D, 1, BB, BK)
-                    accumulate(pout_ptr + split * B * D, offs, mask, tl.dot(tl.trans(gt), h, input_precision=PREC))
+                    accumulate(pout_ptr + split * B * D, offs, mask, dot(tl.trans(gt), h, PREC))
                 dh = (alpha * dh).to(dt)
                 grad_w1 += _group_outer(dh, xt, BN, AP, CP, BK, PREC)
                 if NEED_X:
@@ -160,7 +160,7 @@ def _kron_grads_kernel(
                 offs, mask = _rows(n0, n_rows, k0, D, C, s_x, BN, CP, BK)
                 xt = tl.load(x_ptr + offs, mask=mask, other=0.0)
                 offs, mask = block(k0, D, s_in_1, 0, R, s_in_0, BK, RP)
-                t += tl.dot(xt, tl.load(win_ptr + offs, mask=mask, other=0.0), input_precision=PREC)
+                t += dot(xt, tl.load(win_ptr + offs, mask=mask, other=0.0), PREC)
             t = t.to(dt)
             h = _mix(w1, t, BN, CP, AP, RP, PREC).to(dt)
             dh = tl.zeros((BN * AP, RP), dtype=tl.float32)
@@ -168,9 +168,9 @@ def _kron_grads_kernel(
                 offs, mask = _rows(n0, n_rows, b0, B, A, s_g, BN, AP, BB)
                 gt = tl.load(g_ptr + offs, mask=mask, other=0.0)
                 offs, mask = block(b0, B, s_out_0, 0, R, s_out_1, BB, RP)
-                dh += tl.dot(gt, tl.load(wout_ptr + offs, mask=mask, other=0.0), input_precision=PREC)
+                dh += dot(gt, tl.load(wout_ptr + offs, mask=mask, other=0.0), PREC)
                 offs, mask = block(b0, B, R, 0, R, 1, BB, RP)
-                accumulate(pout_ptr + split * B * R, offs, mask, tl.dot(tl.trans(gt), h, input_precision=PREC))
+                accumulate(pout_ptr + split * B * R, offs, mask, dot(tl.trans(gt), h, PREC))
             dh = (alpha * dh).to(dt)
             grad_w1 += _group_outer(dh, t, BN, AP, CP, RP, PREC)
             d_t = _mix(w1_t, dh, BN, AP, CP, RP, PREC).to(dt)  # ∂T = W1ᵀ ∂H: (BN·CP, RP)
@@ -180,10 +180,10 @@ def _kron_grads_kernel(
                 offs, mask = _rows(n0, n_rows, k0, D, C, s_x, BN, CP, BK)
                 xt = tl.load(x_ptr + offs, mask=mask, other=0.0)
                 offs_p, mask_p = block(0, R, D, k0, D, 1, RP, BK)
-                accumulate(pin_ptr + split * R * D, offs_p, mask_p, tl.dot(tl.trans(d_t), xt, input_precision=PREC))
+                accumulate(pin_ptr + split * R * D, offs_p, mask_p, dot(tl.trans(d_t), xt, PREC))
                 if NEED_X:
                     offs, mask = _rows(n0, n_rows, k0, D, C, s_dx, BN, CP, BK)
-                    dx = tl.dot(d_t, w_in, input_precision=PREC)
+                    dx = dot(d_t, w_in, PREC)
                     tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
     offs, mask = block(0, A, C, 0, C, 1, AP, CP)
     tl.store(pw1_ptr + split * A * C + offs, grad_w1, mask=mask)

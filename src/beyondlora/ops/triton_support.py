@@ -21,6 +21,8 @@ import os
 import torch
 from torch import Tensor
 
+from .bypass_common import compute_dtype
+
 #: dtypes the kernels compute in (the eager path's compute dtype: autocast's, else the promoted one)
 FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 #: tl.dot needs every dimension of a product at least this large on a GPU: smaller ones are padded
@@ -41,14 +43,19 @@ def triton_importable() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-def use_fused(dtype: torch.dtype, *tensors: Tensor | None) -> bool:
-    """Whether the fused kernels should run for these tensors, computing in ``dtype``: not turned off, a
-    supported dtype, not inside torch.compile's tracing, Triton installed, and every tensor on a CUDA device
-    (any device with ``force``)."""
-    setting = fused_setting()
-    if setting == "off" or dtype not in FUSED_DTYPES or _compiling() or not triton_importable():
+def use_fused(x: Tensor, factor: Tensor, *others: Tensor | None) -> bool:
+    """Whether the fused kernels should run for the layer input ``x`` and the factors (``factor`` the one
+    that sets the compute dtype with x, see :func:`.bypass_common.compute_dtype`): not inside torch.compile's
+    tracing, not turned off, every tensor on a CUDA device (any device with ``force``), a supported compute
+    dtype, and Triton installed.  The cheap tests first: this runs on every adapted layer's forward."""
+    if _compiling():
         return False
-    return setting == "force" or all(t.is_cuda for t in tensors if t is not None)
+    setting = fused_setting()
+    if setting == "off":
+        return False
+    if setting != "force" and not (x.is_cuda and factor.is_cuda and all(t.is_cuda for t in others if t is not None)):
+        return False
+    return compute_dtype(x, factor) in FUSED_DTYPES and triton_importable()
 
 
 def _compiling() -> bool:
@@ -65,8 +72,13 @@ def pow2(n: int, least: int = MIN_DOT) -> int:
 
 
 def dot_precision(dtype: torch.dtype) -> str:
-    """``tl.dot``'s ``input_precision`` for float32 operands: TF32 only where torch's own float32 matrix
-    products use it (``torch.backends.cuda.matmul.allow_tf32``), so that the eager and fused paths agree."""
+    """How the kernels' products treat operands of ``dtype`` (:func:`.triton_tiles.dot`): float32 ones in
+    TF32 only where torch's own float32 matrix products use it (``torch.backends.cuda.matmul.allow_tf32``), so
+    that the eager and fused paths agree; bfloat16 ones widened to float32 under Triton's interpreter (its
+    bfloat16 product is wrong in Triton 3.9: garbage for exact inputs), which is exact for them and
+    accumulates in float32 as a GPU does."""
+    if dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1":
+        return "upcast"
     if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
         return "tf32"
     return "ieee"

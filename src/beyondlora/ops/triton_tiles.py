@@ -20,3 +20,13 @@ def block(r0, n_r, s_r, c0, n_c, s_c, RB: tl.constexpr, CB: tl.constexpr):
 def accumulate(ptr, offs, mask, value):
     """``ptr[offs] += value`` on a slice only this program writes (one split's partial sums: no atomics)."""
     tl.store(ptr + offs, tl.load(ptr + offs, mask=mask, other=0.0) + value, mask=mask)
+
+
+@triton.jit
+def dot(a, b, PREC: tl.constexpr):
+    """``a @ b`` accumulated in float32; ``PREC`` is :func:`.triton_support.dot_precision`'s answer ("ieee",
+    "tf32", or "upcast": the operands are widened to float32 first, exact for bfloat16 ones, where Triton's
+    interpreter multiplies bfloat16 blocks wrongly)."""
+    if PREC == "upcast":
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    return tl.dot(a, b, input_precision=PREC)

@@ -1,0 +1,204 @@
+"""The fused Triton kernels of LoKr's and LoHa's linear bypass (ops/triton_kron.py, ops/triton_khatri_rao.py):
+the output and every gradient (x, each factor, the base output) equal the eager path's and a float64
+reference built from ΔW (torch.kron, the Hadamard product of the two low-rank products), in float32 to
+1e-5 of the largest entry and in bfloat16 (tensors, or float32 under autocast) to its precision; shapes that
+are no multiple of any block size, W2 full and decomposed; and the dispatch picks the eager path on CPU
+tensors unless forced, and when the shapes exceed the kernels' limits.
+
+On the CPU the kernels run in Triton's interpreter: ``TRITON_INTERPRET=1`` is set here, before the kernel
+modules are imported.  Triton reads it when a kernel is decorated (and again when a launch first imports its
+helpers), not when triton itself is imported, so it works although torch has imported triton already; it
+stays set for the rest of the process, where nothing else compiles Triton kernels on the CPU (inductor
+compiles C++ there).  Were the kernel modules imported before without it, they are reloaded.  With
+``BEYONDLORA_TEST_DEVICE=cuda`` the kernels compile for the GPU instead, and the eager path they are compared
+with runs there too.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+
+import pytest
+import torch
+from torch import nn
+
+import beyondlora as bl
+from helpers.layer_cases import DEVICE, set_mode
+
+if DEVICE.type == "cpu":
+    os.environ["TRITON_INTERPRET"] = "1"
+
+from beyondlora.ops import triton_khatri_rao, triton_kron, triton_tiles  # noqa: E402
+from beyondlora.ops.bypass_khatri_rao import khatri_rao_linear  # noqa: E402
+from beyondlora.ops.bypass_kron import kron_linear  # noqa: E402
+
+if DEVICE.type == "cpu" and type(triton_kron._kron_apply_kernel).__name__ != "InterpretedFunction":
+    for module in (triton_tiles, triton_kron, triton_khatri_rao):
+        importlib.reload(module)
+
+ALPHA = 0.7
+#: (a, b, c, d, r, tokens): a small case, and one whose every side misses the block sizes (r > 16 pads to 32)
+KRON_SHAPES = [(3, 5, 2, 7, 3, 11), (5, 37, 3, 35, 17, 19)]
+#: (out, in, r1, r2, tokens)
+KHATRI_RAO_SHAPES = [(13, 37, 3, 3, 45), (41, 70, 2, 5, 33)]
+PRECISIONS = {
+    "fp32": (torch.float32, False, 1e-5),
+    "bf16": (torch.bfloat16, False, 3e-2),
+    "autocast_bf16": (torch.float32, True, 3e-2),
+}
+
+
+def _rand(*shape: int, dtype: torch.dtype, scale: float = 1.0) -> torch.Tensor:
+    return (torch.randn(*shape, dtype=torch.float64) * scale).to(DEVICE, dtype).requires_grad_()
+
+
+def _run(fn, inputs: list[torch.Tensor], grad: torch.Tensor, setting: str, autocast: bool) -> list[torch.Tensor]:
+    """Output and the gradients of every input, with ``BEYONDLORA_FUSED=setting``."""
+    for t in inputs:
+        t.grad = None
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("BEYONDLORA_FUSED", setting)
+        with torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=autocast):
+            out = fn(*inputs)
+        out.backward(grad.to(out.dtype))
+    return [out.detach(), *[t.grad for t in inputs]]
+
+
+def _reference(delta_fn, inputs: list[torch.Tensor], grad: torch.Tensor) -> list[torch.Tensor]:
+    """``result + x ΔWᵀ`` in float64 with ΔW from ``delta_fn(*factors)``, and its gradients."""
+    leaves = [t.detach().double().requires_grad_() for t in inputs]
+    result, x, *factors = leaves
+    out = result + x @ delta_fn(*factors).t()
+    out.backward(grad.double())
+    return [out.detach(), *[t.grad for t in leaves]]
+
+
+def _assert_close(found: list[torch.Tensor], expected: list[torch.Tensor], tol: float, what: str) -> None:
+    names = ["output", "∂result", "∂x", *[f"∂factor{i}" for i in range(len(found) - 3)]]
+    for name, f, e in zip(names, found, expected, strict=True):
+        err = (f.double() - e.double()).abs().max().item() / e.double().abs().max().item()
+        assert err <= tol, f"{what}: {name} off by {err:.2e} of its largest entry (tolerance {tol:.0e})"
+
+
+def _kron_case(shape: tuple[int, ...], full: bool, dtype: torch.dtype):
+    a, b, c, d, r, n = shape
+    factors = [_rand(a, c, dtype=dtype)] + ([_rand(b, d, dtype=dtype)] if full else [])
+    if not full:
+        factors += [_rand(r, d, dtype=dtype, scale=r**-0.5), _rand(b, r, dtype=dtype)]
+    inputs = [_rand(n, a * b, dtype=dtype), _rand(n, c * d, dtype=dtype), *factors]
+
+    def fn(result, x, w1, *w2):
+        w2_in, w2_out = (None, w2[0]) if full else w2
+        return kron_linear(result, x, w1, w2_in, w2_out, ALPHA)
+
+    def delta(w1, *w2):
+        return ALPHA * torch.kron(w1, w2[0] if full else w2[1] @ w2[0])
+
+    return fn, delta, inputs, torch.randn(n, a * b, dtype=torch.float64, device=DEVICE)
+
+
+def _khatri_rao_case(shape: tuple[int, ...], dtype: torch.dtype):
+    out, width, r1, r2, n = shape
+    factors = [_rand(out, r1, dtype=dtype), _rand(r1, width, dtype=dtype, scale=0.3)]
+    factors += [_rand(out, r2, dtype=dtype), _rand(r2, width, dtype=dtype, scale=0.3)]
+    inputs = [_rand(n, out, dtype=dtype), _rand(n, width, dtype=dtype), *factors]
+
+    def fn(result, x, a1, b1, a2, b2):
+        return khatri_rao_linear(result, x, a1, b1, a2, b2, ALPHA)
+
+    def delta(a1, b1, a2, b2):
+        return ALPHA * (a1 @ b1) * (a2 @ b2)
+
+    return fn, delta, inputs, torch.randn(n, out, dtype=torch.float64, device=DEVICE)
+
+
+def _check(case, precision: str) -> None:
+    fn, delta, inputs, grad = case
+    _, autocast, tol = PRECISIONS[precision]
+    fused = _run(fn, inputs, grad, "force", autocast)
+    eager = _run(fn, inputs, grad, "0", autocast)
+    reference = _reference(delta, inputs, grad)
+    for f, e in zip(fused, eager, strict=True):  # same dtypes as the eager path, output and every gradient
+        assert f.dtype == e.dtype and f.shape == e.shape
+    _assert_close(fused, reference, tol, "fused against float64")
+    _assert_close(eager, reference, tol, "eager against float64")
+    _assert_close(fused, [e.double() for e in eager], tol, "fused against eager")
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+@pytest.mark.parametrize("full", [False, True], ids=["w2_decomposed", "w2_full"])
+@pytest.mark.parametrize("shape", KRON_SHAPES, ids=["small", "ragged"])
+def test_kron_fused_equals_eager(shape: tuple[int, ...], full: bool, precision: str) -> None:
+    _check(_kron_case(shape, full, PRECISIONS[precision][0]), precision)
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+@pytest.mark.parametrize("shape", KHATRI_RAO_SHAPES, ids=["small", "ragged"])
+def test_khatri_rao_fused_equals_eager(shape: tuple[int, ...], precision: str) -> None:
+    _check(_khatri_rao_case(shape, PRECISIONS[precision][0]), precision)
+
+
+@pytest.mark.parametrize("full", [False, True], ids=["w2_decomposed", "w2_full"])
+def test_kron_grad_of_x_alone(full: bool) -> None:
+    """With frozen factors backward runs the forward kernel on the transposed factors (W1ᵀ ⊗ W2ᵀ) g."""
+    fn, delta, inputs, grad = _kron_case(KRON_SHAPES[1], full, torch.float32)
+    for factor in inputs[2:]:
+        factor.requires_grad_(False)
+    factors = inputs[2:]
+    fused = _run(lambda result, x: fn(result, x, *factors), inputs[:2], grad, "force", False)
+    reference = _reference(lambda: delta(*factors).double(), inputs[:2], grad)
+    _assert_close(fused, reference, 1e-5, "∂x alone")
+
+
+def _grad_fn_name(setting: str, fn, inputs: list[torch.Tensor]) -> str:
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("BEYONDLORA_FUSED", setting)
+        return type(fn(*inputs).grad_fn).__name__
+
+
+@pytest.mark.parametrize("setting", ["force", "1", "0"])
+def test_dispatch(setting: str) -> None:
+    """CPU tensors take the eager path unless forced; CUDA ones the kernels unless turned off; shapes past the
+    kernels' limits (a rank over 64, r1·r2 over 256) always the eager path."""
+    fused = setting == "force" or (setting == "1" and DEVICE.type == "cuda")
+    fn, _, inputs, _ = _kron_case(KRON_SHAPES[0], False, torch.float32)
+    assert _grad_fn_name(setting, fn, inputs) == ("FusedKronLinearBackward" if fused else "KronLinearBackward")
+    fn, _, inputs, _ = _khatri_rao_case(KHATRI_RAO_SHAPES[0], torch.float32)
+    expected = "FusedKhatriRaoLinearBackward" if fused else "KhatriRaoLinearBackward"
+    assert _grad_fn_name(setting, fn, inputs) == expected
+    fn, _, inputs, _ = _kron_case((2, 3, 2, 70, 65, 4), False, torch.float32)
+    assert _grad_fn_name(setting, fn, inputs) == "KronLinearBackward"
+    fn, _, inputs, _ = _khatri_rao_case((8, 8, 17, 16, 4), torch.float32)
+    assert _grad_fn_name(setting, fn, inputs) == "KhatriRaoLinearBackward"
+    fn, _, inputs, _ = _kron_case(KRON_SHAPES[0], False, torch.float64)  # float64: no dtype the kernels take
+    assert _grad_fn_name(setting, fn, inputs) == "KronLinearBackward"
+
+
+CONFIGS = {
+    "lokr": bl.LoKrConfig(r=2, target_modules=["0"], init_weights=False),
+    "loha": bl.LoHaConfig(r=3, target_modules=["0"], init_weights=False),
+}
+
+
+@pytest.mark.parametrize("config", CONFIGS.values(), ids=CONFIGS.keys())
+def test_through_the_layer(config) -> None:
+    """An adapted linear layer on its bypass (a 3-D input) trains the same with the kernels as without."""
+    torch.manual_seed(0)
+    model = bl.get_peft_model(nn.Sequential(nn.Linear(24, 30)).to(DEVICE), config)
+    set_mode(model, "bypass")
+    model.train()
+    x = torch.randn(2, 5, 24, device=DEVICE, requires_grad=True)
+    grad = torch.randn(2, 5, 30, device=DEVICE)
+    params = [p for p in model.parameters() if p.requires_grad]
+    found = {}
+    for setting in ("force", "0"):
+        model.zero_grad()
+        x.grad = None
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setenv("BEYONDLORA_FUSED", setting)
+            out = model(x)
+        out.backward(grad)
+        found[setting] = [out.detach(), x.grad, *[p.grad for p in params]]
+    for f, e in zip(found["force"], found["0"], strict=True):
+        torch.testing.assert_close(f, e, rtol=1e-5, atol=1e-5)
