@@ -202,3 +202,14 @@ def test_through_the_layer(config) -> None:
         found[setting] = [out.detach(), x.grad, *[p.grad for p in params]]
     for f, e in zip(found["force"], found["0"], strict=True):
         torch.testing.assert_close(f, e, rtol=1e-5, atol=1e-5)
+
+
+def test_compile_traces_the_eager_path() -> None:
+    """torch.compile traces the eager functions (the kernels are opaque to it) without a graph break, even when
+    the kernels are forced."""
+    fn, _, inputs, grad = _kron_case(KRON_SHAPES[0], False, torch.float32)
+    compiled = torch.compile(fn, backend="aot_eager", fullgraph=True)
+    found = _run(compiled, inputs, grad, "force", False)
+    expected = _run(fn, inputs, grad, "0", False)
+    for f, e in zip(found, expected, strict=True):
+        torch.testing.assert_close(f, e)
