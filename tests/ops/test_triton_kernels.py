@@ -45,6 +45,7 @@ KHATRI_RAO_SHAPES = [(13, 37, 3, 3, 45), (41, 70, 2, 5, 33)]
 PRECISIONS = {
     "fp32": (torch.float32, False, 1e-5),
     "bf16": (torch.bfloat16, False, 3e-2),
+    "fp16": (torch.float16, False, 5e-3),
     "autocast_bf16": (torch.float32, True, 3e-2),
 }
 
@@ -213,3 +214,29 @@ def test_compile_traces_the_eager_path() -> None:
     expected = _run(fn, inputs, grad, "0", False)
     for f, e in zip(found, expected, strict=True):
         torch.testing.assert_close(f, e)
+
+
+def _assert_fused_is_eager(fn, inputs: list[torch.Tensor], grad: torch.Tensor) -> None:
+    found = _run(fn, inputs, grad, "force", False)
+    expected = _run(fn, inputs, grad, "0", False)
+    for f, e in zip(found, expected, strict=True):
+        torch.testing.assert_close(f, e, rtol=1e-5, atol=1e-5)
+
+
+def _batch_major(t: torch.Tensor) -> torch.Tensor:
+    """(2·S, W) rows as a (S, 2, W) view: a transposed batch whose rows are not contiguous."""
+    return t.detach().reshape(2, -1, t.shape[-1]).transpose(0, 1).requires_grad_(t.requires_grad)
+
+
+def test_strided_and_single_token_inputs() -> None:
+    """Inputs and base outputs whose rows are not contiguous (a transposed 3-D batch), and a single token."""
+    fn, _, inputs, grad = _kron_case((3, 5, 2, 7, 3, 12), False, torch.float32)
+    strided = [_batch_major(t) for t in inputs[:2]] + inputs[2:]
+    assert not strided[1].is_contiguous()
+    _assert_fused_is_eager(fn, strided, _batch_major(grad))
+    fn, _, inputs, grad = _kron_case((3, 5, 2, 7, 3, 1), True, torch.float32)
+    _assert_fused_is_eager(fn, inputs, grad)
+    fn, _, inputs, grad = _khatri_rao_case((9, 20, 2, 3, 12), torch.float32)
+    _assert_fused_is_eager(fn, [_batch_major(t) for t in inputs[:2]] + inputs[2:], _batch_major(grad))
+    fn, _, inputs, grad = _khatri_rao_case((9, 20, 2, 3, 1), torch.float32)
+    _assert_fused_is_eager(fn, inputs, grad)
