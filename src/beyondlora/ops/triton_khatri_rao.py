@@ -24,7 +24,7 @@ from torch import Tensor
 
 from .bypass_common import autocasting, cast, compute_dtype, grad_like, input_to_save
 from .triton_support import dot_precision, pow2, rows_of, split_count
-from .triton_tiles import accumulate, block, dot
+from .triton_tiles import accumulate_block, dot, load_block, store_block
 
 BLOCK_N = 32
 BLOCK_K = 32
@@ -35,9 +35,8 @@ MAX_RANK2 = 256
 
 @triton.jit
 def _factor(ptr, s_0, s_1, n_rank, rank_pad: tl.constexpr, c0, n_c, CB: tl.constexpr):
-    """Columns c0 … c0 + CB of a (rank, n) factor as a (rank_pad, CB) block, zero outside."""
-    offs, mask = block(0, n_rank, s_0, c0, n_c, s_1, rank_pad, CB)
-    return tl.load(ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    """Columns c0 … c0 + CB of a (rank, n) factor as a (rank_pad, CB) block in float32, zero outside."""
+    return load_block(ptr, 0, n_rank, s_0, c0, n_c, s_1, rank_pad, CB).to(tl.float32)
 
 
 @triton.jit
@@ -54,6 +53,20 @@ def _split(grad, f1, f2, R1P: tl.constexpr, R2P: tl.constexpr, CB: tl.constexpr)
 
 
 @triton.jit
+def _hidden(x_ptr, b1_ptr, b2_ptr, n0, n_rows, IN, r1, r2, s_x, s_b1_0, s_b1_1, s_b2_0, s_b2_1,
+            BN: tl.constexpr, R1P: tl.constexpr, R2P: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
+    """``x (b1 •c b2)ᵀ`` for BN tokens: (BN, R1P·R2P) in float32."""
+    dt = x_ptr.dtype.element_ty
+    h = tl.zeros((BN, R1P * R2P), dtype=tl.float32)
+    for k0 in range(0, IN, BK):
+        xt = load_block(x_ptr, n0, n_rows, s_x, k0, IN, 1, BN, BK)
+        down = _khatri_rao(_factor(b1_ptr, s_b1_0, s_b1_1, r1, R1P, k0, IN, BK),
+                           _factor(b2_ptr, s_b2_0, s_b2_1, r2, R2P, k0, IN, BK), R1P, R2P, BK)  # fmt: skip
+        h += dot(xt, tl.trans(down.to(dt)), PREC)
+    return h
+
+
+@triton.jit
 def _khatri_rao_apply_kernel(
     x_ptr, res_ptr, out_ptr, a1_ptr, b1_ptr, a2_ptr, b2_ptr,
     n_rows, IN, OUT, r1, r2, s_x, s_res, s_out, s_a1_0, s_a1_1, s_b1_0, s_b1_1, s_a2_0, s_a2_1, s_b2_0, s_b2_1,
@@ -65,23 +78,15 @@ def _khatri_rao_apply_kernel(
     factors are read as (rank, out) through their strides (transposed views)."""
     n0 = tl.program_id(0) * BN
     dt = x_ptr.dtype.element_ty
-    h = tl.zeros((BN, R1P * R2P), dtype=tl.float32)  # x (b1 •c b2)ᵀ
-    for k0 in range(0, IN, BK):
-        offs, mask = block(n0, n_rows, s_x, k0, IN, 1, BN, BK)
-        xt = tl.load(x_ptr + offs, mask=mask, other=0.0)
-        down = _khatri_rao(_factor(b1_ptr, s_b1_0, s_b1_1, r1, R1P, k0, IN, BK),
-                           _factor(b2_ptr, s_b2_0, s_b2_1, r2, R2P, k0, IN, BK), R1P, R2P, BK)  # fmt: skip
-        h += dot(xt, tl.trans(down.to(dt)), PREC)
-    h = h.to(dt)
+    h = _hidden(x_ptr, b1_ptr, b2_ptr, n0, n_rows, IN, r1, r2, s_x, s_b1_0, s_b1_1, s_b2_0, s_b2_1,
+                BN, R1P, R2P, BK, PREC).to(dt)  # fmt: skip
     for o0 in range(0, OUT, BO):
         up = _khatri_rao(_factor(a1_ptr, s_a1_1, s_a1_0, r1, R1P, o0, OUT, BO),
                          _factor(a2_ptr, s_a2_1, s_a2_0, r2, R2P, o0, OUT, BO), R1P, R2P, BO)  # fmt: skip
         acc = alpha * dot(h, up.to(dt), PREC)
-        offs, mask = block(n0, n_rows, s_out, o0, OUT, 1, BN, BO)
         if HAS_RES:
-            offs_r, _ = block(n0, n_rows, s_res, o0, OUT, 1, BN, BO)
-            acc += tl.load(res_ptr + offs_r, mask=mask, other=0.0).to(tl.float32)
-        tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+            acc += load_block(res_ptr, n0, n_rows, s_res, o0, OUT, 1, BN, BO).to(tl.float32)
+        store_block(out_ptr, n0, n_rows, s_out, o0, OUT, 1, acc, BN, BO)
 
 
 @triton.jit
@@ -101,41 +106,28 @@ def _khatri_rao_grads_kernel(
     dt = x_ptr.dtype.element_ty
     for tile in range(split, tl.cdiv(n_rows, BN), n_splits):
         n0 = tile * BN
-        h = tl.zeros((BN, R1P * R2P), dtype=tl.float32)
-        for k0 in range(0, IN, BK):
-            offs, mask = block(n0, n_rows, s_x, k0, IN, 1, BN, BK)
-            xt = tl.load(x_ptr + offs, mask=mask, other=0.0)
-            down = _khatri_rao(_factor(b1_ptr, s_b1_0, s_b1_1, r1, R1P, k0, IN, BK),
-                               _factor(b2_ptr, s_b2_0, s_b2_1, r2, R2P, k0, IN, BK), R1P, R2P, BK)  # fmt: skip
-            h += dot(xt, tl.trans(down.to(dt)), PREC)
-        h = h.to(dt)
+        h = _hidden(x_ptr, b1_ptr, b2_ptr, n0, n_rows, IN, r1, r2, s_x, s_b1_0, s_b1_1, s_b2_0, s_b2_1,
+                    BN, R1P, R2P, BK, PREC).to(dt)  # fmt: skip
         dh = tl.zeros((BN, R1P * R2P), dtype=tl.float32)  # g (a1 •r a2)
         for o0 in range(0, OUT, BO):
-            offs, mask = block(n0, n_rows, s_g, o0, OUT, 1, BN, BO)
-            gt = tl.load(g_ptr + offs, mask=mask, other=0.0)
+            gt = load_block(g_ptr, n0, n_rows, s_g, o0, OUT, 1, BN, BO)
             f1 = _factor(a1_ptr, s_a1_1, s_a1_0, r1, R1P, o0, OUT, BO)
             f2 = _factor(a2_ptr, s_a2_1, s_a2_0, r2, R2P, o0, OUT, BO)
             dh += dot(gt, tl.trans(_khatri_rao(f1, f2, R1P, R2P, BO).to(dt)), PREC)
             d1, d2 = _split(dot(tl.trans(h), gt, PREC), f1, f2, R1P, R2P, BO)
-            offs, mask = block(0, r1, OUT, o0, OUT, 1, R1P, BO)
-            accumulate(pa1_ptr + split * r1 * OUT, offs, mask, d1)
-            offs, mask = block(0, r2, OUT, o0, OUT, 1, R2P, BO)
-            accumulate(pa2_ptr + split * r2 * OUT, offs, mask, d2)
-        dh = dh.to(dt)
+            accumulate_block(pa1_ptr + split * r1 * OUT, 0, r1, OUT, o0, OUT, 1, d1, R1P, BO)
+            accumulate_block(pa2_ptr + split * r2 * OUT, 0, r2, OUT, o0, OUT, 1, d2, R2P, BO)
+        dh_d = dh.to(dt)
         for k0 in range(0, IN, BK):
-            offs, mask = block(n0, n_rows, s_x, k0, IN, 1, BN, BK)
-            xt = tl.load(x_ptr + offs, mask=mask, other=0.0)
+            xt = load_block(x_ptr, n0, n_rows, s_x, k0, IN, 1, BN, BK)
             f1 = _factor(b1_ptr, s_b1_0, s_b1_1, r1, R1P, k0, IN, BK)
             f2 = _factor(b2_ptr, s_b2_0, s_b2_1, r2, R2P, k0, IN, BK)
             if NEED_X:
-                dx = alpha * dot(dh, _khatri_rao(f1, f2, R1P, R2P, BK).to(dt), PREC)
-                offs_dx, _ = block(n0, n_rows, s_dx, k0, IN, 1, BN, BK)
-                tl.store(dx_ptr + offs_dx, dx.to(dx_ptr.dtype.element_ty), mask=mask)
-            d1, d2 = _split(dot(tl.trans(dh), xt, PREC), f1, f2, R1P, R2P, BK)
-            offs, mask = block(0, r1, IN, k0, IN, 1, R1P, BK)
-            accumulate(pb1_ptr + split * r1 * IN, offs, mask, d1)
-            offs, mask = block(0, r2, IN, k0, IN, 1, R2P, BK)
-            accumulate(pb2_ptr + split * r2 * IN, offs, mask, d2)
+                dx = alpha * dot(dh_d, _khatri_rao(f1, f2, R1P, R2P, BK).to(dt), PREC)
+                store_block(dx_ptr, n0, n_rows, s_dx, k0, IN, 1, dx, BN, BK)
+            d1, d2 = _split(dot(tl.trans(dh_d), xt, PREC), f1, f2, R1P, R2P, BK)
+            accumulate_block(pb1_ptr + split * r1 * IN, 0, r1, IN, k0, IN, 1, d1, R1P, BK)
+            accumulate_block(pb2_ptr + split * r2 * IN, 0, r2, IN, k0, IN, 1, d2, R2P, BK)
 
 
 def khatri_rao_supported(a1: Tensor, a2: Tensor) -> bool:

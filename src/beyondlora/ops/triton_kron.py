@@ -25,7 +25,7 @@ from torch import Tensor
 
 from .bypass_common import autocasting, cast, compute_dtype, grad_like, input_to_save
 from .triton_support import dot_precision, pow2, rows_of, split_count
-from .triton_tiles import accumulate, block, dot
+from .triton_tiles import accumulate_block, dot, load_block, store_block
 
 #: rows (tokens × groups) per tile, and column block widths
 TILE_ROWS = 64
@@ -47,6 +47,22 @@ def _rows(n0, n_rows, k0, width, groups, stride, BN: tl.constexpr, GP: tl.conste
     offs = token[:, None].to(tl.int64) * stride + (group * width)[:, None] + k[None, :]
     mask = (token < n_rows)[:, None] & (group < groups)[:, None] & (k < width)[None, :]
     return offs, mask
+
+
+@triton.jit
+def _load_rows(ptr, n0, n_rows, k0, width, groups, stride, BN: tl.constexpr, GP: tl.constexpr, BK: tl.constexpr):
+    """The :func:`_rows` tile, zero outside the matrix."""
+    offs, mask = _rows(n0, n_rows, k0, width, groups, stride, BN, GP, BK)
+    return tl.load(ptr + offs, mask=mask, other=0.0)
+
+
+@triton.jit
+def _store_rows(
+    ptr, value, n0, n_rows, k0, width, groups, stride, BN: tl.constexpr, GP: tl.constexpr, BK: tl.constexpr
+):
+    """Stores ``value`` into the :func:`_rows` tile, in the matrix's dtype."""
+    offs, mask = _rows(n0, n_rows, k0, width, groups, stride, BN, GP, BK)
+    tl.store(ptr + offs, value.to(ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -76,42 +92,27 @@ def _kron_apply_kernel(
     wout (B, R); FULL: wout is W2 (B, D).  x (N, C·D) rows, out and res (N, A·B) rows."""
     n0 = tl.program_id(0) * BN
     dt = x_ptr.dtype.element_ty
-    offs, mask = block(0, A, s_w1_0, 0, C, s_w1_1, AP, CP)
-    w1 = tl.load(w1_ptr + offs, mask=mask, other=0.0)
-    if FULL:
-        for b0 in range(0, B, BB):
-            acc = tl.zeros((BN * AP, BB), dtype=tl.float32)
-            for k0 in range(0, D, BK):
-                offs, mask = _rows(n0, n_rows, k0, D, C, s_x, BN, CP, BK)
-                xt = tl.load(x_ptr + offs, mask=mask, other=0.0)
-                h = _mix(w1, xt, BN, CP, AP, BK, PREC).to(dt)  # (W1 X)[:, k0:k0+BK]
-                offs, mask = block(k0, D, s_out_1, b0, B, s_out_0, BK, BB)  # W2ᵀ block
-                acc += dot(h, tl.load(wout_ptr + offs, mask=mask, other=0.0), PREC)
-            offs, mask = _rows(n0, n_rows, b0, B, A, s_out, BN, AP, BB)
-            if HAS_RES:
-                offs_r, _ = _rows(n0, n_rows, b0, B, A, s_res, BN, AP, BB)
-                acc = alpha * acc + tl.load(res_ptr + offs_r, mask=mask, other=0.0).to(tl.float32)
-            else:
-                acc = alpha * acc
-            tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
-    else:
+    w1 = load_block(w1_ptr, 0, A, s_w1_0, 0, C, s_w1_1, AP, CP)
+    h = tl.zeros((BN * AP, RP), dtype=dt)
+    if not FULL:
         t = tl.zeros((BN * CP, RP), dtype=tl.float32)  # X w2_inᵀ, one row per (token, group)
         for k0 in range(0, D, BK):
-            offs, mask = _rows(n0, n_rows, k0, D, C, s_x, BN, CP, BK)
-            xt = tl.load(x_ptr + offs, mask=mask, other=0.0)
-            offs, mask = block(k0, D, s_in_1, 0, R, s_in_0, BK, RP)  # w2_inᵀ block
-            t += dot(xt, tl.load(win_ptr + offs, mask=mask, other=0.0), PREC)
+            xt = _load_rows(x_ptr, n0, n_rows, k0, D, C, s_x, BN, CP, BK)
+            t += dot(xt, load_block(win_ptr, k0, D, s_in_1, 0, R, s_in_0, BK, RP), PREC)  # w2_inᵀ block
         h = _mix(w1, t.to(dt), BN, CP, AP, RP, PREC).to(dt)  # W1 t: (BN·AP, RP)
-        for b0 in range(0, B, BB):
-            offs, mask = block(0, R, s_out_1, b0, B, s_out_0, RP, BB)  # w2_outᵀ block
-            acc = dot(h, tl.load(wout_ptr + offs, mask=mask, other=0.0), PREC)
-            offs, mask = _rows(n0, n_rows, b0, B, A, s_out, BN, AP, BB)
-            if HAS_RES:
-                offs_r, _ = _rows(n0, n_rows, b0, B, A, s_res, BN, AP, BB)
-                acc = alpha * acc + tl.load(res_ptr + offs_r, mask=mask, other=0.0).to(tl.float32)
-            else:
-                acc = alpha * acc
-            tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    for b0 in range(0, B, BB):
+        if FULL:
+            acc = tl.zeros((BN * AP, BB), dtype=tl.float32)
+            for k0 in range(0, D, BK):
+                xt = _load_rows(x_ptr, n0, n_rows, k0, D, C, s_x, BN, CP, BK)
+                hk = _mix(w1, xt, BN, CP, AP, BK, PREC).to(dt)  # (W1 X)[:, k0:k0+BK]
+                acc += dot(hk, load_block(wout_ptr, k0, D, s_out_1, b0, B, s_out_0, BK, BB), PREC)  # W2ᵀ block
+        else:
+            acc = dot(h, load_block(wout_ptr, 0, R, s_out_1, b0, B, s_out_0, RP, BB), PREC)  # w2_outᵀ block
+        acc = alpha * acc
+        if HAS_RES:
+            acc += _load_rows(res_ptr, n0, n_rows, b0, B, A, s_res, BN, AP, BB).to(tl.float32)
+        _store_rows(out_ptr, acc, n0, n_rows, b0, B, A, s_out, BN, AP, BB)
 
 
 @triton.jit
@@ -128,65 +129,47 @@ def _kron_grads_kernel(
     split = tl.program_id(0)
     n_splits = tl.num_programs(0)
     dt = x_ptr.dtype.element_ty
-    offs, mask = block(0, A, s_w1_0, 0, C, s_w1_1, AP, CP)
-    w1 = tl.load(w1_ptr + offs, mask=mask, other=0.0)
-    offs, mask = block(0, C, s_w1_1, 0, A, s_w1_0, CP, AP)
-    w1_t = tl.load(w1_ptr + offs, mask=mask, other=0.0)
+    w1 = load_block(w1_ptr, 0, A, s_w1_0, 0, C, s_w1_1, AP, CP)
+    w1_t = load_block(w1_ptr, 0, C, s_w1_1, 0, A, s_w1_0, CP, AP)
     grad_w1 = tl.zeros((AP, CP), dtype=tl.float32)
     for tile in range(split, tl.cdiv(n_rows, BN), n_splits):
         n0 = tile * BN
         if FULL:
             for k0 in range(0, D, BK):
-                offs, mask = _rows(n0, n_rows, k0, D, C, s_x, BN, CP, BK)
-                xt = tl.load(x_ptr + offs, mask=mask, other=0.0)
+                xt = _load_rows(x_ptr, n0, n_rows, k0, D, C, s_x, BN, CP, BK)
                 h = _mix(w1, xt, BN, CP, AP, BK, PREC).to(dt)  # (W1 X)[:, k0:k0+BK]
                 dh = tl.zeros((BN * AP, BK), dtype=tl.float32)
                 for b0 in range(0, B, BB):
-                    offs, mask = _rows(n0, n_rows, b0, B, A, s_g, BN, AP, BB)
-                    gt = tl.load(g_ptr + offs, mask=mask, other=0.0)
-                    offs, mask = block(b0, B, s_out_0, k0, D, s_out_1, BB, BK)
-                    dh += dot(gt, tl.load(wout_ptr + offs, mask=mask, other=0.0), PREC)
-                    offs, mask = block(b0, B, D, k0, D, 1, BB, BK)
-                    accumulate(pout_ptr + split * B * D, offs, mask, dot(tl.trans(gt), h, PREC))
+                    gt = _load_rows(g_ptr, n0, n_rows, b0, B, A, s_g, BN, AP, BB)
+                    dh += dot(gt, load_block(wout_ptr, b0, B, s_out_0, k0, D, s_out_1, BB, BK), PREC)
+                    accumulate_block(pout_ptr + split * B * D, b0, B, D, k0, D, 1, dot(tl.trans(gt), h, PREC), BB, BK)
                 dh = (alpha * dh).to(dt)
                 grad_w1 += _group_outer(dh, xt, BN, AP, CP, BK, PREC)
                 if NEED_X:
-                    offs, mask = _rows(n0, n_rows, k0, D, C, s_dx, BN, CP, BK)
                     dx = _mix(w1_t, dh, BN, AP, CP, BK, PREC)
-                    tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+                    _store_rows(dx_ptr, dx, n0, n_rows, k0, D, C, s_dx, BN, CP, BK)
         else:
             t = tl.zeros((BN * CP, RP), dtype=tl.float32)
             for k0 in range(0, D, BK):
-                offs, mask = _rows(n0, n_rows, k0, D, C, s_x, BN, CP, BK)
-                xt = tl.load(x_ptr + offs, mask=mask, other=0.0)
-                offs, mask = block(k0, D, s_in_1, 0, R, s_in_0, BK, RP)
-                t += dot(xt, tl.load(win_ptr + offs, mask=mask, other=0.0), PREC)
-            t = t.to(dt)
-            h = _mix(w1, t, BN, CP, AP, RP, PREC).to(dt)
+                xt = _load_rows(x_ptr, n0, n_rows, k0, D, C, s_x, BN, CP, BK)
+                t += dot(xt, load_block(win_ptr, k0, D, s_in_1, 0, R, s_in_0, BK, RP), PREC)
+            t_d = t.to(dt)
+            h = _mix(w1, t_d, BN, CP, AP, RP, PREC).to(dt)
             dh = tl.zeros((BN * AP, RP), dtype=tl.float32)
             for b0 in range(0, B, BB):
-                offs, mask = _rows(n0, n_rows, b0, B, A, s_g, BN, AP, BB)
-                gt = tl.load(g_ptr + offs, mask=mask, other=0.0)
-                offs, mask = block(b0, B, s_out_0, 0, R, s_out_1, BB, RP)
-                dh += dot(gt, tl.load(wout_ptr + offs, mask=mask, other=0.0), PREC)
-                offs, mask = block(b0, B, R, 0, R, 1, BB, RP)
-                accumulate(pout_ptr + split * B * R, offs, mask, dot(tl.trans(gt), h, PREC))
-            dh = (alpha * dh).to(dt)
-            grad_w1 += _group_outer(dh, t, BN, AP, CP, RP, PREC)
-            d_t = _mix(w1_t, dh, BN, AP, CP, RP, PREC).to(dt)  # ∂T = W1ᵀ ∂H: (BN·CP, RP)
+                gt = _load_rows(g_ptr, n0, n_rows, b0, B, A, s_g, BN, AP, BB)
+                dh += dot(gt, load_block(wout_ptr, b0, B, s_out_0, 0, R, s_out_1, BB, RP), PREC)
+                accumulate_block(pout_ptr + split * B * R, b0, B, R, 0, R, 1, dot(tl.trans(gt), h, PREC), BB, RP)
+            dh_d = (alpha * dh).to(dt)
+            grad_w1 += _group_outer(dh_d, t_d, BN, AP, CP, RP, PREC)
+            d_t = _mix(w1_t, dh_d, BN, AP, CP, RP, PREC).to(dt)  # ∂T = W1ᵀ ∂H: (BN·CP, RP)
             for k0 in range(0, D, BK):
-                offs, mask = block(0, R, s_in_0, k0, D, s_in_1, RP, BK)
-                w_in = tl.load(win_ptr + offs, mask=mask, other=0.0)
-                offs, mask = _rows(n0, n_rows, k0, D, C, s_x, BN, CP, BK)
-                xt = tl.load(x_ptr + offs, mask=mask, other=0.0)
-                offs_p, mask_p = block(0, R, D, k0, D, 1, RP, BK)
-                accumulate(pin_ptr + split * R * D, offs_p, mask_p, dot(tl.trans(d_t), xt, PREC))
+                xt = _load_rows(x_ptr, n0, n_rows, k0, D, C, s_x, BN, CP, BK)
+                accumulate_block(pin_ptr + split * R * D, 0, R, D, k0, D, 1, dot(tl.trans(d_t), xt, PREC), RP, BK)
                 if NEED_X:
-                    offs, mask = _rows(n0, n_rows, k0, D, C, s_dx, BN, CP, BK)
-                    dx = dot(d_t, w_in, PREC)
-                    tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
-    offs, mask = block(0, A, C, 0, C, 1, AP, CP)
-    tl.store(pw1_ptr + split * A * C + offs, grad_w1, mask=mask)
+                    dx = dot(d_t, load_block(win_ptr, 0, R, s_in_0, k0, D, s_in_1, RP, BK), PREC)
+                    _store_rows(dx_ptr, dx, n0, n_rows, k0, D, C, s_dx, BN, CP, BK)
+    store_block(pw1_ptr + split * A * C, 0, A, C, 0, C, 1, grad_w1, AP, CP)
 
 
 def kron_supported(w1: Tensor, w2_in: Tensor | None, x: Tensor) -> bool:

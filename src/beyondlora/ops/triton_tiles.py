@@ -1,5 +1,6 @@
-"""Tile addressing shared by the Triton kernels (:mod:`.triton_kron`, :mod:`.triton_khatri_rao`); imports
-Triton, so only those modules import it."""
+"""Tile addressing and products shared by the Triton kernels (:mod:`.triton_kron`, :mod:`.triton_khatri_rao`);
+imports Triton, so only those modules import it.  Loads and stores go through these helpers so that no
+offset variable in a kernel's loops changes shape (compiled Triton rejects loop-carried values that do)."""
 
 from __future__ import annotations
 
@@ -17,8 +18,23 @@ def block(r0, n_r, s_r, c0, n_c, s_c, RB: tl.constexpr, CB: tl.constexpr):
 
 
 @triton.jit
-def accumulate(ptr, offs, mask, value):
-    """``ptr[offs] += value`` on a slice only this program writes (one split's partial sums: no atomics)."""
+def load_block(ptr, r0, n_r, s_r, c0, n_c, s_c, RB: tl.constexpr, CB: tl.constexpr):
+    """The (RB, CB) block at (r0, c0) of :func:`block`'s matrix, zero outside it."""
+    offs, mask = block(r0, n_r, s_r, c0, n_c, s_c, RB, CB)
+    return tl.load(ptr + offs, mask=mask, other=0.0)
+
+
+@triton.jit
+def store_block(ptr, r0, n_r, s_r, c0, n_c, s_c, value, RB: tl.constexpr, CB: tl.constexpr):
+    """Stores ``value`` into the (RB, CB) block at (r0, c0), in the matrix's dtype."""
+    offs, mask = block(r0, n_r, s_r, c0, n_c, s_c, RB, CB)
+    tl.store(ptr + offs, value.to(ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def accumulate_block(ptr, r0, n_r, s_r, c0, n_c, s_c, value, RB: tl.constexpr, CB: tl.constexpr):
+    """``block += value`` on a slice only this program writes (one split's partial sums: no atomics)."""
+    offs, mask = block(r0, n_r, s_r, c0, n_c, s_c, RB, CB)
     tl.store(ptr + offs, tl.load(ptr + offs, mask=mask, other=0.0) + value, mask=mask)
 
 
