@@ -18,6 +18,9 @@ from __future__ import annotations
 
 import importlib
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -240,3 +243,15 @@ def test_strided_and_single_token_inputs() -> None:
     _assert_fused_is_eager(fn, [_batch_major(t) for t in inputs[:2]] + inputs[2:], _batch_major(grad))
     fn, _, inputs, grad = _khatri_rao_case((9, 20, 2, 3, 1), torch.float32)
     _assert_fused_is_eager(fn, inputs, grad)
+
+
+def test_kernels_compile_for_a_gpu() -> None:
+    """Every kernel compiles to an sm_90 cubin at the largest shapes the dispatch sends it (Triton's compiler
+    and ptxas, no GPU needed; tests/ops/triton_compile.py): the interpreter above accepts programs the
+    compiler rejects.  A subprocess, since the kernels here were decorated for the interpreter."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+    script = Path(__file__).with_name("triton_compile.py")
+    run = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.count("bytes shared") == 6, run.stdout
