@@ -39,8 +39,8 @@ def _signature(kernel, dtype: str, constexprs: dict[str, object]) -> dict[str, s
     return signature
 
 
-def cases() -> list[tuple[str, object, dict[str, object]]]:
-    """(name, kernel, constexprs) at the largest supported shapes: W1's sides and W2's rank at the limits,
+def cases() -> list[tuple[str, object, dict[str, object], int]]:
+    """(name, kernel, constexprs, warps) at the largest supported shapes: W1's sides and W2's rank at the limits,
     the rank product r1·r2 at its limit; products in "ieee" precision (what float32 takes without TF32)."""
     precision = "ieee"
     kron = triton_kron._blocks(triton_kron.MAX_GROUPS, triton_kron.MAX_GROUPS, triton_kron.MAX_RANK)
@@ -53,10 +53,12 @@ def cases() -> list[tuple[str, object, dict[str, object]]]:
     for full in (False, True):
         mode = "full W2" if full else "decomposed W2"
         blocks = {**kron, "FULL": full, "PREC": precision}
-        found.append((f"LoKr forward, {mode}", triton_kron._kron_apply_kernel, {**blocks, "HAS_RES": True}))
-        found.append((f"LoKr backward, {mode}", triton_kron._kron_grads_kernel, {**blocks, "NEED_X": True}))
-    found.append(("LoHa forward", triton_khatri_rao._khatri_rao_apply_kernel, {**loha, "HAS_RES": True}))
-    found.append(("LoHa backward", triton_khatri_rao._khatri_rao_grads_kernel, {**loha, "NEED_X": True}))
+        found.append((f"LoKr forward, {mode}", triton_kron._kron_apply_kernel, {**blocks, "HAS_RES": True}, 4))
+        backward = {**blocks, "NEED_X": True}
+        found.append((f"LoKr backward, {mode}", triton_kron._kron_grads_kernel, backward, triton_kron.GRAD_WARPS))
+    found.append(("LoHa forward", triton_khatri_rao._khatri_rao_apply_kernel, {**loha, "HAS_RES": True}, 4))
+    backward = {**loha, "NEED_X": True}
+    found.append(("LoHa backward", triton_khatri_rao._khatri_rao_grads_kernel, backward, triton_khatri_rao.GRAD_WARPS))
     return found
 
 
@@ -68,10 +70,10 @@ def main(argv: list[str] | None = None) -> int:
     dtypes = DTYPES if args.all else ("bf16",)
     for arch in archs:
         for dtype in dtypes:
-            for name, kernel, constexprs in cases():
+            for name, kernel, constexprs, warps in cases():
                 start = time.perf_counter()
                 source = ASTSource(fn=kernel, signature=_signature(kernel, dtype, constexprs), constexprs=constexprs)
-                compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32))
+                compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps})
                 seconds = time.perf_counter() - start
                 print(f"sm_{arch} {dtype} {name}: {compiled.metadata.shared} bytes shared, {seconds:.1f} s")
     return 0

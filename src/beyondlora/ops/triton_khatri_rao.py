@@ -31,6 +31,9 @@ BLOCK_K = 32
 BLOCK_O = 32
 #: the largest padded rank product r1·r2 the kernels hold in registers
 MAX_RANK2 = 256
+#: warps per backward program: with 4, ptxas spilled registers for sm_90 at r1 = r2 = 16; with 8, none did
+#: (Triton 3.9, cuobjdump -res-usage)
+GRAD_WARPS = 8
 
 
 @triton.jit
@@ -184,6 +187,7 @@ def khatri_rao_grads(
         x, g, dx, *factors, *partials, x.shape[0], *_launch_args(factors),
         x.stride(0), g.stride(0), dx.stride(0), *_factor_strides(factors), alpha,
         NEED_X=need_x, BN=BLOCK_N, R1P=r1p, R2P=r2p, BK=BLOCK_K, BO=BLOCK_O, PREC=dot_precision(x.dtype),
+        num_warps=GRAD_WARPS,
     )  # fmt: skip
     grad_a1, grad_b1, grad_a2, grad_b2 = (p.sum(0).mul_(alpha) for p in partials)
     return (dx if need_x else None), grad_a1.t(), grad_b1, grad_a2.t(), grad_b2

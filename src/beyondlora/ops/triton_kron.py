@@ -34,6 +34,9 @@ BLOCK_B = 32
 #: the largest padded group count (a, c) and rank the kernels hold in registers
 MAX_GROUPS = 64
 MAX_RANK = 64
+#: warps per backward program: with 4, ptxas spilled registers for sm_90 at a = c = 48, r = 16 (3072-wide
+#: layers) and beyond; with 8, none spilled up to the limits above (Triton 3.9, cuobjdump -res-usage)
+GRAD_WARPS = 8
 
 
 @triton.jit
@@ -226,7 +229,7 @@ def kron_grads(
     _kron_grads_kernel[(splits,)](
         x, g, dx, w1, w2_in if w2_in is not None else w2_out, w2_out, p_w1, p_in, p_out,
         x.shape[0], a, c, b, d, r, x.stride(0), g.stride(0), dx.stride(0), *_strides(w1, w2_in, w2_out), alpha,
-        NEED_X=need_x, FULL=w2_in is None, PREC=dot_precision(x.dtype), **blocks,
+        NEED_X=need_x, FULL=w2_in is None, PREC=dot_precision(x.dtype), num_warps=GRAD_WARPS, **blocks,
     )  # fmt: skip
     grad_in = p_in.sum(0) if w2_in is not None else None
     return (dx if need_x else None), p_w1.sum(0), grad_in, p_out.sum(0).mul_(alpha)
