@@ -43,7 +43,8 @@ def cases() -> list[tuple[str, object, dict[str, object], int]]:
     """(name, kernel, constexprs, warps) at the largest supported shapes: W1's sides and W2's rank at the limits,
     the rank product r1·r2 at its limit; products in "ieee" precision (what float32 takes without TF32)."""
     precision = "ieee"
-    kron = triton_kron._blocks(triton_kron.MAX_GROUPS, triton_kron.MAX_GROUPS, triton_kron.MAX_RANK)
+    limits = (triton_kron.MAX_GROUPS, triton_kron.MAX_GROUPS, triton_kron.MAX_RANK)
+    kron, kron_grads = triton_kron._blocks(*limits), triton_kron._blocks(*limits, grads=True)
     r1p, r2p = triton_khatri_rao._rank_blocks(16, 16)
     loha = {
         "BN": triton_khatri_rao.BLOCK_N, "R1P": r1p, "R2P": r2p, "BK": triton_khatri_rao.BLOCK_K,
@@ -54,10 +55,10 @@ def cases() -> list[tuple[str, object, dict[str, object], int]]:
         mode = "full W2" if full else "decomposed W2"
         blocks = {**kron, "FULL": full, "PREC": precision}
         found.append((f"LoKr forward, {mode}", triton_kron._kron_apply_kernel, {**blocks, "HAS_RES": True}, 4))
-        backward = {**blocks, "NEED_X": True}
+        backward = {**kron_grads, "FULL": full, "PREC": precision, "NEED_X": True}
         found.append((f"LoKr backward, {mode}", triton_kron._kron_grads_kernel, backward, triton_kron.GRAD_WARPS))
     found.append(("LoHa forward", triton_khatri_rao._khatri_rao_apply_kernel, {**loha, "HAS_RES": True}, 4))
-    backward = {**loha, "NEED_X": True}
+    backward = {**loha, "NEED_X": True, "BN": triton_khatri_rao.grad_tokens(r1p, r2p)}
     found.append(("LoHa backward", triton_khatri_rao._khatri_rao_grads_kernel, backward, triton_khatri_rao.GRAD_WARPS))
     return found
 

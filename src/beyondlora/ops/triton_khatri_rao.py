@@ -26,13 +26,15 @@ from .bypass_common import autocasting, cast, compute_dtype, grad_like, input_to
 from .triton_support import dot_precision, pow2, rows_of, split_count
 from .triton_tiles import accumulate_block, dot, load_block, store_block
 
+#: tokens per forward tile, and column block widths
 BLOCK_N = 32
 BLOCK_K = 32
 BLOCK_O = 32
 #: the largest padded rank product r1·r2 the kernels hold in registers
 MAX_RANK2 = 256
-#: warps per backward program: with 4, ptxas spilled registers for sm_90 at r1 = r2 = 16; with 8, none did
-#: (Triton 3.9, cuobjdump -res-usage)
+#: warps per backward program: with 4, ptxas spilled registers for sm_90 at the larger shapes even with the
+#: forward's tiles; with 8 and the backward's tiles, none spilled up to the limits above (Triton 3.9's cubins,
+#: cuobjdump -res-usage)
 GRAD_WARPS = 8
 
 
@@ -140,6 +142,13 @@ def khatri_rao_supported(a1: Tensor, a2: Tensor) -> bool:
     return r1p * r2p <= MAX_RANK2
 
 
+def grad_tokens(r1p: int, r2p: int) -> int:
+    """Tokens per backward tile: more than forward, since each tile adds its partial sums into the program's
+    slice in global memory (fewer tiles, less traffic); as many as registers hold without spilling for sm_90
+    (128 up to a padded rank product of 64, measured with cuobjdump on Triton 3.9's cubins)."""
+    return 128 if r1p * r2p <= 64 else 64
+
+
 def _rank_blocks(r1: int, r2: int) -> tuple[int, int]:
     """Padded ranks (R1P, R2P) with R1P·R2P ≥ 16, the least size of a ``tl.dot`` side."""
     r1p = pow2(r1, 1)
@@ -179,14 +188,15 @@ def khatri_rao_grads(
     a1, b1, a2, b2 = factors
     (n_out, r1), (r2, n_in) = a1.shape, b2.shape
     r1p, r2p = _rank_blocks(r1, r2)
-    splits = split_count(triton.cdiv(x.shape[0], BLOCK_N), x.device)
+    tokens = grad_tokens(r1p, r2p)
+    splits = split_count(triton.cdiv(x.shape[0], tokens), x.device)
     f32 = {"dtype": torch.float32, "device": x.device}
     partials = [torch.zeros((splits, r, n), **f32) for r, n in ((r1, n_out), (r1, n_in), (r2, n_out), (r2, n_in))]
     dx = torch.empty(x.shape, dtype=dx_dtype, device=x.device) if need_x else x
     _khatri_rao_grads_kernel[(splits,)](
         x, g, dx, *factors, *partials, x.shape[0], *_launch_args(factors),
         x.stride(0), g.stride(0), dx.stride(0), *_factor_strides(factors), alpha,
-        NEED_X=need_x, BN=BLOCK_N, R1P=r1p, R2P=r2p, BK=BLOCK_K, BO=BLOCK_O, PREC=dot_precision(x.dtype),
+        NEED_X=need_x, BN=tokens, R1P=r1p, R2P=r2p, BK=BLOCK_K, BO=BLOCK_O, PREC=dot_precision(x.dtype),
         num_warps=GRAD_WARPS,
     )  # fmt: skip
     grad_a1, grad_b1, grad_a2, grad_b2 = (p.sum(0).mul_(alpha) for p in partials)

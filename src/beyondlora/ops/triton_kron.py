@@ -27,15 +27,21 @@ from .bypass_common import autocasting, cast, compute_dtype, grad_like, input_to
 from .triton_support import dot_precision, pow2, rows_of, split_count
 from .triton_tiles import accumulate_block, dot, load_block, store_block
 
-#: rows (tokens × groups) per tile, and column block widths
+#: rows (tokens × groups) per forward tile, and column block widths
 TILE_ROWS = 64
+#: decomposed W2's backward tiles: rows × max(rank, BLOCK_K) at most this many, larger than the forward's
+#: tiles since each tile adds its partial sums into the program's slice in global memory (fewer tiles, less
+#: traffic); as large as registers allow without spilling for sm_90 (full W2's backward, which holds more
+#: rows × BLOCK_K blocks, keeps the forward's rows)
+GRAD_TILE = 4096
 BLOCK_K = 32
 BLOCK_B = 32
 #: the largest padded group count (a, c) and rank the kernels hold in registers
 MAX_GROUPS = 64
 MAX_RANK = 64
-#: warps per backward program: with 4, ptxas spilled registers for sm_90 at a = c = 48, r = 16 (3072-wide
-#: layers) and beyond; with 8, none spilled up to the limits above (Triton 3.9, cuobjdump -res-usage)
+#: warps per backward program: with 4, ptxas spilled registers for sm_90 at the larger shapes even with the
+#: forward's tiles; with 8 and the backward's tiles, none spilled up to the limits above (Triton 3.9's cubins,
+#: cuobjdump -res-usage)
 GRAD_WARPS = 8
 
 
@@ -183,9 +189,12 @@ def kron_supported(w1: Tensor, w2_in: Tensor | None, x: Tensor) -> bool:
     return x.shape[-1] % c == 0 and max(a, c) <= MAX_GROUPS and rank_ok
 
 
-def _blocks(a: int, c: int, r: int) -> dict[str, int]:
-    ap, cp = pow2(a), pow2(c)
-    return {"BN": max(1, TILE_ROWS // max(ap, cp)), "AP": ap, "CP": cp, "RP": pow2(r), "BK": BLOCK_K, "BB": BLOCK_B}
+def _blocks(a: int, c: int, r: int, grads: bool = False) -> dict[str, int]:
+    """Block sizes: BN tokens per tile (:data:`TILE_ROWS` rows of the larger side, or :data:`GRAD_TILE` for
+    decomposed W2's backward), the padded sides and rank (r = 0: full W2)."""
+    ap, cp, rp = pow2(a), pow2(c), pow2(r)
+    rows = GRAD_TILE // max(rp, BLOCK_K) if grads and r else TILE_ROWS
+    return {"BN": max(1, rows // max(ap, cp)), "AP": ap, "CP": cp, "RP": rp, "BK": BLOCK_K, "BB": BLOCK_B}
 
 
 def _strides(w1: Tensor, w2_in: Tensor | None, w2_out: Tensor) -> tuple[int, ...]:
@@ -219,7 +228,7 @@ def kron_grads(
     (N, a·b) rows, x (N, c·d) rows; factor gradients in float32, ∂x in ``dx_dtype`` (None unless need_x)."""
     (a, c), b = w1.shape, w2_out.shape[0]
     d, r = x.shape[1] // c, (w2_out.shape[1] if w2_in is not None else 0)
-    blocks = _blocks(a, c, r)
+    blocks = _blocks(a, c, r, grads=True)
     splits = split_count(triton.cdiv(x.shape[0], blocks["BN"]), x.device)
     f32 = {"dtype": torch.float32, "device": x.device}
     p_w1 = torch.empty((splits, a, c), **f32)  # every program stores its whole slice
