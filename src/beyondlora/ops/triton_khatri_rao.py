@@ -165,7 +165,7 @@ def _factor_strides(factors: tuple[Tensor, Tensor, Tensor, Tensor]) -> tuple[int
 
 
 def khatri_rao_apply(
-    x: Tensor, result: Tensor, factors: tuple[Tensor, Tensor, Tensor, Tensor], alpha: float, out_dtype
+    x: Tensor, result: Tensor, factors: tuple[Tensor, Tensor, Tensor, Tensor], alpha: float, out_dtype: torch.dtype
 ) -> Tensor:
     """``result + alpha · (a1 •r a2)((b1 •c b2) x)`` as rows (N, out) in ``out_dtype``; x (N, in) rows, result
     (N, out) rows, factors (a1, b1, a2, b2) in x's dtype."""
@@ -181,7 +181,12 @@ def khatri_rao_apply(
 
 
 def khatri_rao_grads(
-    g: Tensor, x: Tensor, factors: tuple[Tensor, Tensor, Tensor, Tensor], alpha: float, dx_dtype, need_x: bool
+    g: Tensor,
+    x: Tensor,
+    factors: tuple[Tensor, Tensor, Tensor, Tensor],
+    alpha: float,
+    dx_dtype: torch.dtype,
+    need_x: bool,
 ) -> tuple[Tensor | None, Tensor, Tensor, Tensor, Tensor]:
     """``(∂x, ∂a1, ∂b1, ∂a2, ∂b2)`` for the output gradient g (N, out) rows, x (N, in) rows; the factors'
     gradients in float32, ∂x in ``dx_dtype`` (None unless need_x)."""

@@ -1,6 +1,7 @@
 """LoKr's bypass on linear-like layers as fused Triton kernels: ``result + alpha · (W1 ⊗ W2) x`` computed per
 token tile as ``W1 (X w2_inᵀ) w2_outᵀ`` (x reshaped row-major to X (c × d)), never building W1 ⊗ W2 and never
-writing an intermediate to global memory.
+writing an intermediate of the activations' size to global memory (only the output, ∂x, and the factors'
+partial gradient sums).
 
 Shapes: result (N, a·b), x (N, c·d), W1 (a, c), W2 = w2_out (b, r) · w2_in (r, d), or a full W2 (b, d).
 A tile holds BN tokens as BN·c rows of X (one per input group) and BN·a rows of the output; W1 mixes the
@@ -203,7 +204,13 @@ def _strides(w1: Tensor, w2_in: Tensor | None, w2_out: Tensor) -> tuple[int, ...
 
 
 def kron_apply(
-    x: Tensor, result: Tensor | None, w1: Tensor, w2_in: Tensor | None, w2_out: Tensor, alpha: float, out_dtype
+    x: Tensor,
+    result: Tensor | None,
+    w1: Tensor,
+    w2_in: Tensor | None,
+    w2_out: Tensor,
+    alpha: float,
+    out_dtype: torch.dtype,
 ) -> Tensor:
     """``result + alpha · (W1 ⊗ W2) x`` (without ``result`` when None) as rows (N, a·b) in ``out_dtype``; x
     (N, c·d) rows and the factors in one dtype.  Transposed factors give ``(W1ᵀ ⊗ W2ᵀ) g``, i.e. ∂x."""
@@ -222,7 +229,14 @@ def kron_apply(
 
 
 def kron_grads(
-    g: Tensor, x: Tensor, w1: Tensor, w2_in: Tensor | None, w2_out: Tensor, alpha: float, dx_dtype, need_x: bool
+    g: Tensor,
+    x: Tensor,
+    w1: Tensor,
+    w2_in: Tensor | None,
+    w2_out: Tensor,
+    alpha: float,
+    dx_dtype: torch.dtype,
+    need_x: bool,
 ) -> tuple[Tensor | None, Tensor, Tensor | None, Tensor]:
     """``(∂x, ∂W1, ∂w2_in, ∂w2_out)`` (full W2: ∂w2_in None, ∂w2_out = ∂W2) for the output gradient g
     (N, a·b) rows, x (N, c·d) rows; factor gradients in float32, ∂x in ``dx_dtype`` (None unless need_x)."""
