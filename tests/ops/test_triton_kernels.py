@@ -257,3 +257,25 @@ def test_kernels_compile_for_a_gpu() -> None:
     run = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.count("bytes shared") == 6, run.stdout
+
+
+@pytest.mark.parametrize("algorithm", ["lokr", "loha"])
+def test_saves_only_the_input_and_the_factors(algorithm: str) -> None:
+    """For backward the fused path keeps the layer input and the factors themselves (no copies, nothing
+    activation-sized of its own), as the eager path's lean mode does."""
+    fn, _, inputs, _ = (
+        _kron_case(KRON_SHAPES[1], False, torch.float32)
+        if algorithm == "lokr"
+        else _khatri_rao_case(KHATRI_RAO_SHAPES[0], torch.float32)
+    )
+    saved: list[torch.Tensor] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved.append(t)
+        return t
+
+    with pytest.MonkeyPatch.context() as patch, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        patch.setenv("BEYONDLORA_FUSED", "force")
+        out = fn(*inputs)
+    assert type(out.grad_fn).__name__.startswith("Fused")
+    assert sorted(t.data_ptr() for t in saved) == sorted(t.data_ptr() for t in inputs[1:])

@@ -23,7 +23,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .bypass_common import autocasting, cast, compute_dtype, grad_like, input_to_save
-from .triton_support import dot_precision, pow2, rows_of, split_count
+from .triton_support import dot_precision, on_device_of, pow2, rows_of, split_count
 from .triton_tiles import accumulate_block, dot, load_block, store_block
 
 #: tokens per forward tile, and column block widths
@@ -172,11 +172,12 @@ def khatri_rao_apply(
     a1, _, a2, _ = factors
     r1p, r2p = _rank_blocks(a1.shape[1], a2.shape[1])
     out = torch.empty((x.shape[0], a1.shape[0]), dtype=out_dtype, device=x.device)
-    _khatri_rao_apply_kernel[(triton.cdiv(x.shape[0], BLOCK_N),)](
-        x, result, out, *factors, x.shape[0], *_launch_args(factors),
-        x.stride(0), result.stride(0), out.stride(0), *_factor_strides(factors), alpha,
-        HAS_RES=True, BN=BLOCK_N, R1P=r1p, R2P=r2p, BK=BLOCK_K, BO=BLOCK_O, PREC=dot_precision(x.dtype),
-    )  # fmt: skip
+    with on_device_of(x):
+        _khatri_rao_apply_kernel[(triton.cdiv(x.shape[0], BLOCK_N),)](
+            x, result, out, *factors, x.shape[0], *_launch_args(factors),
+            x.stride(0), result.stride(0), out.stride(0), *_factor_strides(factors), alpha,
+            HAS_RES=True, BN=BLOCK_N, R1P=r1p, R2P=r2p, BK=BLOCK_K, BO=BLOCK_O, PREC=dot_precision(x.dtype),
+        )  # fmt: skip
     return out
 
 
@@ -198,12 +199,13 @@ def khatri_rao_grads(
     f32 = {"dtype": torch.float32, "device": x.device}
     partials = [torch.zeros((splits, r, n), **f32) for r, n in ((r1, n_out), (r1, n_in), (r2, n_out), (r2, n_in))]
     dx = torch.empty(x.shape, dtype=dx_dtype, device=x.device) if need_x else x
-    _khatri_rao_grads_kernel[(splits,)](
-        x, g, dx, *factors, *partials, x.shape[0], *_launch_args(factors),
-        x.stride(0), g.stride(0), dx.stride(0), *_factor_strides(factors), alpha,
-        NEED_X=need_x, BN=tokens, R1P=r1p, R2P=r2p, BK=BLOCK_K, BO=BLOCK_O, PREC=dot_precision(x.dtype),
-        num_warps=GRAD_WARPS,
-    )  # fmt: skip
+    with on_device_of(x):
+        _khatri_rao_grads_kernel[(splits,)](
+            x, g, dx, *factors, *partials, x.shape[0], *_launch_args(factors),
+            x.stride(0), g.stride(0), dx.stride(0), *_factor_strides(factors), alpha,
+            NEED_X=need_x, BN=tokens, R1P=r1p, R2P=r2p, BK=BLOCK_K, BO=BLOCK_O, PREC=dot_precision(x.dtype),
+            num_warps=GRAD_WARPS,
+        )  # fmt: skip
     grad_a1, grad_b1, grad_a2, grad_b2 = (p.sum(0).mul_(alpha) for p in partials)
     return (dx if need_x else None), grad_a1.t(), grad_b1, grad_a2.t(), grad_b2
 

@@ -25,7 +25,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .bypass_common import autocasting, cast, compute_dtype, grad_like, input_to_save
-from .triton_support import dot_precision, pow2, rows_of, split_count
+from .triton_support import dot_precision, on_device_of, pow2, rows_of, split_count
 from .triton_tiles import accumulate_block, dot, load_block, store_block
 
 #: rows (tokens × groups) per forward tile, and column block widths
@@ -220,11 +220,12 @@ def kron_apply(
     blocks = _blocks(a, c, r)
     res = result if result is not None else out
     grid = (triton.cdiv(x.shape[0], blocks["BN"]),)
-    _kron_apply_kernel[grid](
-        x, res, out, w1, w2_in if w2_in is not None else w2_out, w2_out,
-        x.shape[0], a, c, b, d, r, x.stride(0), res.stride(0), out.stride(0), *_strides(w1, w2_in, w2_out), alpha,
-        HAS_RES=result is not None, FULL=w2_in is None, PREC=dot_precision(x.dtype), **blocks,
-    )  # fmt: skip
+    with on_device_of(x):
+        _kron_apply_kernel[grid](
+            x, res, out, w1, w2_in if w2_in is not None else w2_out, w2_out,
+            x.shape[0], a, c, b, d, r, x.stride(0), res.stride(0), out.stride(0), *_strides(w1, w2_in, w2_out), alpha,
+            HAS_RES=result is not None, FULL=w2_in is None, PREC=dot_precision(x.dtype), **blocks,
+        )  # fmt: skip
     return out
 
 
@@ -249,11 +250,12 @@ def kron_grads(
     p_out = torch.zeros((splits, b, d if w2_in is None else r), **f32)
     p_in = torch.zeros((splits, r, d), **f32) if w2_in is not None else p_out
     dx = torch.empty(x.shape, dtype=dx_dtype, device=x.device) if need_x else x
-    _kron_grads_kernel[(splits,)](
-        x, g, dx, w1, w2_in if w2_in is not None else w2_out, w2_out, p_w1, p_in, p_out,
-        x.shape[0], a, c, b, d, r, x.stride(0), g.stride(0), dx.stride(0), *_strides(w1, w2_in, w2_out), alpha,
-        NEED_X=need_x, FULL=w2_in is None, PREC=dot_precision(x.dtype), num_warps=GRAD_WARPS, **blocks,
-    )  # fmt: skip
+    with on_device_of(x):
+        _kron_grads_kernel[(splits,)](
+            x, g, dx, w1, w2_in if w2_in is not None else w2_out, w2_out, p_w1, p_in, p_out,
+            x.shape[0], a, c, b, d, r, x.stride(0), g.stride(0), dx.stride(0), *_strides(w1, w2_in, w2_out), alpha,
+            NEED_X=need_x, FULL=w2_in is None, PREC=dot_precision(x.dtype), num_warps=GRAD_WARPS, **blocks,
+        )  # fmt: skip
     grad_in = p_in.sum(0) if w2_in is not None else None
     return (dx if need_x else None), p_w1.sum(0), grad_in, p_out.sum(0).mul_(alpha)
 

@@ -14,6 +14,7 @@ needs it.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import os
@@ -99,3 +100,9 @@ def rows_of(t: Tensor, width: int) -> Tensor:
     """``t`` as rows (N, width) with unit column stride (a copy only when its layout needs one)."""
     rows = t.reshape(-1, width)
     return rows if rows.stride(-1) == 1 else rows.contiguous()
+
+
+def on_device_of(t: Tensor) -> contextlib.AbstractContextManager:
+    """Makes ``t``'s CUDA device the current one while a kernel launches (Triton launches on the current
+    device, which need not be the tensors' one, e.g. a model split across GPUs); nothing for CPU tensors."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
