@@ -7,11 +7,16 @@ tensors unless forced, and when the shapes exceed the kernels' limits.
 
 On the CPU the kernels run in Triton's interpreter: ``TRITON_INTERPRET=1`` is set here, before the kernel
 modules are imported.  Triton reads it when a kernel is decorated (and again when a launch first imports its
-helpers), not when triton itself is imported, so it works although torch has imported triton already; it
-stays set for the rest of the process, where nothing else compiles Triton kernels on the CPU (inductor
-compiles C++ there).  Were the kernel modules imported before without it, they are reloaded.  With
-``BEYONDLORA_TEST_DEVICE=cuda`` the kernels compile for the GPU instead, and the eager path they are compared
-with runs there too.
+helpers), not when triton itself is imported; the kernels call only Triton's builtins (ops/triton_tiles.py
+says why), so it works although torch's inductor may have imported triton already (checked in a fresh
+process below).  It stays set for the rest of the process, where nothing else compiles Triton kernels on the
+CPU (inductor compiles C++ there).  Were the kernel modules imported before without it, they are reloaded.
+Since the interpreter accepts programs Triton's compiler rejects, the kernels are also compiled for sm_90 (no
+GPU needed).  With ``BEYONDLORA_TEST_DEVICE=cuda`` the kernels compile for and run on the GPU instead, and
+the eager path they are compared with runs there too.
+
+The interpreter's float32 → bfloat16 conversion truncates where a GPU rounds to nearest, so the fused path's
+bfloat16 errors here are about twice the eager path's (both within the tolerance).
 """
 
 from __future__ import annotations
@@ -279,3 +284,35 @@ def test_saves_only_the_input_and_the_factors(algorithm: str) -> None:
         out = fn(*inputs)
     assert type(out.grad_fn).__name__.startswith("Fused")
     assert sorted(t.data_ptr() for t in saved) == sorted(t.data_ptr() for t in inputs[1:])
+
+
+def test_interpreter_setting_works_after_torch_imported_triton() -> None:
+    """TRITON_INTERPRET set after torch's inductor has imported triton still gives interpreted kernels that run
+    forward and backward on CPU tensors (what this module relies on when triton was imported before it)."""
+    code = (
+        "import os, sys, torch, torch._inductor\n"
+        "assert 'triton' in sys.modules\n"
+        "os.environ['TRITON_INTERPRET'] = '1'\n"
+        "os.environ['BEYONDLORA_FUSED'] = 'force'\n"
+        "from beyondlora.ops import triton_kron\n"
+        "from beyondlora.ops.bypass_kron import kron_linear\n"
+        "from beyondlora.ops.bypass_khatri_rao import khatri_rao_linear\n"
+        "assert type(triton_kron._kron_apply_kernel).__name__ == 'InterpretedFunction'\n"
+        "def leaf(*shape): return torch.randn(*shape, requires_grad=True)\n"
+        "for w2_in, w2_out in ((None, leaf(4, 3)), (leaf(2, 3), leaf(4, 2))):\n"
+        "    x, w1 = leaf(5, 6), leaf(2, 2)\n"
+        "    out = kron_linear(torch.zeros(5, 8), x, w1, w2_in, w2_out)\n"
+        "    assert type(out.grad_fn).__name__ == 'FusedKronLinearBackward'\n"
+        "    out.sum().backward()\n"
+        "    w2 = w2_out if w2_in is None else w2_out @ w2_in\n"
+        "    torch.testing.assert_close(out, x @ torch.kron(w1, w2).t())\n"
+        "a1, b1, a2, b2, x = leaf(7, 2), leaf(2, 9), leaf(7, 3), leaf(3, 9), leaf(5, 9)\n"
+        "out = khatri_rao_linear(torch.zeros(5, 7), x, a1, b1, a2, b2)\n"
+        "assert type(out.grad_fn).__name__ == 'FusedKhatriRaoLinearBackward'\n"
+        "out.sum().backward()\n"
+        "torch.testing.assert_close(out, x @ ((a1 @ b1) * (a2 @ b2)).t())\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]

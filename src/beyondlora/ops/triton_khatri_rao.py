@@ -24,7 +24,7 @@ from torch import Tensor
 
 from .bypass_common import autocasting, cast, compute_dtype, grad_like, input_to_save
 from .triton_support import dot_precision, on_device_of, pow2, rows_of, split_count
-from .triton_tiles import accumulate_block, dot, load_block, store_block
+from .triton_tiles import accumulate_block, add_over, dot, load_block, store_block
 
 #: tokens per forward tile, and column block widths
 BLOCK_N = 32
@@ -54,7 +54,7 @@ def _khatri_rao(f1, f2, R1P: tl.constexpr, R2P: tl.constexpr, CB: tl.constexpr):
 def _split(grad, f1, f2, R1P: tl.constexpr, R2P: tl.constexpr, CB: tl.constexpr):
     """Gradients of f1 (R1P, CB) and f2 (R2P, CB) from the gradient (R1P·R2P, CB) of ``f1 •c f2``."""
     g3 = tl.reshape(grad, (R1P, R2P, CB))
-    return tl.sum(g3 * f2[None, :, :], axis=1), tl.sum(g3 * f1[:, None, :], axis=0)
+    return add_over(g3 * f2[None, :, :], 1), add_over(g3 * f1[:, None, :], 0)
 
 
 @triton.jit
@@ -62,7 +62,7 @@ def _hidden(x_ptr, b1_ptr, b2_ptr, n0, n_rows, IN, r1, r2, s_x, s_b1_0, s_b1_1, 
             BN: tl.constexpr, R1P: tl.constexpr, R2P: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
     """``x (b1 •c b2)ᵀ`` for BN tokens: (BN, R1P·R2P) in float32."""
     dt = x_ptr.dtype.element_ty
-    h = tl.zeros((BN, R1P * R2P), dtype=tl.float32)
+    h = tl.full((BN, R1P * R2P), 0, tl.float32)
     for k0 in range(0, IN, BK):
         xt = load_block(x_ptr, n0, n_rows, s_x, k0, IN, 1, BN, BK)
         down = _khatri_rao(_factor(b1_ptr, s_b1_0, s_b1_1, r1, R1P, k0, IN, BK),
@@ -109,11 +109,11 @@ def _khatri_rao_grads_kernel(
     split = tl.program_id(0)
     n_splits = tl.num_programs(0)
     dt = x_ptr.dtype.element_ty
-    for tile in range(split, tl.cdiv(n_rows, BN), n_splits):
+    for tile in range(split, (n_rows + BN - 1) // BN, n_splits):
         n0 = tile * BN
         h = _hidden(x_ptr, b1_ptr, b2_ptr, n0, n_rows, IN, r1, r2, s_x, s_b1_0, s_b1_1, s_b2_0, s_b2_1,
                     BN, R1P, R2P, BK, PREC).to(dt)  # fmt: skip
-        dh = tl.zeros((BN, R1P * R2P), dtype=tl.float32)  # g (a1 •r a2)
+        dh = tl.full((BN, R1P * R2P), 0, tl.float32)  # g (a1 •r a2)
         for o0 in range(0, OUT, BO):
             gt = load_block(g_ptr, n0, n_rows, s_g, o0, OUT, 1, BN, BO)
             f1 = _factor(a1_ptr, s_a1_1, s_a1_0, r1, R1P, o0, OUT, BO)

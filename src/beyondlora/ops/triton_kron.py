@@ -103,16 +103,16 @@ def _kron_apply_kernel(
     n0 = tl.program_id(0) * BN
     dt = x_ptr.dtype.element_ty
     w1 = load_block(w1_ptr, 0, A, s_w1_0, 0, C, s_w1_1, AP, CP)
-    h = tl.zeros((BN * AP, RP), dtype=dt)
+    h = tl.full((BN * AP, RP), 0, dt)
     if not FULL:
-        t = tl.zeros((BN * CP, RP), dtype=tl.float32)  # X w2_inᵀ, one row per (token, group)
+        t = tl.full((BN * CP, RP), 0, tl.float32)  # X w2_inᵀ, one row per (token, group)
         for k0 in range(0, D, BK):
             xt = _load_rows(x_ptr, n0, n_rows, k0, D, C, s_x, BN, CP, BK)
             t += dot(xt, load_block(win_ptr, k0, D, s_in_1, 0, R, s_in_0, BK, RP), PREC)  # w2_inᵀ block
         h = _mix(w1, t.to(dt), BN, CP, AP, RP, PREC).to(dt)  # W1 t: (BN·AP, RP)
     for b0 in range(0, B, BB):
         if FULL:
-            acc = tl.zeros((BN * AP, BB), dtype=tl.float32)
+            acc = tl.full((BN * AP, BB), 0, tl.float32)
             for k0 in range(0, D, BK):
                 xt = _load_rows(x_ptr, n0, n_rows, k0, D, C, s_x, BN, CP, BK)
                 hk = _mix(w1, xt, BN, CP, AP, BK, PREC).to(dt)  # (W1 X)[:, k0:k0+BK]
@@ -141,14 +141,14 @@ def _kron_grads_kernel(
     dt = x_ptr.dtype.element_ty
     w1 = load_block(w1_ptr, 0, A, s_w1_0, 0, C, s_w1_1, AP, CP)
     w1_t = load_block(w1_ptr, 0, C, s_w1_1, 0, A, s_w1_0, CP, AP)
-    grad_w1 = tl.zeros((AP, CP), dtype=tl.float32)
-    for tile in range(split, tl.cdiv(n_rows, BN), n_splits):
+    grad_w1 = tl.full((AP, CP), 0, tl.float32)
+    for tile in range(split, (n_rows + BN - 1) // BN, n_splits):
         n0 = tile * BN
         if FULL:
             for k0 in range(0, D, BK):
                 xt = _load_rows(x_ptr, n0, n_rows, k0, D, C, s_x, BN, CP, BK)
                 h = _mix(w1, xt, BN, CP, AP, BK, PREC).to(dt)  # (W1 X)[:, k0:k0+BK]
-                dh = tl.zeros((BN * AP, BK), dtype=tl.float32)
+                dh = tl.full((BN * AP, BK), 0, tl.float32)
                 for b0 in range(0, B, BB):
                     gt = _load_rows(g_ptr, n0, n_rows, b0, B, A, s_g, BN, AP, BB)
                     dh += dot(gt, load_block(wout_ptr, b0, B, s_out_0, k0, D, s_out_1, BB, BK), PREC)
@@ -159,13 +159,13 @@ def _kron_grads_kernel(
                     dx = _mix(w1_t, dh, BN, AP, CP, BK, PREC)
                     _store_rows(dx_ptr, dx, n0, n_rows, k0, D, C, s_dx, BN, CP, BK)
         else:
-            t = tl.zeros((BN * CP, RP), dtype=tl.float32)
+            t = tl.full((BN * CP, RP), 0, tl.float32)
             for k0 in range(0, D, BK):
                 xt = _load_rows(x_ptr, n0, n_rows, k0, D, C, s_x, BN, CP, BK)
                 t += dot(xt, load_block(win_ptr, k0, D, s_in_1, 0, R, s_in_0, BK, RP), PREC)
             t_d = t.to(dt)
             h = _mix(w1, t_d, BN, CP, AP, RP, PREC).to(dt)
-            dh = tl.zeros((BN * AP, RP), dtype=tl.float32)
+            dh = tl.full((BN * AP, RP), 0, tl.float32)
             for b0 in range(0, B, BB):
                 gt = _load_rows(g_ptr, n0, n_rows, b0, B, A, s_g, BN, AP, BB)
                 dh += dot(gt, load_block(wout_ptr, b0, B, s_out_0, 0, R, s_out_1, BB, RP), PREC)

@@ -1,6 +1,12 @@
 """Tile addressing and products shared by the Triton kernels (:mod:`.triton_kron`, :mod:`.triton_khatri_rao`);
 imports Triton, so only those modules import it.  Loads and stores go through these helpers so that no
-offset variable in a kernel's loops changes shape (compiled Triton rejects loop-carried values that do)."""
+offset variable in a kernel's loops changes shape (compiled Triton rejects loop-carried values that do).
+
+The kernels call no function of Triton's own library that is itself ``@triton.jit`` (``tl.zeros``,
+``tl.cdiv``, ``tl.sum``), only its builtins: when triton was imported before ``TRITON_INTERPRET=1`` was set
+(torch's inductor imports it), those stay compiled-mode functions that the interpreter refuses to call.
+``tl.full(shape, 0, dtype)`` stands in for ``tl.zeros``, :func:`add_over` for ``tl.sum``, and the kernels
+divide by hand."""
 
 from __future__ import annotations
 
@@ -46,3 +52,14 @@ def dot(a, b, PREC: tl.constexpr):
     if PREC == "upcast":
         return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
     return tl.dot(a, b, input_precision=PREC)
+
+
+@triton.jit
+def _add(a, b):
+    return a + b
+
+
+@triton.jit
+def add_over(x, axis: tl.constexpr):
+    """``x`` summed over ``axis`` (``tl.sum`` through this module's own combine function)."""
+    return tl.reduce(x, axis, _add)
