@@ -316,3 +316,10 @@ def test_interpreter_setting_works_after_torch_imported_triton() -> None:
     env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
+
+
+def test_sides_of_one() -> None:
+    """Every side 1 where it can be (W1 1×1, d = 1, rank 1; LoHa 1 → 1 at ranks 1): padded blocks, still exact."""
+    for full in (False, True):
+        _check(_kron_case((1, 3, 1, 1, 1, 5), full, torch.float32), "fp32")
+    _check(_khatri_rao_case((1, 1, 1, 1, 3), torch.float32), "fp32")
