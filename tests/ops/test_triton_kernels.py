@@ -47,8 +47,8 @@ if DEVICE.type == "cpu" and type(triton_kron._kron_apply_kernel).__name__ != "In
 
 ALPHA = 0.7
 #: (a, b, c, d, r, tokens): a small case, and one whose every side misses the block sizes (r > 16 pads to 32);
-#: both span several tiles forward and backward
-KRON_SHAPES = [(3, 5, 2, 7, 3, 11), (5, 37, 3, 35, 17, 19)]
+#: both span several tiles forward and backward, shared by the two programs the CPU gets
+KRON_SHAPES = [(3, 5, 2, 7, 3, 40), (5, 37, 3, 35, 17, 100)]
 #: (out, in, r1, r2, tokens): the second spans three backward tiles of 128 tokens, so that one of the two
 #: programs the CPU gets sums two of them
 KHATRI_RAO_SHAPES = [(13, 37, 3, 3, 45), (41, 70, 2, 5, 300)]

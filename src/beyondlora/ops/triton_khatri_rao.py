@@ -195,10 +195,8 @@ def khatri_rao_grads(
     (n_out, r1), (r2, n_in) = a1.shape, b2.shape
     r1p, r2p = _rank_blocks(r1, r2)
     tokens = grad_tokens(r1p, r2p)
-    splits = split_count(triton.cdiv(x.shape[0], tokens), x.device)
+    splits = split_count(triton.cdiv(x.shape[0], tokens), (r1 + r2) * (n_out + n_in), x)
     f32 = {"dtype": torch.float32, "device": x.device}
-    # one slice per program, at most one per tile of `tokens` rows: (r1 + r2)·(out + in) float32 values per
-    # tile, at most (r1 + r2) / 32 bytes per input value for 128-token tiles (a quarter of a float32 ∂x at r = 16)
     partials = [torch.zeros((splits, r, n), **f32) for r, n in ((r1, n_out), (r1, n_in), (r2, n_out), (r2, n_in))]
     dx = torch.empty(x.shape, dtype=dx_dtype, device=x.device) if need_x else x
     with on_device_of(x):

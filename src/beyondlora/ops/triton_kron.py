@@ -244,7 +244,7 @@ def kron_grads(
     (a, c), b = w1.shape, w2_out.shape[0]
     d, r = x.shape[1] // c, (w2_out.shape[1] if w2_in is not None else 0)
     blocks = _blocks(a, c, r, grads=True)
-    splits = split_count(triton.cdiv(x.shape[0], blocks["BN"]), x.device)
+    splits = split_count(triton.cdiv(x.shape[0], blocks["BN"]), a * c + (b * d if w2_in is None else r * (b + d)), x)
     f32 = {"dtype": torch.float32, "device": x.device}
     p_w1 = torch.empty((splits, a, c), **f32)  # every program stores its whole slice
     p_out = torch.zeros((splits, b, d if w2_in is None else r), **f32)

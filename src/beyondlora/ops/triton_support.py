@@ -85,15 +85,17 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee"
 
 
-def split_count(tiles: int, device: torch.device) -> int:
-    """How many programs share the token tiles in a backward kernel: each owns one slice of the factor
-    gradients' partial sums (summed afterwards in a fixed order: deterministic, no atomics), so a few per
-    streaming multiprocessor, never more than there are tiles."""
-    if device.type == "cuda":
-        per_device = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+def split_count(tiles: int, slice_values: int, x: Tensor) -> int:
+    """How many programs share the token tiles of x (N, in) in a backward kernel.  Each owns one slice of
+    ``slice_values`` float32 partial sums of the factors' gradients (summed afterwards in a fixed order:
+    deterministic, no atomics): two per streaming multiprocessor, never more than there are tiles, and no
+    more than keeps all slices within one byte per value of x (a quarter of a float32 copy of it), so that
+    backward's transient memory stays a fraction of the activations' however wide the factors are."""
+    if x.is_cuda:
+        per_device = 2 * torch.cuda.get_device_properties(x.device).multi_processor_count
     else:
         per_device = 2
-    return max(1, min(tiles, per_device))
+    return max(1, min(tiles, per_device, x.numel() // (4 * slice_values)))
 
 
 def rows_of(t: Tensor, width: int) -> Tensor:
