@@ -1,9 +1,9 @@
 """The fused Triton kernels of LoKr's and LoHa's linear bypass (ops/triton_kron.py, ops/triton_khatri_rao.py):
 the output and every gradient (x, each factor, the base output) equal the eager path's and a float64
 reference built from ΔW (torch.kron, the Hadamard product of the two low-rank products), in float32 to
-1e-5 of the largest entry and in bfloat16 (tensors, or float32 under autocast) to its precision; shapes that
-are no multiple of any block size, W2 full and decomposed; and the dispatch picks the eager path on CPU
-tensors unless forced, and when the shapes exceed the kernels' limits.
+1e-5 of the largest entry, in float16 to 5e-3 and in bfloat16 (tensors, or float32 under autocast) to 3e-2;
+shapes that are no multiple of any block size, W2 full and decomposed; and the dispatch picks the eager path
+on CPU tensors unless forced, and when the shapes exceed the kernels' limits.
 
 On the CPU the kernels run in Triton's interpreter: ``TRITON_INTERPRET=1`` is set here, before the kernel
 modules are imported.  Triton reads it when a kernel is decorated (and again when a launch first imports its
