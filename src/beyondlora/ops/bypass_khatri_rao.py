@@ -31,6 +31,7 @@ from .bypass_lowrank import low_rank_backward, low_rank_forward
 from .bypass_merged import merged_linear
 from .geometry import LayerGeometry
 from .products import column_khatri_rao, hadamard_delta, row_khatri_rao
+from .triton_support import use_fused
 
 
 def _split_up_grad(grad_up: Tensor, a1: Tensor, a2: Tensor) -> tuple[Tensor, Tensor]:
@@ -144,7 +145,16 @@ def khatri_rao_linear(
     alpha: float = 1.0,
 ) -> Tensor:
     """``result + alpha · ((a1 b1) ⊙ (a2 b2)) x`` for linear-like layers (shapes as in :class:`KhatriRaoLinear`),
-    saving only ``x`` and the factors."""
+    saving only ``x`` and the factors.
+
+    On CUDA tensors with Triton installed this runs the fused kernels of :mod:`.triton_khatri_rao` (same
+    result and saved tensors) where their rank limit allows; ``BEYONDLORA_FUSED=0`` keeps this eager path
+    (see :mod:`.triton_support`)."""
+    if use_fused(x, a1, result, b1, a2, b2):
+        from .triton_khatri_rao import FusedKhatriRaoLinear, khatri_rao_supported
+
+        if khatri_rao_supported(a1, a2):
+            return FusedKhatriRaoLinear.apply(result, x, a1, b1, a2, b2, alpha)
     return KhatriRaoLinear.apply(result, x, a1, b1, a2, b2, alpha)
 
 

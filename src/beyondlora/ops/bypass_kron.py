@@ -22,6 +22,7 @@ from .bypass_conv import OutputSide, conv_bypass
 from .bypass_merged import merged_linear
 from .geometry import LayerGeometry
 from .products import kron_delta
+from .triton_support import use_fused
 
 
 def _kron_input_side(x: Tensor, w2_in: Tensor | None, c: int, d: int) -> tuple[Tensor, Tensor]:
@@ -165,7 +166,16 @@ def kron_linear(
     recompute: bool = True,
 ) -> Tensor:
     """``result + alpha · (W1 ⊗ W2) x`` for linear-like layers (shapes as in :class:`KronLinear`), saving only
-    ``x`` and the factors (``recompute=False``: and ``t = X w2_inᵀ``, which backward then does not recompute)."""
+    ``x`` and the factors (``recompute=False``: and ``t = X w2_inᵀ``, which backward then does not recompute).
+
+    On CUDA tensors with Triton installed this runs the fused kernels of :mod:`.triton_kron` (same result,
+    saving x and the factors only) where their shape limits allow; ``BEYONDLORA_FUSED=0`` keeps this eager
+    path (see :mod:`.triton_support`)."""
+    if use_fused(x, w1, result, w2_in, w2_out):
+        from .triton_kron import FusedKronLinear, kron_supported
+
+        if kron_supported(w1, w2_in, x):
+            return FusedKronLinear.apply(result, x, w1, w2_in, w2_out, alpha, recompute)
     return KronLinear.apply(result, x, w1, w2_in, w2_out, alpha, recompute)
 
 
