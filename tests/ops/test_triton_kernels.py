@@ -323,3 +323,14 @@ def test_sides_of_one() -> None:
     for full in (False, True):
         _check(_kron_case((1, 3, 1, 1, 1, 5), full, torch.float32), "fp32")
     _check(_khatri_rao_case((1, 1, 1, 1, 3), torch.float32), "fp32")
+
+
+def test_the_kernels_are_off_unless_asked_for(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Until they have run on a GPU the default is the eager path; BEYONDLORA_FUSED=1 turns them on."""
+    from beyondlora.ops.triton_support import fused_setting
+
+    monkeypatch.delenv("BEYONDLORA_FUSED", raising=False)
+    assert fused_setting() == "off"
+    for value, expected in (("1", "on"), ("on", "on"), ("0", "off"), ("off", "off"), ("force", "force")):
+        monkeypatch.setenv("BEYONDLORA_FUSED", value)
+        assert fused_setting() == expected

@@ -147,9 +147,9 @@ def khatri_rao_linear(
     """``result + alpha · ((a1 b1) ⊙ (a2 b2)) x`` for linear-like layers (shapes as in :class:`KhatriRaoLinear`),
     saving only ``x`` and the factors.
 
-    On CUDA tensors with Triton installed this runs the fused kernels of :mod:`.triton_khatri_rao` (same
-    result and saved tensors) where their rank limit allows; ``BEYONDLORA_FUSED=0`` keeps this eager path
-    (see :mod:`.triton_support`)."""
+    With ``BEYONDLORA_FUSED=1``, on CUDA tensors with Triton installed, this runs the fused kernels of
+    :mod:`.triton_khatri_rao` (same result and saved tensors) where their rank limit allows (see
+    :mod:`.triton_support`)."""
     if use_fused(x, a1, result, b1, a2, b2):
         from .triton_khatri_rao import FusedKhatriRaoLinear, khatri_rao_supported
 

@@ -168,9 +168,9 @@ def kron_linear(
     """``result + alpha · (W1 ⊗ W2) x`` for linear-like layers (shapes as in :class:`KronLinear`), saving only
     ``x`` and the factors (``recompute=False``: and ``t = X w2_inᵀ``, which backward then does not recompute).
 
-    On CUDA tensors with Triton installed this runs the fused kernels of :mod:`.triton_kron` (same result,
-    saving x and the factors only) where their shape limits allow; ``BEYONDLORA_FUSED=0`` keeps this eager
-    path (see :mod:`.triton_support`)."""
+    With ``BEYONDLORA_FUSED=1``, on CUDA tensors with Triton installed, this runs the fused kernels of
+    :mod:`.triton_kron` (same result, saving x and the factors only) where their shape limits allow (see
+    :mod:`.triton_support`)."""
     if use_fused(x, w1, result, w2_in, w2_out):
         from .triton_kron import FusedKronLinear, kron_supported
 

@@ -2,8 +2,10 @@
 
 The environment variable ``BEYONDLORA_FUSED`` decides, read on every call:
 
-- unset, ``1``, ``on`` or ``auto``: fused when every tensor is on a CUDA device and Triton imports;
-- ``0``, ``off`` or ``false``: never (the eager path of :mod:`.bypass_kron` / :mod:`.bypass_khatri_rao`);
+- ``1``, ``on`` or ``auto``: fused when every tensor is on a CUDA device and Triton imports;
+- unset, ``0``, ``off`` or ``false``: never (the eager path of :mod:`.bypass_kron` / :mod:`.bypass_khatri_rao`).
+  Off by default until the kernels have run and been timed on a GPU: so far they are checked in Triton's
+  interpreter and compiled for sm_80/sm_90 only;
 - ``force``: also on CPU tensors.  Only for tests: there Triton must run its interpreter
   (``TRITON_INTERPRET=1`` set before the kernels' module is first imported).
 
@@ -32,10 +34,10 @@ MIN_DOT = 16
 
 def fused_setting() -> str:
     """``"off"``, ``"on"`` or ``"force"`` from ``BEYONDLORA_FUSED`` (see the module docstring)."""
-    value = os.environ.get("BEYONDLORA_FUSED", "on").strip().lower()
-    if value in ("0", "off", "false", "no"):
-        return "off"
-    return "force" if value == "force" else "on"
+    value = os.environ.get("BEYONDLORA_FUSED", "off").strip().lower()
+    if value in ("1", "on", "auto", "true", "yes"):
+        return "on"
+    return "force" if value == "force" else "off"
 
 
 @functools.cache
