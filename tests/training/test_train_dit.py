@@ -117,4 +117,4 @@ def test_text_encoders_of_a_dit_are_not_trained(data: Path, tmp_path: Path) -> N
     from beyondlora.training.settings import TrainConfigError
 
     with pytest.raises(TrainConfigError, match="SD 1.x/2.x/SDXL only"):
-        Trainer(options("tiny-flux", data, tmp_path / "te", train_text_encoder=True)).run()
+        train(options("tiny-flux", data, tmp_path / "te", train_text_encoder=True))

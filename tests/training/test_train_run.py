@@ -267,7 +267,10 @@ def test_a_half_precision_base_trains_float32_adapters(data: Path, tmp_path: Pat
         Trainer(options(data, tmp_path / "refused", base_precision="bf16"))
     config = options(data, tmp_path / "run", base_precision="bf16", mixed_precision="bf16", max_steps=2, save_every=0)
     trainer = Trainer(config)
-    assert trainer.run() == 0
+    try:
+        assert trainer.run() == 0
+    finally:
+        trainer.dist.close()  # the accelerate state is process-wide: the next run sets its own precision
     unet = trainer.base.unet
     frozen = {p.dtype for n, p in unet.named_parameters() if not p.requires_grad}
     trained = {p.dtype for p in trainer.trainable.values()}
@@ -278,7 +281,10 @@ def test_a_half_precision_base_trains_float32_adapters(data: Path, tmp_path: Pat
 def test_an_fp8_base_stores_one_byte_per_weight_and_computes_in_bf16(data: Path, tmp_path: Path) -> None:
     config = options(data, tmp_path / "run", base_precision="fp8", mixed_precision="bf16", max_steps=2, save_every=0)
     trainer = Trainer(config)
-    assert trainer.run() == 0
+    try:
+        assert trainer.run() == 0
+    finally:
+        trainer.dist.close()
     stored = {n: p.dtype for n, p in trainer.base.unet.named_parameters() if not p.requires_grad}
     linear_weights = [n for n in stored if n.endswith("parametrizations.weight.original")]
     assert linear_weights and all(stored[n] == torch.float8_e4m3fn for n in linear_weights)
